@@ -70,6 +70,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps spent warming up linearly from 0."})
     scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warmup: linear, cosine or constant."})
+    group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off)."})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that have it, else fp32), no, bf16 or fp16."})

@@ -16,6 +16,7 @@ from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import metrics as metrics_lib
 from .config import Config, TrainConfig
@@ -52,8 +53,14 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
 
 
-def evaluate(model, dataloader, accelerator: Accelerator, metric_modules) -> dict:
-    """Metrics, mean loss and predictions over every example exactly once (gather_for_metrics)."""
+def _lengths(ds) -> list[int]:
+    return [len(ids) for ids in ds["input_ids"]]
+
+
+def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order: list[int] | None = None) -> dict:
+    """Metrics, mean loss and predictions over every example exactly once (gather_for_metrics).
+
+    `order[i]` is the original row of the i-th example the dataloader yields; predictions come back in row order."""
     model.eval()
     preds, refs, losses = [], [], []
     with torch.inference_mode():
@@ -65,6 +72,11 @@ def evaluate(model, dataloader, accelerator: Accelerator, metric_modules) -> dic
             preds.append(p.cpu()), refs.append(r.cpu()), losses.append(loss.float().cpu())
     model.train()
     preds, refs = torch.cat(preds).tolist(), torch.cat(refs).tolist()
+    if order is not None:
+        unsorted = [0] * len(preds)
+        for i, row in enumerate(order):
+            unsorted[row] = preds[i]
+        preds = unsorted
     scores = metrics_lib.compute(metric_modules, preds, refs)
     scores["loss"] = float(torch.cat(losses).mean())
     return {"metrics": scores, "predictions": preds}
@@ -81,11 +93,19 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     """Train, evaluate on validation during training, restore the best evaluation, evaluate again."""
     t = cfg.train
     generator = torch.Generator().manual_seed(t.seed)
-    train_dl = DataLoader(encoded["train"], batch_size=t.batch_size, shuffle=True, collate_fn=collator, generator=generator)
-    eval_dls = {
-        split: DataLoader(encoded[split], batch_size=t.eval_batch_size, collate_fn=collator)
-        for split in ("validation", "test") if split in encoded
-    }
+    if t.group_by_length and "input_ids" in encoded["train"].column_names:
+        # Random "megabatches" sorted by length inside (transformers' sampler): about half the padding of random batches.
+        sampler = LengthGroupedSampler(t.batch_size, lengths=_lengths(encoded["train"]), generator=generator)
+        train_dl = DataLoader(encoded["train"], batch_size=t.batch_size, sampler=sampler, collate_fn=collator)
+    else:
+        train_dl = DataLoader(encoded["train"], batch_size=t.batch_size, shuffle=True, collate_fn=collator, generator=generator)
+    # Evaluate length-sorted (least padding); `orders` maps predictions back to row order.
+    orders, eval_dls = {}, {}
+    for split in ("validation", "test"):
+        if split in encoded:
+            ds = encoded[split]
+            orders[split] = sorted(range(len(ds)), key=_lengths(ds).__getitem__) if "input_ids" in ds.column_names else list(range(len(ds)))
+            eval_dls[split] = DataLoader(ds.select(orders[split]), batch_size=t.eval_batch_size, collate_fn=collator)
     optimizer = _optimizer(model, t)
     model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, prepared))
@@ -164,7 +184,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     unwrapped = accelerator.unwrap_model(model)
     if best_state is not None:
         unwrapped.load_state_dict(best_state, strict=False)
-    final = {split: evaluate(model, dl, accelerator, metric_modules) for split, dl in eval_dls.items()}
+    final = {split: evaluate(model, dl, accelerator, metric_modules, orders[split]) for split, dl in eval_dls.items()}
     if t.report_to:
         accelerator.end_training()
     return {
