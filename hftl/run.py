@@ -23,6 +23,7 @@ class Modality:
     load_processor: Callable[[str, Config], Any]  # (path, cfg) -> tokenizer / feature extractor / image processor
     prepare: Callable  # (splits, processor, cfg) -> (encoded DatasetDict with 'labels', collator)
     pipeline_inputs: Callable  # (raw split rows, cfg) -> list that pipeline(pipeline_tag) accepts
+    input_keys: tuple[str, ...] = ("text_column", "text_pair_column")  # DataConfig keys naming the input columns
 
 
 def run(cfg: Config, modality: Modality) -> dict:
@@ -34,7 +35,7 @@ def run(cfg: Config, modality: Modality) -> dict:
     path, base_model = models.resolve(cfg.model)
     processor = modality.load_processor(path, cfg)
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
-        splits, source = load_splits(cfg.data, cfg.train.seed)
+        splits, source = load_splits(cfg.data, cfg.train.seed, modality.input_keys)
         encoded, collator = modality.prepare(splits, processor, cfg)
     labels = splits["train"].features["labels"].names
 

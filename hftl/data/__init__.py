@@ -58,13 +58,12 @@ def load_raw(cfg: DataConfig) -> tuple[dict[str, Dataset], str]:
     raise DataError("no data given: set data.train_file (local csv/tsv/json/jsonl/parquet), data.name (Hub) or data.builtin.")
 
 
-def _check_columns(ds: Dataset, role: str, cfg: DataConfig) -> None:
+def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[str, ...]) -> None:
     if len(ds) == 0:
         raise DataError(f"the {role} split is empty; it needs at least one row.")
-    needed = [c for c in (cfg.text_column, cfg.text_pair_column, cfg.label_column) if c]
-    for col in needed:
-        if col not in ds.column_names:
-            key = {cfg.text_column: "text_column", cfg.text_pair_column: "text_pair_column", cfg.label_column: "label_column"}[col]
+    for key in (*input_keys, "label_column"):
+        col = getattr(cfg, key)
+        if col and col not in ds.column_names:
             raise DataError(
                 f"the {role} split has no column '{col}' (data.{key}); its columns are {ds.column_names}. "
                 f"Set data.{key}=<one of those>."
@@ -119,11 +118,13 @@ def _encode_labels(ds: Dataset, role: str, names: list[str], cfg: DataConfig) ->
     return ds.add_column("labels", ids, feature=ClassLabel(names=names))
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[DatasetDict, str]:
-    """Load, validate and label-encode the splits; carve validation from train when absent."""
+def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text_column", "text_pair_column")) -> tuple[DatasetDict, str]:
+    """Load, validate and label-encode the splits; carve validation from train when absent.
+
+    `input_keys` name the DataConfig fields holding the columns the modality reads (checked to exist)."""
     raw, source = load_raw(cfg)
     for role, ds in raw.items():
-        _check_columns(ds, role, cfg)
+        _check_columns(ds, role, cfg, input_keys)
     names = label_names_of(raw["train"], cfg)
     if len(names) < 2:
         raise DataError(f"the train split has a single label {names}; classification needs at least two.")
