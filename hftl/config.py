@@ -26,11 +26,12 @@ class ModelConfig:
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     base_model_id: Optional[str] = field(default=None, metadata={"help": "Hub id written as base_model in the card when name_or_path is a local folder."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the checkpoint. Off unless you trust its author."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Also read weights stored as a pickle (pytorch_model.bin), with torch.load(weights_only=True). Off: safetensors only, since unpickling can run code."})
 
 
 @dataclass
 class DataConfig:
-    builtin: Optional[str] = field(default=None, metadata={"help": "A data set shipped with an installed package: 'vader_lexicon'."})
+    builtin: Optional[str] = field(default=None, metadata={"help": "A data set shipped with an installed package: 'vader_lexicon' (text), 'sklearn_digits' (8x8 images)."})
     name: Optional[str] = field(default=None, metadata={"help": "Hub data set name (needs network)."})
     config_name: Optional[str] = field(default=None, metadata={"help": "Hub data set configuration."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Local csv/tsv/json/jsonl/parquet file with the training rows."})
@@ -48,6 +49,17 @@ class DataConfig:
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed)."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N validation/test rows."})
     min_abs_rating: float = field(default=1.0, metadata={"help": "vader_lexicon only: keep words whose mean rating is at least this far from 0."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Local folder read by the datasets builder its files call for: audiofolder / imagefolder (class sub-folders, or files + metadata.csv), split sub-folders train/validation/test."})
+    audio_column: str = field(default="audio", metadata={"help": "Audio: column with a datasets Audio feature or file paths (a relative path in a csv/json is relative to that file)."})
+    image_column: str = field(default="image", metadata={"help": "Images: column with a datasets Image feature or file paths (a relative path in a csv/json is relative to that file)."})
+    max_duration: float = field(default=1.0, metadata={"help": "Audio: seconds per model input. Training crops a random window from a longer clip; a shorter clip is padded with silence to this length."})
+    eval_window: bool = field(default=True, metadata={"help": "Audio: evaluate a clip longer than max_duration in windows of max_duration (half a window apart) and average their logits; false: feed it whole."})
+    audio_decoder: str = field(default="auto", metadata={"help": "Audio decoding: torchcodec (FFmpeg, as datasets does), soundfile (libsndfile: wav, flac, ogg, mp3) or auto (torchcodec when FFmpeg loads, else soundfile)."})
+    on_bad_sample: str = field(default="error", metadata={"help": "A media file that cannot be decoded (empty, truncated, not audio/image): error (stop before training, naming file and row) or skip (leave the row out; counted in the card)."})
+    augment: list = field(default_factory=list, metadata={"help": "Training augmentation, applied on the fly. Audio: speed (0.9/1.0/1.1x), gain (data.gain_db), noise (data.noise_snr_db). Images: crop (random resized, data.crop_scale), flip (horizontal)."})
+    gain_db: float = field(default=6.0, metadata={"help": "augment=gain: random gain, uniform within +-this many dB."})
+    noise_snr_db: float = field(default=20.0, metadata={"help": "augment=noise: add white noise at this signal-to-noise ratio (dB)."})
+    crop_scale: float = field(default=0.5, metadata={"help": "augment=crop: smallest share of the image area a random crop keeps (then resized by the image processor)."})
 
 
 @dataclass
@@ -58,6 +70,7 @@ class AdaptConfig:
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
     target_modules: Optional[list] = field(default=None, metadata={"help": "Module names LoRA wraps; default: peft's choice for the architecture, else all linear layers."})
     save_adapter: bool = field(default=False, metadata={"help": "LoRA: also write the unmerged peft adapter folder to OUTPUT/adapter."})
+    freeze_feature_encoder: bool = field(default=False, metadata={"help": "Speech models (wav2vec2, HuBERT, ...): keep the convolutional waveform encoder as pretrained, in every mode."})
 
 
 @dataclass
@@ -70,6 +83,8 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps spent warming up linearly from 0."})
     scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warmup: linear, cosine or constant."})
+    cache_features: Optional[bool] = field(default=None, metadata={"help": "Frozen-backbone modes (head): run the backbone once, cache the features the head reads, train the head on them. null: when the head can be replayed exactly; true: required; false: never."})
+    feature_cache_dir: Optional[str] = field(default=None, metadata={"help": "Folder for cached features (Arrow files named by checkpoint, preprocessing and data fingerprints); default: <datasets cache>/hftl_features."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off)."})
@@ -82,6 +97,10 @@ class TrainConfig:
     evals_per_epoch: int = field(default=1, metadata={"help": "Evaluations per epoch."})
     log_every: int = field(default=20, metadata={"help": "Log the training loss every N optimizer steps."})
     report_to: Optional[list] = field(default=None, metadata={"help": "Accelerate trackers, e.g. [tensorboard] or [wandb]."})
+    save_every: Optional[int] = field(default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps (null: only when SIGTERM/SIGUSR1 stops the run)."})
+    keep_last: int = field(default=2, metadata={"help": "Keep the newest K complete checkpoints; older ones are deleted once a new one is complete."})
+    resume: Optional[str] = field(default=None, metadata={"help": "auto: continue from the newest complete checkpoint (start afresh when there is none); a step-N folder: continue from it; null: start afresh."})
+    checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "Folder for checkpoints (step-N folders); default: <output.dir>.checkpoints. Must be shared by every node."})
 
 
 @dataclass
@@ -92,13 +111,23 @@ class OutputConfig:
 
 
 @dataclass
+class HubConfig:
+    push: bool = field(default=False, metadata={"help": "Publish the model folder to the Hugging Face Hub after the run, then download it and check it predicts what training evaluated. Token: HF_TOKEN or `hf auth login`."})
+    model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo to push to, as namespace/name (your user or organisation), e.g. alice/minilm-sst2."})
+    private: Optional[bool] = field(default=None, metadata={"help": "Create the repo private (true) or public (false); null: the namespace's default. true also refuses to push to an existing public repo."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Branch to push to (created from main when missing); null: main."})
+    strategy: str = field(default="end", metadata={"help": "end: push the final model once; every_save: also upload each training checkpoint to checkpoints/<name>/; checkpoint: also keep the latest checkpoint in last-checkpoint/."})
+
+
+@dataclass
 class Config:
-    task: str = field(default="text-classification", metadata={"help": "Recipe: text-classification."})
+    task: str = field(default="text-classification", metadata={"help": "Recipe: text-classification, audio-classification or image-classification."})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -138,6 +167,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
         str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
         list: isinstance(value, (list, str)),
     }.get(tp, True)
+    if not ok and tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-3' (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if not ok:
         raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
     if tp is float:
@@ -196,12 +230,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections (model, data, adapt, train, output).")
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (model, data, adapt, train, output, hub).")
         values.update(_flatten(loaded))
-    for text in overrides:
-        k, v = parse_override(text)
-        values[k] = v
+    given = dict(parse_override(text) for text in overrides)
+    if DATA_SOURCES & set(given):
+        # Naming a data source on the command line replaces the preset's source, not adds a second one.
+        values = {k: v for k, v in values.items() if k not in DATA_SOURCES}
+    values.update(given)
     return from_flat(values)
+
+
+# Keys that each name where the rows come from; a run uses exactly one.
+DATA_SOURCES = {"data.builtin", "data.train_file", "data.name", "data.data_dir"}
 
 
 def from_flat(values: dict[str, Any]) -> Config:

@@ -1,17 +1,38 @@
-"""Write the model folder atomically, then prove that `transformers.pipeline` loads it and agrees."""
+"""Write the model folder atomically, prove that `transformers.pipeline` loads it and agrees, and
+publish it to the Hub with huggingface_hub, downloading what was pushed to check it the same way.
+
+The token is never handled here: huggingface_hub reads it from HF_TOKEN or the stored login
+(`hf auth login`) on each request, and HF_ENDPOINT picks the server.
+"""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
+from huggingface_hub import HfApi, get_token, is_offline_mode, snapshot_download
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 from transformers import pipeline
+
+from .config import ConfigError, HubConfig
 
 
 class OutputError(RuntimeError):
     pass
+
+
+class HubError(OutputError):
+    """Publishing failed; the message names the repo, the step and the fix."""
+
+
+STRATEGIES = ("end", "every_save", "checkpoint")
+# Suffixes of pickle-based weight and state files; loading them can run code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
@@ -25,7 +46,7 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
 
 def verify_reload(folder: Path, task: str, inputs: list, expected: list[str]) -> int:
     """Run pipeline(task) from the saved folder; fail loudly if any prediction differs."""
-    clf = pipeline(task, model=str(folder), device=-1)
+    clf = pipeline(task, model=str(folder), device=-1, model_kwargs={"use_safetensors": True})
     got = [r["label"] if isinstance(r, dict) else r[0]["label"] for r in clf(inputs, batch_size=8)]
     diff = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
     if diff:
@@ -70,3 +91,122 @@ def save_output(out_dir: str, model, processor, card, extra: dict[str, object], 
         if tmp.exists():
             shutil.rmtree(tmp)
     return final
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def check_hub_config(hub: HubConfig) -> None:
+    """Reject hub.* settings that cannot work, before any training and without touching the network."""
+    if hub.strategy not in STRATEGIES:
+        raise ConfigError(f"hub.strategy='{hub.strategy}'; expected one of {', '.join(STRATEGIES)}.")
+    if not hub.push:
+        return
+    if not hub.model_id or hub.model_id.count("/") != 1:
+        raise ConfigError(f"hub.push=true needs hub.model_id=namespace/name (your user or organisation, e.g. alice/minilm-sst2); got {hub.model_id!r}.")
+    try:
+        validate_repo_id(hub.model_id)
+    except HFValidationError as e:
+        raise ConfigError(f"hub.model_id='{hub.model_id}' is not a valid Hub repo id: {e}") from None
+
+
+HINTS = {
+    401: "the Hub refused the token: set HF_TOKEN to a valid token or run `hf auth login`",
+    403: "the token may not write there: use a token with write access, or a hub.model_id under your user or an organisation you belong to",
+    404: "the repo or branch is missing or not visible to this token: check hub.model_id and hub.revision",
+}
+
+
+@contextlib.contextmanager
+def _hub_step(hub: HubConfig, doing: str):
+    """Turn any failure of the Hub client into a HubError that says which repo, which step and what to try."""
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = HINTS.get(status, "check the network connection and HF_ENDPOINT, then rerun (or `hftl push OUT_DIR` later)")
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f"hub.model_id='{hub.model_id}': {doing} failed ({detail}); {hint}.") from e
+
+
+def prepare_repo(hub: HubConfig) -> None:
+    """Make sure a push can work before spending time on training: token present, repo and branch exist, visibility right."""
+    check_hub_config(hub)
+    if is_offline_mode():
+        raise HubError("hub.push=true but HF_HUB_OFFLINE is set, which blocks every Hub request; unset HF_HUB_OFFLINE or set hub.push=false.")
+    if get_token() is None:
+        raise HubError("hub.push=true needs a Hugging Face token with write access: set HF_TOKEN or run `hf auth login` "
+                       "(hftl reads it only from there and never writes it anywhere).")
+    api = HfApi()
+    with _hub_step(hub, "creating the repo"):
+        api.create_repo(hub.model_id, private=hub.private, exist_ok=True)
+        private = api.model_info(hub.model_id).private
+    if hub.private and not private:
+        raise HubError(f"hub.private=true but '{hub.model_id}' already exists and is public; make it private on the Hub, "
+                       "choose another hub.model_id, or set hub.private=false.")
+    if hub.revision:
+        with _hub_step(hub, f"creating branch '{hub.revision}' (hub.revision)"):
+            api.create_branch(hub.model_id, branch=hub.revision, exist_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def publish(folder: str | Path, hub: HubConfig, task: str, inputs: list, expected: list[str]) -> str:
+    """Push a model folder, then download exactly that commit and check it (the round trip).
+
+    Every pushed file must come back byte-identical, and `pipeline(task)` on the download must predict
+    `expected` for `inputs` (what training's evaluation predicted). Returns the commit URL."""
+    folder = Path(folder)
+    files = list(filter_repo_objects(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+                                     ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise HubError(f"'{folder / pickles[0]}' is a pickle; hftl publishes weights as safetensors only. "
+                       "Remove it (or save it with safetensors) and run `hftl push` again.")
+    prepare_repo(hub)
+    with _hub_step(hub, f"uploading '{folder}'"):
+        commit = HfApi().upload_folder(repo_id=hub.model_id, folder_path=folder, revision=hub.revision,
+                                       commit_message=f"hftl: upload {folder.name}")
+    with tempfile.TemporaryDirectory(prefix="hftl-roundtrip-") as tmp:
+        with _hub_step(hub, f"downloading commit {commit.oid} for the round-trip check"):
+            snapshot_download(hub.model_id, revision=commit.oid, local_dir=tmp, allow_patterns=files)
+        for name in files:
+            got = Path(tmp, name)
+            if not got.is_file() or _sha256(got) != _sha256(folder / name):
+                what = "differs from" if got.is_file() else "did not come back; it was pushed from"
+                raise HubError(f"round trip: '{name}' downloaded from '{hub.model_id}' at commit {commit.oid} {what} "
+                               f"'{folder / name}'. The upload was altered or incomplete; rerun `hftl push` and check the repo on the Hub.")
+        if inputs:
+            try:
+                verify_reload(Path(tmp), task, inputs, expected)
+            except OutputError as e:
+                raise HubError(f"round trip: the model pushed to '{hub.model_id}' (commit {commit.oid}) does not "
+                               f"reproduce training's evaluation once downloaded: {e}") from None
+    return commit.commit_url
+
+
+def push_checkpoint(folder: str | Path, hub: HubConfig) -> str | None:
+    """Upload a training checkpoint folder as hub.strategy asks; the loop calls it on the main process after each save.
+
+    end: nothing; every_save: to checkpoints/<folder name>/ (all kept); checkpoint: to last-checkpoint/,
+    replacing the previous one, so a run can resume from the Hub. Returns the commit URL, or None."""
+    if not hub.push or hub.strategy == "end":
+        return None
+    folder = Path(folder)
+    latest_only = hub.strategy == "checkpoint"
+    with _hub_step(hub, f"uploading checkpoint '{folder}' (hub.strategy={hub.strategy})"):
+        commit = HfApi().upload_folder(
+            repo_id=hub.model_id, folder_path=folder, revision=hub.revision,
+            path_in_repo="last-checkpoint" if latest_only else f"checkpoints/{folder.name}",
+            delete_patterns="*" if latest_only else None,  # files of the previous checkpoint this one lacks
+            commit_message=f"hftl: checkpoint {folder.name}",
+        )
+    return commit.commit_url

@@ -6,13 +6,14 @@ processor), how to turn raw splits into model inputs, and what `transformers.pip
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import adapt, cards, hub, models
+from . import adapt, cache, cards, hub, models
 from .config import Config, to_dict, to_yaml
-from .data import load_splits
+from .data import DataError, load_splits
 from .train import fit, make_accelerator
 
 
@@ -24,28 +25,46 @@ class Modality:
     prepare: Callable  # (splits, processor, cfg) -> (encoded DatasetDict with 'labels', collator)
     pipeline_inputs: Callable  # (raw split rows, cfg) -> list that pipeline(pipeline_tag) accepts
     input_keys: tuple[str, ...] = ("text_column", "text_pair_column")  # DataConfig keys naming the input columns
+    # Media: (splits, cfg) -> (splits without rows whose file cannot be decoded, {split: [ids of rows left out]}).
+    check: Callable | None = None
+
+
+def load_checked(cfg: Config, modality: Modality):
+    """`load_splits`, then the modality's check of every media file (data.on_bad_sample: error or skip)."""
+    splits, source = load_splits(cfg.data, cfg.train.seed, modality.input_keys)
+    splits, skipped = modality.check(splits, cfg) if modality.check else (splits, {})
+    return splits, source, skipped
 
 
 def run(cfg: Config, modality: Modality) -> dict:
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
     hub.check_output_dir(cfg.output.dir, cfg.output.overwrite)
+    hub.check_hub_config(cfg.hub)
+    if cfg.hub.push and accelerator.is_main_process:  # no token, no permission: fail now, not after training
+        hub.prepare_repo(cfg.hub)
     accelerator.print("Resolved config:\n" + to_yaml(cfg))
 
     path, base_model = models.resolve(cfg.model)
     processor = modality.load_processor(path, cfg)
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
-        splits, source = load_splits(cfg.data, cfg.train.seed, modality.input_keys)
+        splits, source, skipped = load_checked(cfg, modality)
         encoded, collator = modality.prepare(splits, processor, cfg)
+    for split, ids in skipped.items():
+        accelerator.print(f"data.on_bad_sample=skip: left out {len(ids)} {split} row(s) whose file cannot be read: " + "; ".join(ids[:20])
+                          + (f"; ... (all in {Path(cfg.output.dir) / 'skipped_rows.json'})" if len(ids) > 20 else ""))
     labels = splits["train"].features["labels"].names
 
     model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model)
     head = adapt.head_modules(model, new_keys)
     model = mode.apply(model, cfg.adapt, head)
+    if cfg.adapt.freeze_feature_encoder:
+        adapt.freeze_feature_encoder(model)
     trainable, total = adapt.count_parameters(model)
     accelerator.print(f"mode={mode.name} head={head} trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    result = fit(model, encoded, collator, cfg, accelerator)
+    # A frozen backbone runs once over the data and the head trains on the cached features (hftl/cache.py).
+    result = cache.fit_on_features(model, mode.name, head, encoded, collator, cfg, accelerator) or fit(model, encoded, collator, cfg, accelerator)
     results = result["results"]
     accelerator.print("Final: " + " ".join(f"{s}/{k}={v:.4f}" for s, r in results.items() for k, v in r.items()))
     if not accelerator.is_main_process:  # only one process writes
@@ -53,7 +72,7 @@ def run(cfg: Config, modality: Modality) -> dict:
 
     card = cards.render(
         cards.CardData(
-            model_name=Path(cfg.output.dir).name,
+            model_name=cfg.hub.model_id or Path(cfg.output.dir).name,
             base_model=base_model,
             dataset_name=source,
             dataset_id=cfg.data.name,
@@ -71,13 +90,13 @@ def run(cfg: Config, modality: Modality) -> dict:
             best_step=result["best_step"],
             steps=result["steps"],
             train_seconds=result["train_seconds"],
+            skipped={s: len(ids) for s, ids in skipped.items()},
         ),
         cfg.train.metrics,
     )
     predicted = [labels[p] for p in result["predictions"]["validation"]]
-    n = min(cfg.output.verify_reload, len(splits["validation"]))
-    rows = splits["validation"].select(range(n))
-    verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, modality.pipeline_inputs(rows, cfg), predicted[:n])) if n else None
+    inputs, expected = reload_check(cfg, modality, splits["validation"], predicted)
+    verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, inputs, expected)) if expected else None
     out = hub.save_output(
         cfg.output.dir,
         result["model"],
@@ -86,13 +105,46 @@ def run(cfg: Config, modality: Modality) -> dict:
         extra={
             "hftl_config.yaml": to_yaml(cfg),
             "results.json": {"results": results, "history": result["history"], "train_seconds": result["train_seconds"],
-                             "trainable_params": trainable, "total_params": total, "best_step": result["best_step"]},
+                             "trainable_params": trainable, "total_params": total, "best_step": result["best_step"],
+                             "feature_cache": result.get("feature_cache"), "step_log": result.get("step_log")},
             "predictions_validation.json": predicted,
+            **({"skipped_rows.json": skipped} if skipped else {}),
         },
         overwrite=cfg.output.overwrite,
         verify=verify,
         export=mode.export,
         save_adapter=cfg.adapt.save_adapter and mode.name == "lora",
     )
-    accelerator.print(f"Saved {out} (pipeline reload check: {n} validation predictions identical)")
+    accelerator.print(f"Saved {out} (pipeline reload check: {len(expected)} validation predictions identical)")
+    if cfg.hub.push:
+        url = hub.publish(out, cfg.hub, modality.pipeline_tag, inputs, expected)
+        accelerator.print(f"Pushed {url} (round trip: files identical, {len(expected)} validation predictions identical)")
     return results
+
+
+def reload_check(cfg: Config, modality: Modality, validation, predicted: list[str]) -> tuple[list, list[str]]:
+    """Pipeline inputs and the labels training's evaluation predicted, for the first output.verify_reload validation rows."""
+    n = min(cfg.output.verify_reload, len(validation))
+    inputs = modality.pipeline_inputs(validation.select(range(n)), cfg)
+    # None: a row pipeline() does not reproduce (audio: a clip evaluated in several windows); it is not compared.
+    keep = [i for i, x in enumerate(inputs) if x is not None]
+    return [inputs[i] for i in keep], [predicted[i] for i in keep]
+
+
+def push(folder: str | Path, cfg: Config, modality: Modality) -> tuple[str, int]:
+    """`hftl push OUT_DIR`: publish a folder `hftl train` wrote, with the same round trip as a run.
+
+    The validation rows are re-read from the data its hftl_config.yaml names; the expected labels are
+    its predictions_validation.json. Returns the commit URL and how many predictions were re-checked."""
+    folder = Path(folder)
+    predicted = json.loads((folder / "predictions_validation.json").read_text())
+    inputs, expected = [], []
+    if cfg.output.verify_reload:
+        try:
+            splits, _, _ = load_checked(cfg, modality)
+        except DataError as e:
+            raise DataError(f"{e} (`hftl push` re-reads the validation rows named in {folder / 'hftl_config.yaml'} to re-check the "
+                            "pushed model: run it where training ran, override the data.* keys, or pass output.verify_reload=0 "
+                            "to compare files only.)") from e
+        inputs, expected = reload_check(cfg, modality, splits["validation"], predicted)
+    return hub.publish(folder, cfg.hub, modality.pipeline_tag, inputs, expected), len(expected)

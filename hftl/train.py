@@ -9,21 +9,27 @@ import math
 import sys
 import time
 
+import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, get_int_from_env, set_seed
 from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from . import checkpoint, hub
 from . import metrics as metrics_lib
 from .config import Config, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class LaunchError(RuntimeError):
+    """The launcher started processes that Accelerate does not join into one run."""
 
 
 def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accelerator:
@@ -38,7 +44,18 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.report_to or None,
         project_dir=project_dir,
+        # Plain shuffling reseeds with seed + epoch (SeedableRandomSampler), so a resumed run can replay an epoch's order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    if launched > 1 and accelerator.num_processes == 1:
+        # e.g. CPU-only torchrun without ACCELERATE_USE_CPU=1: N independent runs that would all write the same outputs.
+        raise LaunchError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate sees a single one: each "
+            "would train alone and write the same files. On CPU set ACCELERATE_USE_CPU=1 "
+            "(ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m hftl train ...); on GPUs make sure CUDA is visible, "
+            "or start with `accelerate launch -m hftl train ...`."
+        )
     set_seed(cfg.seed)
     return accelerator
 
@@ -53,8 +70,60 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
 
 
-def _lengths(ds) -> list[int]:
-    return [len(ids) for ids in ds["input_ids"]]
+# Columns whose list length is a row's length: token ids (text), waveform samples (audio).
+LENGTH_COLUMNS = ("input_ids", "input_values")
+
+
+def _lengths(ds) -> list[int] | None:
+    """Each row's input length, read from Arrow without decoding the rows; None when no column has one."""
+    column = next((c for c in LENGTH_COLUMNS if c in ds.column_names), None)
+    if column is None:
+        return None
+    return pc.list_value_length(ds.with_format("arrow")[column]).to_pylist()
+
+
+def sorted_order(ds) -> list[int]:
+    """Row indices by input length, so batches of neighbours pad least; row order when rows have no length."""
+    lengths = _lengths(ds)
+    return list(range(len(ds))) if lengths is None else sorted(range(len(ds)), key=lengths.__getitem__)
+
+
+def train_dataloader(ds, collator, t: TrainConfig) -> DataLoader:
+    """Shuffled training batches; with group_by_length, rows of similar length share a batch."""
+    generator = torch.Generator().manual_seed(t.seed)
+    lengths = _lengths(ds) if t.group_by_length else None
+    if lengths is None:
+        return DataLoader(ds, batch_size=t.batch_size, shuffle=True, collate_fn=collator, generator=generator)
+    # Random "megabatches" sorted by length inside (transformers' sampler): about half the padding of random batches.
+    sampler = EpochSeededLengthGroupedSampler(t.batch_size, lengths=lengths, generator=generator, seed=t.seed)
+    # The loader draws its worker base seed from `generator` too, not from the global RNG that dropout uses.
+    return DataLoader(ds, batch_size=t.batch_size, sampler=sampler, collate_fn=collator, generator=generator)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' LengthGroupedSampler whose order depends only on (seed, epoch), like Accelerate's
+    SeedableRandomSampler: Accelerate's dataloader calls set_epoch, and a resumed run replays an epoch's order."""
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
+def average_windows(logits: torch.Tensor, labels: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example logits (mean over its windows) and labels, for a batch whose rows are the consecutive
+    windows of its examples, `windows[i]` of them for example i (see hftl/data/audio.py)."""
+    example = torch.repeat_interleave(torch.arange(len(windows), device=logits.device), windows)
+    summed = torch.zeros(len(windows), logits.shape[-1], dtype=logits.dtype, device=logits.device).index_add_(0, example, logits)
+    return summed / windows.unsqueeze(-1).to(logits.dtype), labels[windows.cumsum(0) - windows]
+
+
+def eval_dataloader(ds, collator, batch_size: int) -> tuple[list[int], DataLoader]:
+    """Length-sorted batches (least padding) and the order that maps what they yield back to rows (for evaluate)."""
+    order = sorted_order(ds)
+    return order, DataLoader(ds.select(order), batch_size=batch_size, collate_fn=collator)
 
 
 def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order: list[int] | None = None) -> dict:
@@ -65,20 +134,27 @@ def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order:
     preds, refs, losses = [], [], []
     with torch.inference_mode():
         for batch in dataloader:
+            windows = batch.pop("num_windows", None)
             out = model(**batch)
+            logits, labels = out.logits, batch["labels"]
+            if windows is not None:  # examples cut into several model inputs (audio windows): average their logits
+                logits, labels = average_windows(logits, labels, windows)
+            # Loss per example, not the batch mean: the mean over the split then weighs every example once,
+            # however the batches fell (a short last batch, or one that even_batches padded on another process).
             p, r, loss = accelerator.gather_for_metrics(
-                (out.logits.argmax(-1), batch["labels"], out.loss.detach().repeat(len(batch["labels"])))
+                (logits.argmax(-1), labels, torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"))
             )
             preds.append(p.cpu()), refs.append(r.cpu()), losses.append(loss.float().cpu())
     model.train()
     preds, refs = torch.cat(preds).tolist(), torch.cat(refs).tolist()
+    # Score while predictions and references are still in the same (loader) order.
+    scores = metrics_lib.compute(metric_modules, preds, refs)
+    scores["loss"] = float(torch.cat(losses).mean())
     if order is not None:
         unsorted = [0] * len(preds)
         for i, row in enumerate(order):
             unsorted[row] = preds[i]
         preds = unsorted
-    scores = metrics_lib.compute(metric_modules, preds, refs)
-    scores["loss"] = float(torch.cat(losses).mean())
     return {"metrics": scores, "predictions": preds}
 
 
@@ -89,110 +165,171 @@ def _snapshot(model) -> dict[str, torch.Tensor]:
     return state
 
 
+class LoopState:
+    """The loop's own progress; saved in every checkpoint (as JSON + safetensors) so a resume continues exactly."""
+
+    def __init__(self):
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batches = 0  # batches of `epoch` this process has trained on
+        self.stopped = False  # early stopping fired
+        self.history: list[dict] = []  # one entry per evaluation
+        self.log: list[dict] = []  # one entry per optimizer step: loss (mean over processes and accumulated batches), lr
+        self.best: dict | None = None
+        self.best_state: dict | None = None
+        self.bad_evals = 0
+        self.running, self.n_running = 0.0, 0  # training loss since the last evaluation
+        self.seconds = 0.0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
 def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Accelerator) -> dict:
-    """Train, evaluate on validation during training, restore the best evaluation, evaluate again."""
+    """Train, evaluate on validation during training, restore the best evaluation, evaluate again.
+
+    Checkpoints (hftl/checkpoint.py) every train.save_every steps and when SIGTERM/SIGUSR1 arrives (then
+    exits with 143); train.resume continues from one with the same data order, RNG state and losses."""
     t = cfg.train
-    generator = torch.Generator().manual_seed(t.seed)
-    if t.group_by_length and "input_ids" in encoded["train"].column_names:
-        # Random "megabatches" sorted by length inside (transformers' sampler): about half the padding of random batches.
-        sampler = LengthGroupedSampler(t.batch_size, lengths=_lengths(encoded["train"]), generator=generator)
-        train_dl = DataLoader(encoded["train"], batch_size=t.batch_size, sampler=sampler, collate_fn=collator)
-    else:
-        train_dl = DataLoader(encoded["train"], batch_size=t.batch_size, shuffle=True, collate_fn=collator, generator=generator)
-    # Evaluate length-sorted (least padding); `orders` maps predictions back to row order.
+    checkpoint.check_settings(cfg)
+    train_dl = train_dataloader(encoded["train"], collator, t)
     orders, eval_dls = {}, {}
     for split in ("validation", "test"):
         if split in encoded:
-            ds = encoded[split]
-            orders[split] = sorted(range(len(ds)), key=_lengths(ds).__getitem__) if "input_ids" in ds.column_names else list(range(len(ds)))
-            eval_dls[split] = DataLoader(ds.select(orders[split]), batch_size=t.eval_batch_size, collate_fn=collator)
+            orders[split], eval_dls[split] = eval_dataloader(encoded[split], collator, t.eval_batch_size)
     optimizer = _optimizer(model, t)
     model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, prepared))
 
     steps_per_epoch = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps))
     total_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    # Not prepared: Accelerate's scheduler wrapper steps once per process, and our steps are already per process.
     scheduler = get_scheduler(
         t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps
     )
+    loop = LoopState()
+    # What a checkpoint must share with this run to continue it exactly.
+    run = {"processes": accelerator.num_processes, "train.batch_size": t.batch_size, "train.seed": t.seed,
+           "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.group_by_length": t.group_by_length,
+           "training rows": len(encoded["train"]), "total optimizer steps (train.epochs, train.max_steps)": total_steps}
+    ckpt_dir = checkpoint.root(cfg)
+    resume = checkpoint.find_resume(cfg, run, accelerator)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        checkpoint.load_states(resume, scheduler, loop)
+        accelerator.print(f"Resumed from {resume}: step {loop.step} of {total_steps}, epoch {loop.epoch}, batch {loop.batches}")
     eval_every = max(1, steps_per_epoch // max(1, t.evals_per_epoch))
     metric_modules = metrics_lib.load_metrics(t.metrics)
     if t.report_to:
         accelerator.init_trackers("hftl", config={"lr": t.learning_rate, "batch_size": t.batch_size, "epochs": t.epochs})
 
-    history, best, best_state, bad_evals = [], None, None, 0
-    step, running, n_running = 0, 0.0, 0
     sign = 1 if t.greater_is_better else -1
     # Redraw rarely when the output is a log file rather than a terminal.
-    bar = tqdm(total=total_steps, desc="Training", disable=not accelerator.is_local_main_process,
+    bar = tqdm(total=total_steps, initial=loop.step, desc="Training", disable=not accelerator.is_local_main_process,
                mininterval=0.1 if sys.stderr.isatty() else 30)
-    start = time.perf_counter()
+    start = time.perf_counter() - loop.seconds
     model.train()
-    stop = False
-    while not stop:
-        for batch in train_dl:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            # A NaN on any process stops every process at the same step.
-            finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="sum")
-            if finite.item() < accelerator.num_processes:
-                raise NonFiniteLossError(
-                    f"non-finite training loss at optimizer step {step}; lower train.learning_rate, "
-                    "set train.max_grad_norm, or train.mixed_precision=no."
-                )
-            running, n_running = running + loss.item(), n_running + 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % t.log_every == 0:
-                bar.set_postfix(loss=f"{running / n_running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if t.report_to:
-                    accelerator.log({"train/loss": running / n_running, "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            if step % eval_every == 0 or step == total_steps:
-                result = evaluate(model, eval_dls["validation"], accelerator, metric_modules)
-                scores = result["metrics"]
-                if t.metric_for_best not in scores:
-                    raise ValueError(f"train.metric_for_best='{t.metric_for_best}' is not computed; validation gives {sorted(scores)}.")
-                entry = {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                         "train_loss": running / max(n_running, 1), **{f"eval_{k}": v for k, v in scores.items()}}
-                history.append(entry)
-                running, n_running = 0.0, 0
-                accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-                if t.report_to:
-                    accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
-                if best is None or sign * scores[t.metric_for_best] > sign * best["metrics"][t.metric_for_best]:
-                    best, bad_evals = {"step": step, "metrics": scores}, 0
-                    best_state = _snapshot(accelerator.unwrap_model(model))
-                else:
-                    bad_evals += 1
-                    if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
-                        accelerator.print(f"early stopping: no {t.metric_for_best} gain in {bad_evals} evaluations")
-                        stop = True
-            if step >= total_steps or stop:
-                stop = True
-                break
+    step_loss, step_batches, stop_asked = 0.0, 0, False
+    with checkpoint.stop_signals() as signals:
+        while loop.step < total_steps and not loop.stopped:
+            # The epoch's order comes from seed + epoch; a resumed epoch skips the batches already trained on.
+            train_dl.set_epoch(loop.epoch)
+            batches = accelerator.skip_first_batches(train_dl, loop.batches) if loop.batches else train_dl
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    # One collective per batch, before backward: the loss summed over processes (non-finite when any
+                    # process's is, so every process stops together and no NaN reaches the weights) and the number of
+                    # processes that received a stop signal.
+                    total, asked = accelerator.reduce(
+                        torch.stack([loss.detach().float(), torch.tensor(float(bool(signals)), device=loss.device)]), reduction="sum"
+                    ).tolist()
+                    if not math.isfinite(total):
+                        kept = checkpoint.complete(ckpt_dir)
+                        raise NonFiniteLossError(
+                            f"non-finite training loss ({total}) at optimizer step {loop.step + 1} on at least one process; "
+                            f"every process stopped before applying it"
+                            + (f" (the last complete checkpoint, {kept[-1]}, is untouched)" if kept else "")
+                            + ". Lower train.learning_rate, set train.max_grad_norm, or train.mixed_precision=no."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                stop_asked = stop_asked or asked > 0
+                step_loss, step_batches = step_loss + total / accelerator.num_processes, step_batches + 1
+                loop.batches += 1
+                if loop.batches == len(train_dl):
+                    loop.epoch, loop.batches = loop.epoch + 1, 0
+                if not accelerator.sync_gradients:
+                    continue
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                scheduler.step()
+                loop.step += 1
+                loop.log.append({"step": loop.step, "loss": step_loss / step_batches, "lr": lr})
+                loop.running, loop.n_running = loop.running + step_loss, loop.n_running + step_batches
+                step_loss, step_batches = 0.0, 0
+                bar.update(1)
+                if loop.step % t.log_every == 0:
+                    bar.set_postfix(loss=f"{loop.log[-1]['loss']:.4f}", lr=f"{lr:.2e}")
+                    if t.report_to:
+                        accelerator.log({"train/loss": loop.log[-1]["loss"], "train/lr": lr}, step=loop.step)
+                if loop.step % eval_every == 0 or loop.step == total_steps:
+                    _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch)
+                if (t.save_every and loop.step % t.save_every == 0) or stop_asked:
+                    loop.seconds = time.perf_counter() - start
+                    path = checkpoint.save(accelerator, ckpt_dir, loop.step, t.keep_last, run,
+                                           publish=lambda folder: hub.push_checkpoint(folder, cfg.hub),
+                                           scheduler=scheduler, loop=loop)
+                    if stop_asked:
+                        accelerator.print(f"Stop signal received: saved {path} (step {loop.step}); exiting with code "
+                                          f"{checkpoint.EXIT_PREEMPTED}. Rerun with train.resume=auto to continue.")
+                        raise checkpoint.Preempted()
+                if loop.step >= total_steps or loop.stopped:
+                    break
     bar.close()
     train_seconds = time.perf_counter() - start
 
     unwrapped = accelerator.unwrap_model(model)
-    if best_state is not None:
-        unwrapped.load_state_dict(best_state, strict=False)
+    if loop.best_state is not None:
+        unwrapped.load_state_dict(loop.best_state, strict=False)
     final = {split: evaluate(model, dl, accelerator, metric_modules, orders[split]) for split, dl in eval_dls.items()}
     if t.report_to:
         accelerator.end_training()
     return {
         "model": unwrapped,
-        "history": history,
-        "best_step": best["step"] if best else step,
-        "steps": step,
+        "history": loop.history,
+        "step_log": loop.log,
+        "best_step": loop.best["step"] if loop.best else loop.step,
+        "steps": loop.step,
         "train_seconds": train_seconds,
         "results": {split: r["metrics"] for split, r in final.items()},
         "predictions": {split: r["predictions"] for split, r in final.items()},
     }
+
+
+def _evaluate_during_training(model, dataloader, accelerator, metric_modules, loop: LoopState, t: TrainConfig, sign: int,
+                              steps_per_epoch: int) -> None:
+    """Evaluate on validation, record it, keep a snapshot of the best state, decide on early stopping."""
+    scores = evaluate(model, dataloader, accelerator, metric_modules)["metrics"]
+    if t.metric_for_best not in scores:
+        raise ValueError(f"train.metric_for_best='{t.metric_for_best}' is not computed; validation gives {sorted(scores)}.")
+    entry = {"step": loop.step, "epoch": round(loop.step / steps_per_epoch, 3),
+             "train_loss": loop.running / max(loop.n_running, 1), **{f"eval_{k}": v for k, v in scores.items()}}
+    loop.history.append(entry)
+    loop.running, loop.n_running = 0.0, 0
+    accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+    if t.report_to:
+        accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=loop.step)
+    if loop.best is None or sign * scores[t.metric_for_best] > sign * loop.best["metrics"][t.metric_for_best]:
+        loop.best, loop.bad_evals = {"step": loop.step, "metrics": scores}, 0
+        loop.best_state = _snapshot(accelerator.unwrap_model(model))
+    else:
+        loop.bad_evals += 1
+        if t.early_stopping_patience and loop.bad_evals >= t.early_stopping_patience:
+            accelerator.print(f"early stopping: no {t.metric_for_best} gain in {loop.bad_evals} evaluations")
+            loop.stopped = True

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..config import AdaptConfig
+from ..config import AdaptConfig, ConfigError
 
 # Layers that classification heads in transformers are called by (BERT/ViT 'classifier',
 # decoder models 'score', wav2vec2/HuBERT 'projector' + 'classifier', DistilBERT 'pre_classifier').
@@ -46,6 +46,14 @@ def head_modules(model: nn.Module, missing_keys) -> list[str]:
     names |= {n for n, _ in model.named_children() if n in HEAD_NAMES}
     # Keep outermost modules only ('classifier' covers 'classifier.dense').
     return sorted(n for n in names if not any(n.startswith(o + ".") for o in names if o != n))
+
+
+def freeze_feature_encoder(model: nn.Module) -> None:
+    """Speech models: keep the convolutional waveform encoder (wav2vec2/HuBERT `feature_extractor`) as pretrained."""
+    if not hasattr(model, "freeze_feature_encoder"):  # a peft model forwards the attribute to the model it wraps
+        raise ConfigError(f"adapt.freeze_feature_encoder=true, but {type(model).__name__} has no waveform feature encoder "
+                          "(speech models such as wav2vec2 and HuBERT do); set adapt.freeze_feature_encoder=false.")
+    model.freeze_feature_encoder()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -39,6 +39,7 @@ class CardData:
     best_step: int = 0
     steps: int = 0
     train_seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)  # rows left out per split: their media file could not be read
 
 
 def _versions() -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from ..config import DataConfig
@@ -19,7 +20,30 @@ class DataError(ValueError):
     """Bad input data; the message names the file/split, the column or row, and what was expected."""
 
 
-def _load_file(path: str, what: str) -> Dataset:
+# DataConfig keys whose column may hold media file paths (audio, images).
+PATH_KEYS = ("audio_column", "image_column")
+
+
+def _absolute_paths(ds: Dataset, columns, base: Path) -> Dataset:
+    """A relative media path in a csv/json is relative to that file (as in audiofolder's metadata.csv)."""
+    columns = [c for c in columns if c in ds.column_names and getattr(ds.features[c], "dtype", None) in ("string", "large_string")]
+    if not columns:
+        return ds
+
+    def resolve(row):
+        return {c: row[c] if row[c] is None or Path(row[c]).is_absolute() else str((base / row[c]).resolve()) for c in columns}
+
+    return ds.map(resolve, desc="Resolving file paths")
+
+
+def _parquet_rows(p: Path) -> int | None:
+    try:
+        return pq.ParquetFile(p).metadata.num_rows
+    except Exception:  # not parquet at all: load_dataset below reports it with the file name
+        return None
+
+
+def _load_file(path: str, what: str, path_columns=()) -> Dataset:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data.{what}: file '{path}' does not exist.")
@@ -27,35 +51,52 @@ def _load_file(path: str, what: str) -> Dataset:
     if fmt is None:
         raise DataError(f"data.{what}: '{path}' has suffix '{p.suffix}'; expected one of {', '.join(FORMATS)}.")
     kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+    if p.stat().st_size == 0 or (fmt == "parquet" and _parquet_rows(p) == 0):
+        raise DataError(f"data.{what}: '{path}' is empty: it has no rows; the split needs at least one.")
     try:
         # load_dataset caches the Arrow conversion keyed by the file's content.
-        return datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
+        ds = datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
     except Exception as e:  # pyarrow/pandas parse errors: say which file
+        if "corresponds to no data" in str(e):  # e.g. a csv with a header and no rows
+            raise DataError(f"data.{what}: '{path}' is empty: it has no rows; the split needs at least one.") from e
         raise DataError(f"data.{what}: could not read '{path}' as {fmt}: {e}") from e
+    return _absolute_paths(ds, path_columns, p.parent)
 
 
-def load_raw(cfg: DataConfig) -> tuple[dict[str, Dataset], str]:
-    """Raw splits by role ('train', 'validation', 'test'; validation may be missing) and a source name."""
+def load_raw(cfg: DataConfig, path_columns=()) -> tuple[dict[str, Dataset], str]:
+    """Raw splits by role ('train', 'validation', 'test'; validation may be missing) and a source name.
+
+    `path_columns` name columns that may hold media file paths, made absolute for csv/json files."""
+    sources = [k for k in ("builtin", "train_file", "data_dir", "name") if getattr(cfg, k)]
+    if len(sources) > 1:
+        raise DataError(f"data: {', '.join('data.' + k for k in sources)} are all set; a run reads one source, so set the others to null.")
     if cfg.builtin:
         from .builtin import load_builtin
 
         return load_builtin(cfg), cfg.builtin
     if cfg.train_file:
-        splits = {"train": _load_file(cfg.train_file, "train_file")}
+        splits = {"train": _load_file(cfg.train_file, "train_file", path_columns)}
         if cfg.validation_file:
-            splits["validation"] = _load_file(cfg.validation_file, "validation_file")
+            splits["validation"] = _load_file(cfg.validation_file, "validation_file", path_columns)
         if cfg.test_file:
-            splits["test"] = _load_file(cfg.test_file, "test_file")
+            splits["test"] = _load_file(cfg.test_file, "test_file", path_columns)
         return splits, Path(cfg.train_file).parent.name or Path(cfg.train_file).stem
-    if cfg.name:
-        ds = datasets.load_dataset(cfg.name, cfg.config_name)
+    if cfg.data_dir or cfg.name:
+        name = cfg.data_dir or cfg.name
+        if cfg.data_dir:
+            if not Path(cfg.data_dir).is_dir():
+                raise DataError(f"data.data_dir: folder '{cfg.data_dir}' does not exist.")
+            # datasets picks the builder the files call for: audiofolder, imagefolder, csv, ...
+            ds = datasets.load_dataset(cfg.data_dir)
+        else:
+            ds = datasets.load_dataset(cfg.name, cfg.config_name)
         wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
         if cfg.train_split not in ds:
-            raise DataError(f"data.train_split: '{cfg.name}' has no split '{cfg.train_split}'; it has {sorted(ds)}.")
+            raise DataError(f"data.train_split: '{name}' has no split '{cfg.train_split}'; it has {sorted(ds)}.")
         if cfg.test_split and cfg.test_split not in ds:
-            raise DataError(f"data.test_split: '{cfg.name}' has no split '{cfg.test_split}'; it has {sorted(ds)}.")
-        return {role: ds[s] for role, s in wanted.items() if s and s in ds}, cfg.name
-    raise DataError("no data given: set data.train_file (local csv/tsv/json/jsonl/parquet), data.name (Hub) or data.builtin.")
+            raise DataError(f"data.test_split: '{name}' has no split '{cfg.test_split}'; it has {sorted(ds)}.")
+        return {role: ds[s] for role, s in wanted.items() if s and s in ds}, Path(cfg.data_dir).resolve().name if cfg.data_dir else name
+    raise DataError("no data given: set data.train_file (local csv/tsv/json/jsonl/parquet), data.data_dir (local audiofolder/imagefolder), data.name (Hub) or data.builtin.")
 
 
 def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[str, ...]) -> None:
@@ -122,7 +163,7 @@ def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text
     """Load, validate and label-encode the splits; carve validation from train when absent.
 
     `input_keys` name the DataConfig fields holding the columns the modality reads (checked to exist)."""
-    raw, source = load_raw(cfg)
+    raw, source = load_raw(cfg, [getattr(cfg, k) for k in input_keys if k in PATH_KEYS])
     for role, ds in raw.items():
         _check_columns(ds, role, cfg, input_keys)
     names = label_names_of(raw["train"], cfg)

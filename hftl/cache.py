@@ -1,0 +1,292 @@
+"""Feature cache for frozen backbones: run the backbone once, then train the head for many epochs on what it read.
+
+In head mode the backbone never changes, so running it every epoch repeats the same work. Here the
+head modules are swapped for `nn.Identity`, so the model's own forward (pooling, masking, token
+pick) returns exactly the features its head reads. They are written once per split as an Arrow file
+(`datasets.map(cache_file_name=...)`) whose name hashes everything they depend on: the checkpoint
+(name, revision, config, every backbone weight), the preprocessing (the split's `datasets`
+fingerprint, which covers the raw data and the tokenize/feature-extract function; its format
+transform; the collator) and the device and precision. A changed input or checkpoint is a new name,
+so stale features are never read. A deep copy of the head, its modules applied in the order the
+model calls them, trains on the cache through the ordinary `hftl.train.fit`; its weights then go
+back into the full model, so the saved folder is a complete transformers model.
+
+Exactness is checked, not assumed:
+- on a probe batch, head(features) must equal the full model's logits. That holds when the head
+  modules are applied one after another to pooled features (BERT, ViT: 'classifier'), and also where
+  an affine head comes before a mean or a token pick, which commute with it (wav2vec2: 'projector',
+  masked mean, 'classifier'; decoder models: 'score', then the last token). It fails for DistilBERT
+  (a ReLU between 'pre_classifier' and 'classifier') and RoBERTa (a head that reads every token);
+- preprocessing must be deterministic: features computed once cannot stand for a random crop or an
+  augmentation drawn anew every epoch, so drawing from Python's, NumPy's or torch's RNG while
+  preparing the rows (data.augment, a random window of a long audio clip) rules the cache out.
+Where a check fails the run trains through the whole model, or stops if train.cache_features=true.
+
+One difference from the uncached path: dropout outside the head modules (BERT's `dropout` before
+'classifier', and the backbone's own) does not apply to cached features, which were computed once in
+eval mode; dropout inside a head module (RoBERTa-style heads) still applies.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+import xxhash
+from datasets import Dataset, DatasetDict
+from datasets.fingerprint import Hasher, generate_random_fingerprint
+from torch import nn
+from torch.nn import functional as F
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from .config import Config, ConfigError
+from .train import fit, sorted_order
+
+# Modes whose backbone is frozen, so its features are the same every epoch.
+FROZEN_MODES = ("head",)
+# Part of every cache name: bump when what is stored, or how it is computed, changes.
+FORMAT_VERSION = "1"
+
+
+@contextmanager
+def heads_removed(model: nn.Module, head: list[str]):
+    """Swap each head module for nn.Identity, so the model's 'logits' are the features its head reads."""
+    saved = []
+    for name in head:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        saved.append((parent, child, getattr(parent, child)))
+        setattr(parent, child, nn.Identity())
+    try:
+        yield model
+    finally:
+        for parent, child, module in saved:
+            setattr(parent, child, module)
+
+
+@contextmanager
+def rng_watch():
+    """Says (`.drew`) whether anything drew from Python's, NumPy's or torch's RNG inside, and undoes the draws,
+    so a run that falls back to uncached training draws exactly what it would have without the probe."""
+    before = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    watch = SimpleNamespace(drew=False)
+    try:
+        yield watch
+    finally:
+        after = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        watch.drew = (after[0] != before[0] or not all(np.array_equal(a, b) for a, b in zip(after[1], before[1]))
+                      or not torch.equal(after[2], before[2]))
+        random.setstate(before[0]), np.random.set_state(before[1]), torch.set_rng_state(before[2])
+
+
+class CachedHead(nn.Module):
+    """The task head on cached features, called like a transformers classifier: forward(features, labels)."""
+
+    def __init__(self, names: list[str], layers: list[nn.Module]):
+        super().__init__()
+        self.names = names  # where each layer lives in the full model, for copying the weights back
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        logits = self.layers(features)
+        # The loss transformers' classifiers use for single-label classification.
+        loss = None if labels is None else F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def copy_into(self, model: nn.Module) -> nn.Module:
+        for name, layer in zip(self.names, self.layers):
+            model.get_submodule(name).load_state_dict(layer.state_dict())
+        return model
+
+
+def collate_features(rows: list[dict]) -> dict:
+    """Cached rows -> a batch. A row holds one feature vector per model input: several when evaluation cut
+    an example into windows (audio); then, as the audio collator does, labels repeat per window and
+    `num_windows` tells `hftl.train.evaluate` which logits to average."""
+    counts = [len(r["features"]) for r in rows]
+    batch = {"features": torch.cat([r["features"] for r in rows]),
+             "labels": torch.tensor([int(r["labels"]) for r, n in zip(rows, counts) for _ in range(n)])}
+    if max(counts) > 1:
+        batch["num_windows"] = torch.tensor(counts)
+    return batch
+
+
+def _rows(batch: dict) -> list[dict]:
+    """Columns -> rows: `datasets` hands batches as columns, collators take rows."""
+    n = len(next(iter(batch.values())))
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _model_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label", "num_windows")}
+
+
+def replay_head(model: nn.Module, head: list[str], rows: list[dict], collator, device) -> CachedHead | str:
+    """The head as a module over cached features, or the reason it cannot reproduce the model's logits."""
+    if getattr(model.config, "problem_type", None) not in (None, "single_label_classification"):
+        return f"the model's problem_type is {model.config.problem_type!r}, not single-label classification"
+    calls = []
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: calls.append(n)) for n in head]
+    model.eval()  # features are computed without dropout, as evaluation sees them
+    try:
+        with torch.inference_mode():
+            inputs = _model_inputs(collator(rows), device)
+            logits = model(**inputs).logits
+            with heads_removed(model, head):
+                features = model(**inputs).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    if sorted(calls) != sorted(head):
+        return f"the head modules {head} are not each called once per forward (calls: {calls})"
+    if features.ndim != 2:
+        return f"the head reads features of shape {tuple(features.shape)}, not one vector per example"
+    cached = CachedHead(calls, [copy.deepcopy(model.get_submodule(n)) for n in calls]).eval()
+    with torch.inference_mode():
+        replayed = cached(features).logits
+    if replayed.shape != logits.shape or not torch.allclose(replayed, logits, rtol=1e-4, atol=1e-5):
+        gap = (replayed - logits).abs().max().item() if replayed.shape == logits.shape else f"shape {tuple(replayed.shape)}"
+        return f"the head modules {calls} applied to the pooled features do not give the model's logits (gap {gap})"
+    return cached.train()
+
+
+def _checkpoint_fingerprint(model: nn.Module, head: list[str], collator, cfg: Config, precision: str, device) -> str | None:
+    """Hash of what every split's features depend on besides the split itself; None if something cannot be hashed."""
+    weights = xxhash.xxh3_128()
+    for name, tensor in model.state_dict().items():
+        if any(name == h or name.startswith(h + ".") for h in head):
+            continue  # the head is not part of the features
+        t = tensor.detach().cpu().contiguous()
+        weights.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        weights.update(t.reshape(-1).view(torch.uint8).numpy())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id", "_name_or_path")}
+    try:
+        collator_hash = Hasher.hash(collator)
+    except Exception:  # an unpicklable collator: features stay in memory for this run
+        return None
+    return Hasher.hash([FORMAT_VERSION, _code_fingerprint(), cfg.model.name_or_path, cfg.model.revision,
+                        json.dumps(config, sort_keys=True, default=str), weights.hexdigest(), head, collator_hash, precision, str(device)])
+
+
+def _code_fingerprint() -> str:
+    """hftl's preprocessing code and this file: datasets hashes a module-level function (a with_transform's
+    `functools.partial(_transform, ...)`) by its name, so an edit to its body would not change the split's key."""
+    here = Path(__file__).parent
+    return Hasher.hash([f.read_bytes() for f in sorted([*(here / "data").glob("*.py"), here / "cache.py"])])
+
+
+def _split_key(base: str | None, ds: Dataset) -> str | None:
+    if base is None:
+        return None
+    try:
+        # The fingerprint covers data + map()s; a with_transform (on-the-fly preprocessing) lives in the format.
+        return Hasher.hash([base, ds._fingerprint, ds.format])
+    except Exception:
+        return None
+
+
+def extract(model: nn.Module, head: list[str], ds: Dataset, collator, batch_size: int, accelerator,
+            cache_file: str | None, key: str | None, desc: str = "Caching features") -> Dataset:
+    """Columns 'features' (per row: one vector per model input) and 'labels', in row order; read from
+    `cache_file` when it exists."""
+    order = sorted_order(ds)  # length-sorted batches pad least; 'row' restores the order afterwards
+
+    def features(batch, positions):
+        collated = collator(_rows(batch))
+        counts = collated.get("num_windows", torch.ones(len(positions), dtype=torch.long)).tolist()
+        with torch.inference_mode(), accelerator.autocast():
+            out = model(**_model_inputs(collated, accelerator.device)).logits.float().cpu()
+        return {"features": [f.numpy() for f in out.split(counts)], "row": [order[p] for p in positions]}
+
+    model.eval()
+    with heads_removed(model, head):
+        out = ds.select(order, keep_in_memory=True).map(
+            features, batched=True, batch_size=batch_size, with_indices=True,
+            remove_columns=[c for c in ds.column_names if c != "labels"],
+            cache_file_name=cache_file, keep_in_memory=cache_file is None,
+            # The fingerprint is our key: datasets would otherwise try to hash the model inside `features`.
+            new_fingerprint=key or generate_random_fingerprint(), desc=desc,
+        )
+    back = pc.sort_indices(out.with_format("arrow")["row"]).to_pylist()  # positions in row order
+    return out.select(back, keep_in_memory=True).select_columns(["features", "labels"]).with_format("torch")
+
+
+@contextmanager
+def _threads(n: int):
+    """A head's ops are too small to split across CPU threads: with two threads each op waits at a thread
+    barrier (measured on the 2-core machine under load: 25 ms per step instead of 0.4 ms with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cache_dir(cfg: Config) -> Path:
+    return Path(cfg.train.feature_cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "hftl_features")
+
+
+def _refuse(want: bool | None, reason: str, accelerator) -> None:
+    if want:
+        raise ConfigError(f"train.cache_features=true, but {reason}. Set train.cache_features=null to train through the whole model.")
+    accelerator.print(f"feature cache off: {reason}; training through the whole model.")
+
+
+def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: DatasetDict, collator, cfg: Config, accelerator) -> dict | None:
+    """`hftl.train.fit`'s result for a head trained on cached features, or None (having said why) to train uncached."""
+    want = cfg.train.cache_features
+    if want is False:
+        return None
+    if mode not in FROZEN_MODES:
+        if want:
+            raise ConfigError(f"train.cache_features=true needs a frozen backbone (adapt.mode one of {list(FROZEN_MODES)}); "
+                              f"adapt.mode={mode} trains the backbone. Set train.cache_features=null or false.")
+        return None
+    random_input = "the training rows are prepared with random draws (data.augment, or random crops of long inputs), new every epoch"
+    model.to(accelerator.device)
+    with rng_watch() as watch:
+        probe = _rows(encoded["train"].select(range(min(8, len(encoded["train"]))))[:])
+    if watch.drew:
+        return _refuse(want, random_input, accelerator)
+    cached = replay_head(model, head, probe, collator, accelerator.device)
+    if isinstance(cached, str):
+        return _refuse(want, cached, accelerator)
+
+    start = time.perf_counter()
+    base = _checkpoint_fingerprint(model, head, collator, cfg, accelerator.mixed_precision, accelerator.device)
+    folder = cache_dir(cfg)
+    splits, files = {}, {}
+    with accelerator.main_process_first():  # one process computes, the others read its files
+        for split, ds in encoded.items():
+            key = _split_key(base, ds)
+            file = str(folder / f"{split}-{key}.arrow") if key else None
+            files[split] = {"file": file, "hit": bool(file and os.path.exists(file))}
+            if file:
+                folder.mkdir(parents=True, exist_ok=True)
+            with rng_watch() as watch:
+                splits[split] = extract(model, head, ds, collator, cfg.train.eval_batch_size, accelerator, file, key,
+                                        desc=f"Caching {split} features")
+            if watch.drew:  # a random crop of some (long) rows that the probe rows did not need
+                if file and os.path.exists(file):
+                    os.remove(file)
+                return _refuse(want, random_input, accelerator)
+    feature_seconds = time.perf_counter() - start
+    accelerator.print(f"feature cache: {', '.join(f'{s} ' + ('hit' if f['hit'] else 'computed') for s, f in files.items())} "
+                      f"in {feature_seconds:.1f}s ({folder if base else 'in memory: the collator cannot be fingerprinted'})")
+
+    with _threads(1 if accelerator.device.type == "cpu" else torch.get_num_threads()):
+        result = fit(cached, DatasetDict(splits), collate_features, cfg, accelerator)
+    trained = result["model"]  # the best evaluation's head weights
+    result.update(model=trained.copy_into(model), train_seconds=feature_seconds + result["train_seconds"],
+                  feature_cache={"seconds": feature_seconds, "head": trained.names, "splits": files})
+    return result

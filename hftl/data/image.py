@@ -1,0 +1,81 @@
+"""Image modality: decode as pipeline("image-classification") does, augment for training, the checkpoint's image processor.
+
+Every image goes through `transformers.image_utils.load_image` (EXIF rotation, then RGB: grayscale,
+palette and RGBA images become the three channels the pipeline hands the model) and then the
+checkpoint's image processor (resize, rescale, normalise), on the fly (`with_transform`). Training can
+first take a random resized crop and a horizontal flip (torchvision, data.augment); evaluation is
+deterministic and computes exactly what the pipeline computes.
+"""
+from __future__ import annotations
+
+import functools
+import io
+
+import PIL.Image
+from datasets import DatasetDict, Image
+from torchvision.transforms import v2
+from transformers import default_data_collator
+from transformers.image_utils import load_image
+
+from ..config import ConfigError, DataConfig
+from . import DataError, media
+
+AUGMENTS = ("crop", "flip")
+
+
+def decode(value: dict) -> PIL.Image.Image:
+    """A row's image, fully read (a truncated file fails here), as the pipeline converts it."""
+    image = PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
+    return load_image(image)
+
+
+def check(splits: DatasetDict, cfg: DataConfig) -> tuple[DatasetDict, dict[str, list[str]]]:
+    """Decode every image once before training: an empty, truncated or non-image file stops the run or is left out."""
+    return media.check(media.as_files(splits, cfg.image_column, Image), cfg.image_column, decode, cfg.on_bad_sample, "image")
+
+
+def augmenter(cfg: DataConfig):
+    unknown = sorted(set(cfg.augment) - set(AUGMENTS))
+    if unknown:
+        raise ConfigError(f"data.augment has {unknown}, which images do not know; choose from {', '.join(AUGMENTS)}.")
+    if not 0 < cfg.crop_scale <= 1:
+        raise ConfigError(f"data.crop_scale={cfg.crop_scale}; give the smallest share of the image a crop keeps, in (0, 1].")
+
+    def augment(image: PIL.Image.Image) -> PIL.Image.Image:
+        if "crop" in cfg.augment:  # crop, then back to the image's own size: the processor resizes as at evaluation
+            image = v2.RandomResizedCrop((image.height, image.width), scale=(cfg.crop_scale, 1.0))(image)
+        if "flip" in cfg.augment:
+            image = v2.RandomHorizontalFlip()(image)
+        return image
+
+    return augment
+
+
+def _transform(batch: dict, column: str, processor, augment) -> dict:
+    images = []
+    for value in batch[column]:
+        try:
+            image = decode(value)
+        except Exception as e:  # checked before training, so the file changed since
+            raise DataError(f"cannot read image file '{media.name_of(value)}' ({media.reason(e)}); it could be read "
+                            "before training started: was it changed or removed?") from e
+        images.append(augment(image) if augment else image)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    return {"pixel_values": list(pixels), "labels": batch["labels"]}
+
+
+def prepare(splits: DatasetDict, processor, cfg: DataConfig):
+    """Splits that decode, augment (training) and run the image processor on the fly, and their collator."""
+    augment = augmenter(cfg) if cfg.augment else None
+    splits = media.as_files(splits, cfg.image_column, Image)
+    encoded = DatasetDict({
+        split: ds.with_transform(functools.partial(_transform, column=cfg.image_column, processor=processor,
+                                                   augment=augment if split == "train" else None))
+        for split, ds in splits.items()
+    })
+    return encoded, default_data_collator
+
+
+def inputs_for_pipeline(rows, cfg: DataConfig) -> list:
+    """The images as evaluation decodes them; pipeline("image-classification") takes PIL images."""
+    return [decode(v) for v in media.as_file_column(rows, cfg.image_column, Image)[cfg.image_column]]

@@ -1,0 +1,94 @@
+"""The `hftl` command line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from hftl import cli
+from hftl.config import all_keys
+
+
+def test_unknown_key_exits_2_with_message(capsys):
+    assert cli.main(["train", "train.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hftl: error:")
+    assert "unknown config key 'train.lr'" in err
+    assert "train.learning_rate" in err
+
+
+def test_wrong_type_exits_2(capsys):
+    assert cli.main(["train", "train.batch_size=many"]) == 2
+    err = capsys.readouterr().err
+    assert "'train.batch_size'" in err and "int" in err
+
+
+def test_missing_preset_exits_2(tmp_path, capsys):
+    assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_modes_lists_modes(capsys):
+    assert cli.main(["modes"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert {"head", "full", "lora"} <= set(listed)
+
+
+def test_help_config_lists_every_key(capsys):
+    assert cli.main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    for key in all_keys():
+        assert f"  {key} (" in out, key
+    assert "default 5e-05" in out  # train.learning_rate's default
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+
+
+def _tiny_preset(path, tiny_bert, toy_data, out):
+    path.write_text(
+        "# a quick run of the tiny test model on the toy data\n"
+        "task: text-classification\n"
+        f"model:\n  name_or_path: {tiny_bert}\n"
+        f"data:\n  train_file: {toy_data['train']}\n  validation_file: {toy_data['validation']}\n  max_length: 16\n"
+        "adapt:\n  mode: full\n"
+        "train:\n  batch_size: 8\n  max_steps: 3\n  learning_rate: 0.005\n"
+        f"output:\n  dir: {out}\n  verify_reload: 4\n"
+    )
+    return path
+
+
+def test_python_m_hftl_train_end_to_end(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "cli_out"
+    preset = _tiny_preset(tmp_path / "tiny.yaml", tiny_bert, toy_data, tmp_path / "not_this_one")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "hftl", "train", str(preset), "adapt.mode=lora", f"output.dir={out}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert not (tmp_path / "not_this_one").exists()  # the override won over the preset
+    assert "Saved" in proc.stdout
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["history"][-1]["step"] == 3
+    assert len(json.loads((out / "predictions_validation.json").read_text())) == 16
+    assert "adapt:\n  mode: lora" in (out / "hftl_config.yaml").read_text()
+
+
+def test_train_file_override_on_default_preset_is_used(tiny_bert, toy_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["train", f"model.name_or_path={tiny_bert}", f"data.train_file={toy_data['train']}",
+                     f"data.validation_file={toy_data['validation']}", "data.max_length=8", "train.max_steps=1",
+                     "train.batch_size=8", "output.verify_reload=0", f"output.dir={out}"])
+    if code == 2:  # refusing the ambiguous data sources would be fine too
+        assert "builtin" in capsys.readouterr().err
+        return
+    assert code == 0
+    assert len(json.loads((out / "predictions_validation.json").read_text())) == 16  # the toy validation file
