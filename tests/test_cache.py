@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-import shutil
 
 import datasets
 import pytest
@@ -194,9 +193,13 @@ def test_length_grouping_keeps_every_example_exactly_once(column):
     ds = ds.shuffle(seed=1).select(range(150))  # lengths must follow the indices mapping, not the file
     assert _lengths(ds) == [len(x) for x in ds[column]]
     t = load_config(None, ["train.batch_size=8"]).train
-    batches = list(train_dataloader(ds, lambda rows: [(r["row"], len(r[column])) for r in rows], t))
+    loader = train_dataloader(ds, lambda rows: [(r["row"], len(r[column])) for r in rows], t)
+    batches = list(loader)
     seen = [row for b in batches for row, _ in b]
     assert sorted(seen) == sorted(ds["row"])  # every example exactly once
+    loader.sampler.set_epoch(1)  # what Accelerate's loader calls each epoch
+    again = [row for b in loader for row, _ in b]
+    assert sorted(again) == sorted(seen) and again != seen  # once each again, in a new order
     grouped = sum(max(n for _, n in b) for b in batches)
     t.group_by_length = False
     shuffled = sum(max(n for _, n in b) for b in train_dataloader(ds, lambda rows: [(r["row"], len(r[column])) for r in rows], t))
