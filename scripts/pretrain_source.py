@@ -64,11 +64,16 @@ def init_checkpoint(modality: str, folder: Path) -> Path:
     else:
         from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-        config = Wav2Vec2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-                                conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                                classifier_proj_size=32, apply_spec_augment=False, layerdrop=0.0)
+        # wav2vec2's own layout (7 convolutions of kernel 10,3,..,2, group norm) learns next to nothing from
+        # 1,350 clips at this size (30% validation accuracy where MFCCs + logistic regression get 98%). A wide
+        # first filter (64 samples, 4 ms) and layer norm after every convolution (feat_extract_norm="layer",
+        # as in wav2vec2-large-lv60) learn: 60% after 8 epochs and still rising.
+        config = Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                conv_dim=(64,) * 5, conv_kernel=(64, 3, 3, 3, 3), conv_stride=(8, 2, 2, 2, 2), conv_bias=True,
+                                feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
+                                num_conv_pos_embedding_groups=4, classifier_proj_size=32, apply_spec_augment=False, layerdrop=0.0)
         Wav2Vec2Model(config).save_pretrained(folder)
-        Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=False).save_pretrained(folder)
+        Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(folder)
     return folder
 
 
