@@ -26,6 +26,7 @@ class ModelConfig:
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     base_model_id: Optional[str] = field(default=None, metadata={"help": "Hub id written as base_model in the card when name_or_path is a local folder."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the checkpoint. Off unless you trust its author."})
+    from_scratch: bool = field(default=False, metadata={"help": "Build the architecture from the checkpoint's config with random weights (no transfer): the baseline that shows what pretraining bought."})
     allow_pickle: bool = field(default=False, metadata={"help": "Also read weights stored as a pickle (pytorch_model.bin), with torch.load(weights_only=True). Off: safetensors only, since unpickling can run code."})
 
 
@@ -59,18 +60,38 @@ class DataConfig:
     augment: list = field(default_factory=list, metadata={"help": "Training augmentation, applied on the fly. Audio: speed (0.9/1.0/1.1x), gain (data.gain_db), noise (data.noise_snr_db). Images: crop (random resized, data.crop_scale), flip (horizontal)."})
     gain_db: float = field(default=6.0, metadata={"help": "augment=gain: random gain, uniform within +-this many dB."})
     noise_snr_db: float = field(default=20.0, metadata={"help": "augment=noise: add white noise at this signal-to-noise ratio (dB)."})
+    target: Optional[str] = field(default=None, metadata={"help": "Unlabelled target-domain rows for adapt.align / adapt.reweight / adapt.pretrain: a csv/tsv/json/jsonl/parquet file with the input column (data.text_column, audio_column or image_column) or an audiofolder/imagefolder. Labels, if present, are not trained on; they give the 'target' evaluation."})
     crop_scale: float = field(default=0.5, metadata={"help": "augment=crop: smallest share of the image area a random crop keeps (then resized by the image processor)."})
 
 
 @dataclass
 class AdaptConfig:
-    mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full or lora (see `hftl modes`)."})
+    mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full, lora, partial, gradual, lpft, ia3, adalora, loha, lokr (see `hftl modes`)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
     target_modules: Optional[list] = field(default=None, metadata={"help": "Module names LoRA wraps; default: peft's choice for the architecture, else all linear layers."})
     save_adapter: bool = field(default=False, metadata={"help": "LoRA: also write the unmerged peft adapter folder to OUTPUT/adapter."})
     freeze_feature_encoder: bool = field(default=False, metadata={"help": "Speech models (wav2vec2, HuBERT, ...): keep the convolutional waveform encoder as pretrained, in every mode."})
+    # Modes that train part of the backbone (issue 5): partial, gradual, lpft, and the other peft methods.
+    top_layers: int = field(default=2, metadata={"help": "partial: train only the top K encoder layers (plus the head); gradual: layers unfrozen per stage."})
+    layer_lr_decay: float = field(default=1.0, metadata={"help": "Layer-wise learning-rate decay (ULMFiT/BEiT/ELECTRA): the head gets train.learning_rate, each lower encoder layer that rate times this factor once more, embeddings last. 1.0: one rate for all. Every mode that trains the backbone."})
+    unfreeze_every: float = field(default=1.0, metadata={"help": "gradual: epochs between unfreezing the next adapt.top_layers encoder layers, from the top (the head trains from the start; the embeddings unfreeze last)."})
+    lp_epochs: float = field(default=5, metadata={"help": "lpft: epochs of the linear-probe stage (head on frozen features; cached where possible) before fine-tuning everything for train.epochs."})
+    lp_learning_rate: float = field(default=1e-3, metadata={"help": "lpft: learning rate of the linear-probe stage (the fine-tuning stage uses train.learning_rate)."})
+    peft_r: int = field(default=8, metadata={"help": "adalora/loha/lokr: rank (adalora: the target average rank); lora uses adapt.lora_r."})
+    l2sp: float = field(default=0.0, metadata={"help": "L2-SP (Li et al. 2018): add l2sp * ||w - w_pretrained||^2 over the trainable backbone weights to the loss (0: off; try 0.01)."})
+    # Domain adaptation with unlabelled target rows (data.target).
+    align: Optional[str] = field(default=None, metadata={"help": "Domain adaptation on data.target: dann (gradient reversal into a domain classifier, coefficient ramped 0->1), coral or mmd (feature-statistics alignment loss). null: off."})
+    align_weight: float = field(default=1.0, metadata={"help": "Weight of the adapt.align loss added to the task loss."})
+    reweight: bool = field(default=False, metadata={"help": "Instance reweighting: a domain classifier on frozen features estimates p(target|x); each source row's loss is weighted by the clipped, normalised density ratio. Needs data.target."})
+    reweight_clip: float = field(default=10.0, metadata={"help": "reweight: largest weight (after normalising to mean 1)."})
+    # Continued self-supervised pretraining before classification (DAPT/TAPT, Gururangan et al. 2020).
+    pretrain: Optional[str] = field(default=None, metadata={"help": "mlm: continue masked-language-model pretraining on unlabelled in-domain text first, save that checkpoint to <output.dir>.pretrained, and classify from it. null: off."})
+    pretrain_file: Optional[str] = field(default=None, metadata={"help": "pretrain: text file (one text per line) or csv/json with data.text_column; default: the training texts plus data.target's."})
+    pretrain_epochs: float = field(default=1, metadata={"help": "pretrain: epochs of masked-language modelling."})
+    pretrain_learning_rate: float = field(default=5e-5, metadata={"help": "pretrain: learning rate."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "pretrain=mlm: share of tokens masked (DataCollatorForLanguageModeling)."})
 
 
 @dataclass
@@ -82,7 +103,7 @@ class TrainConfig:
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps spent warming up linearly from 0."})
-    scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warmup: linear, cosine or constant."})
+    scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warmup: linear, cosine, constant, or slanted_triangular (ULMFiT: a short linear rise over train.warmup_ratio of the steps, then a long linear fall to 1/32 of the peak)."})
     cache_features: Optional[bool] = field(default=None, metadata={"help": "Frozen-backbone modes (head): run the backbone once, cache the features the head reads, train the head on them. null: when the head can be replayed exactly; true: required; false: never."})
     feature_cache_dir: Optional[str] = field(default=None, metadata={"help": "Folder for cached features (Arrow files named by checkpoint, preprocessing and data fingerprints); default: <datasets cache>/hftl_features."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})

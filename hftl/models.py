@@ -67,4 +67,8 @@ def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfi
                           "(and pin model.revision to a commit you have read).") from e
     mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
     new = set(info["missing_keys"]) | mismatched
+    if cfg.from_scratch:
+        # Same architecture and labels, random weights (seeded by train.seed): the no-transfer baseline. The
+        # head is still the modules the checkpoint lacked, so every mode means the same thing.
+        model = auto_cls.from_config(model.config, trust_remote_code=cfg.trust_remote_code)
     return model, sorted(new)

@@ -60,11 +60,18 @@ def run(cfg: Config, modality: Modality) -> dict:
     model = mode.apply(model, cfg.adapt, head)
     if cfg.adapt.freeze_feature_encoder:
         adapt.freeze_feature_encoder(model)
+    ctx = adapt.Context(cfg, head, encoded, collator, accelerator, target=None)
+    hooks = adapt.build_hooks(model, mode, ctx)
     trainable, total = adapt.count_parameters(model)
     accelerator.print(f"mode={mode.name} head={head} trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    # A frozen backbone runs once over the data and the head trains on the cached features (hftl/cache.py).
-    result = cache.fit_on_features(model, mode.name, head, encoded, collator, cfg, accelerator) or fit(model, encoded, collator, cfg, accelerator)
+    if mode.fit:  # a mode with stages of its own (lpft)
+        result = mode.fit(model, ctx, hooks)
+    else:
+        # A frozen backbone runs once over the data and the head trains on the cached features (hftl/cache.py);
+        # hooks (reweighting, alignment, ...) need the whole model's forward.
+        result = (not hooks and cache.fit_on_features(model, mode.name, head, encoded, collator, cfg, accelerator)) \
+            or fit(model, encoded, collator, cfg, accelerator, hooks)
     results = result["results"]
     accelerator.print("Final: " + " ".join(f"{s}/{k}={v:.4f}" for s, r in results.items() for k, v in r.items()))
     if not accelerator.is_main_process:  # only one process writes

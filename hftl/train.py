@@ -60,14 +60,36 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
     return accelerator
 
 
-def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def param_groups(params, weight_decay: float, **extra) -> list[dict]:
+    """AdamW groups for (name, parameter) pairs: biases and norm weights are not decayed (BERT convention)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            # Biases and norm weights are not decayed (BERT convention).
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+    for _, p in params:
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, **extra}, {"params": no_decay, "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(model, cfg: TrainConfig, hooks=()) -> torch.optim.Optimizer:
+    # A hook may lay out the groups itself (per-layer rates; layers that become trainable later). AdamW skips a
+    # parameter whose .grad is None, so a frozen one in a group stays bit-identical until it is unfrozen.
+    groups = next((g for h in hooks if hasattr(h, "param_groups") and (g := h.param_groups(model)) is not None), None)
+    if groups is None:
+        groups = param_groups([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def make_scheduler(optimizer, t: TrainConfig, total_steps: int):
+    warmup = int(t.warmup_ratio * total_steps)
+    if t.scheduler == "slanted_triangular":
+        # ULMFiT (Howard & Ruder 2018), eq. 3: rise linearly for `cut` steps, fall linearly for the rest, ratio 32.
+        cut, ratio = max(1, warmup), 32
+
+        def factor(step):
+            p = step / cut if step < cut else 1 - (step - cut) / max(1, total_steps - cut)
+            return (1 + p * (ratio - 1)) / ratio
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 # Columns whose list length is a row's length: token ids (text), waveform samples (audio).
@@ -188,28 +210,42 @@ class LoopState:
         vars(self).update(state)
 
 
-def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Accelerator) -> dict:
+def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Accelerator, hooks=()) -> dict:
     """Train, evaluate on validation during training, restore the best evaluation, evaluate again.
 
     Checkpoints (hftl/checkpoint.py) every train.save_every steps and when SIGTERM/SIGUSR1 arrives (then
-    exits with 143); train.resume continues from one with the same data order, RNG state and losses."""
+    exits with 143); train.resume continues from one with the same data order, RNG state and losses.
+
+    `hooks` are what the adaptation options (hftl/adapt) add to the plain loop; each is an object with any of:
+      param_groups(model) -> list[dict] | None   the optimizer's groups (the first hook that returns some wins)
+      setup(accelerator, total_steps)            after accelerator.prepare (e.g. prepare its own dataloader)
+      on_step(model, step, epoch)                before each optimizer step's batches (e.g. unfreeze layers)
+      after_optimizer_step(model, step)          after optimizer.step(), gradients still there (AdaLoRA's rank budget)
+      batch_keys: tuple[str, ...]                batch columns the hook reads that the model must not receive
+      loss(model, batch, outputs, loss, progress) -> loss   the loss to back-propagate; progress in [0, 1]
+    They run in order; a loss hook gets the previous hook's loss."""
     t = cfg.train
     checkpoint.check_settings(cfg)
     train_dl = train_dataloader(encoded["train"], collator, t)
     orders, eval_dls = {}, {}
-    for split in ("validation", "test"):
-        if split in encoded:
+    for split in encoded:  # validation, and test / target (data.target's labels) when present
+        if split != "train":
             orders[split], eval_dls[split] = eval_dataloader(encoded[split], collator, t.eval_batch_size)
-    optimizer = _optimizer(model, t)
+    optimizer = _optimizer(model, t, hooks)
     model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, prepared))
 
     steps_per_epoch = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps))
     total_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
     # Not prepared: Accelerate's scheduler wrapper steps once per process, and our steps are already per process.
-    scheduler = get_scheduler(
-        t.scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
+    scheduler = make_scheduler(optimizer, t, total_steps)
+    for h in hooks:
+        if hasattr(h, "setup"):
+            h.setup(accelerator, total_steps)
+    hook_keys = {k for h in hooks for k in getattr(h, "batch_keys", ())}
+    loss_hooks = [h for h in hooks if hasattr(h, "loss")]
+    step_hooks = [h for h in hooks if hasattr(h, "on_step")]
+    after_hooks = [h for h in hooks if hasattr(h, "after_optimizer_step")]
     loop = LoopState()
     # What a checkpoint must share with this run to continue it exactly.
     run = {"processes": accelerator.num_processes, "train.batch_size": t.batch_size, "train.seed": t.seed,
@@ -239,8 +275,15 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
             train_dl.set_epoch(loop.epoch)
             batches = accelerator.skip_first_batches(train_dl, loop.batches) if loop.batches else train_dl
             for batch in batches:
+                if step_batches == 0:
+                    for h in step_hooks:
+                        h.on_step(accelerator.unwrap_model(model), loop.step, loop.epoch)
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    extra = {k: batch.pop(k) for k in hook_keys if k in batch}
+                    out = model(**batch)
+                    loss = out.loss
+                    for h in loss_hooks:
+                        loss = h.loss(model, {**batch, **extra}, out, loss, loop.step / total_steps)
                     # One collective per batch, before backward: the loss summed over processes (non-finite when any
                     # process's is, so every process stops together and no NaN reaches the weights) and the number of
                     # processes that received a stop signal.
@@ -259,6 +302,9 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
+                    if accelerator.sync_gradients:
+                        for h in after_hooks:
+                            h.after_optimizer_step(accelerator.unwrap_model(model), loop.step + 1)
                     optimizer.zero_grad()
                 stop_asked = stop_asked or asked > 0
                 step_loss, step_batches = step_loss + total / accelerator.num_processes, step_batches + 1

@@ -4,15 +4,20 @@ A mode gets the freshly loaded classification model and the names of the modules
 its task head (newly initialised or known head layers), and returns the model to train with the
 right parameters trainable. `export` turns the trained model into a plain transformers model for
 saving (LoRA merges its weights; the others return it unchanged).
+
+What a mode or an option adds to the training loop goes through hooks (see `hftl.train.fit`): a mode
+may return some from `hooks` (gradual unfreezing), and each option file (layer-wise rates, L2-SP,
+domain alignment, reweighting) registers a builder with `register_option` that returns a hook when its
+config key is on. A mode with stages of its own (lpft) supplies `fit`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
-from ..config import AdaptConfig, ConfigError
+from ..config import AdaptConfig, Config, ConfigError
 
 # Layers that classification heads in transformers are called by (BERT/ViT 'classifier',
 # decoder models 'score', wav2vec2/HuBERT 'projector' + 'classifier', DistilBERT 'pre_classifier').
@@ -25,13 +30,37 @@ class Mode:
     apply: Callable[[nn.Module, AdaptConfig, list[str]], nn.Module]
     export: Callable[[nn.Module], nn.Module]
     help: str
+    hooks: Callable[[nn.Module, "Context"], list] | None = None  # (model, ctx) -> hooks for hftl.train.fit
+    fit: Callable[[nn.Module, "Context", list], dict] | None = None  # (model, ctx, hooks) -> fit's result; replaces the default
+
+
+@dataclass
+class Context:
+    """What hooks and staged modes may need besides the model."""
+    cfg: Config
+    head: list[str]  # module names of the task head
+    encoded: Any  # DatasetDict: train/validation[/test/target] model inputs with 'labels'
+    collator: Any
+    accelerator: Any
+    target: Any = None  # data.target's rows as model inputs (unlabelled), or None
 
 
 MODES: dict[str, Mode] = {}
+OPTIONS: list[Callable[[nn.Module, Context], Any]] = []
 
 
-def register_mode(name: str, apply, help: str, export=lambda model: model) -> None:
-    MODES[name] = Mode(name, apply, export, help)
+def register_mode(name: str, apply, help: str, export=lambda model: model, hooks=None, fit=None) -> None:
+    MODES[name] = Mode(name, apply, export, help, hooks, fit)
+
+
+def register_option(build: Callable[[nn.Module, Context], Any]) -> None:
+    """`build(model, ctx)` returns a hook for hftl.train.fit when its config key is on, else None."""
+    OPTIONS.append(build)
+
+
+def build_hooks(model: nn.Module, mode: Mode, ctx: Context) -> list:
+    hooks = list(mode.hooks(model, ctx)) if mode.hooks else []
+    return hooks + [h for build in OPTIONS if (h := build(model, ctx)) is not None]
 
 
 def get_mode(name: str) -> Mode:
