@@ -245,16 +245,23 @@ def _refuse(want: bool | None, reason: str, accelerator) -> None:
     accelerator.print(f"feature cache off: {reason}; training through the whole model.")
 
 
+# Modes with a frozen-backbone stage the cache can serve (lpft: its linear probe).
+CACHING_MODES = FROZEN_MODES + ("lpft",)
+
+
+def check_settings(cfg: Config) -> None:
+    if cfg.train.cache_features and cfg.adapt.mode not in CACHING_MODES:
+        raise ConfigError(f"train.cache_features=true needs a frozen backbone (adapt.mode one of {list(CACHING_MODES)}); "
+                          f"adapt.mode={cfg.adapt.mode} trains the backbone. Set train.cache_features=null or false.")
+
+
 def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: DatasetDict, collator, cfg: Config, accelerator) -> dict | None:
     """`hftl.train.fit`'s result for a head trained on cached features, or None (having said why) to train uncached."""
     want = cfg.train.cache_features
     if want is False:
         return None
     if mode not in FROZEN_MODES:
-        if want:
-            raise ConfigError(f"train.cache_features=true needs a frozen backbone (adapt.mode one of {list(FROZEN_MODES)}); "
-                              f"adapt.mode={mode} trains the backbone. Set train.cache_features=null or false.")
-        return None
+        return None  # check_settings refused train.cache_features=true for it before loading
     random_input = "the training rows are prepared with random draws (data.augment, or random crops of long inputs), new every epoch"
     model.to(accelerator.device)
     with rng_watch() as watch:

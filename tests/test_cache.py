@@ -103,10 +103,16 @@ def test_cached_head_is_the_saved_model_and_trains_like_the_uncached_path(toy):
     assert cached["results"]["validation"]["accuracy"] == pytest.approx(sum(p == t for p, t in zip(cached_preds, truth)) / len(truth))
 
 
-def test_cache_refuses_modes_that_train_the_backbone():
-    cfg = load_config(None, ["train.cache_features=true"])
+def test_cache_refuses_modes_that_train_the_backbone(tmp_path, capsys):
+    from hftl.cli import main
+
+    # Refused before the model or data are read: the checkpoint named here does not exist.
     with pytest.raises(ConfigError, match=r"train.cache_features=true .*adapt.mode=lora"):
-        cache.fit_on_features(None, "lora", ["classifier"], None, None, cfg, None)
+        cache.check_settings(load_config(None, ["train.cache_features=true", "adapt.mode=lora"]))
+    assert main(["train", "train.cache_features=true", "adapt.mode=full", f"model.name_or_path={tmp_path / 'missing'}",
+                 f"output.dir={tmp_path / 'out'}"]) == 2
+    assert "train.cache_features=true needs a frozen backbone" in capsys.readouterr().err
+    cache.check_settings(load_config(None, ["train.cache_features=true", "adapt.mode=head"]))
     assert cache.fit_on_features(None, "lora", ["classifier"], None, None, load_config(None, []), None) is None
 
 
