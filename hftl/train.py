@@ -180,9 +180,10 @@ def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order:
     return {"metrics": scores, "predictions": preds}
 
 
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    """CPU copy of what training can change: trainable parameters and buffers (frozen weights never move)."""
-    state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+def _snapshot(model, held: set[int]) -> dict[str, torch.Tensor]:
+    """CPU copy of what training can change: parameters the optimizer holds (`held`: their ids; a layer that gradual
+    unfreezing thaws later is held while still frozen), trainable ones, and buffers (other weights never move)."""
+    state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad or id(p) in held}
     state.update({n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers()})
     return state
 
@@ -242,6 +243,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     for h in hooks:
         if hasattr(h, "setup"):
             h.setup(accelerator, total_steps)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     hook_keys = {k for h in hooks for k in getattr(h, "batch_keys", ())}
     loss_hooks = [h for h in hooks if hasattr(h, "loss")]
     step_hooks = [h for h in hooks if hasattr(h, "on_step")]
@@ -325,7 +327,8 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                     if t.report_to:
                         accelerator.log({"train/loss": loop.log[-1]["loss"], "train/lr": lr}, step=loop.step)
                 if loop.step % eval_every == 0 or loop.step == total_steps:
-                    _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch)
+                    _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch,
+                                              held)
                 if (t.save_every and loop.step % t.save_every == 0) or stop_asked:
                     loop.seconds = time.perf_counter() - start
                     path = checkpoint.save(accelerator, ckpt_dir, loop.step, t.keep_last, run,
@@ -359,7 +362,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
 
 
 def _evaluate_during_training(model, dataloader, accelerator, metric_modules, loop: LoopState, t: TrainConfig, sign: int,
-                              steps_per_epoch: int) -> None:
+                              steps_per_epoch: int, held: set[int]) -> None:
     """Evaluate on validation, record it, keep a snapshot of the best state, decide on early stopping."""
     scores = evaluate(model, dataloader, accelerator, metric_modules)["metrics"]
     if t.metric_for_best not in scores:
@@ -373,7 +376,7 @@ def _evaluate_during_training(model, dataloader, accelerator, metric_modules, lo
         accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=loop.step)
     if loop.best is None or sign * scores[t.metric_for_best] > sign * loop.best["metrics"][t.metric_for_best]:
         loop.best, loop.bad_evals = {"step": loop.step, "metrics": scores}, 0
-        loop.best_state = _snapshot(accelerator.unwrap_model(model))
+        loop.best_state = _snapshot(accelerator.unwrap_model(model), held)
     else:
         loop.bad_evals += 1
         if t.early_stopping_patience and loop.bad_evals >= t.early_stopping_patience:

@@ -53,3 +53,16 @@ def test_evaluate_reordered_scores_each_row_against_its_label(setup):
     assert out["predictions"] == ROWS  # back in row order
     assert out["metrics"]["accuracy"] == 1.0  # a perfect model
     assert out["metrics"]["f1"] == 1.0
+
+
+def test_best_state_snapshot_keeps_parameters_that_thaw_later():
+    """gradual unfreezing: a layer frozen at the best evaluation but trained afterwards must be restored too."""
+    from torch import nn
+
+    from hftl.train import _snapshot
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)  # frozen now, in the optimizer for later
+    held = {id(p) for p in model.parameters()}
+    assert set(_snapshot(model, held)) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert set(_snapshot(model, set())) == {"1.weight", "1.bias"}  # never trained: nothing to restore
