@@ -1,0 +1,241 @@
+"""Continued masked-language-model pretraining before classification (adapt.pretrain=mlm).
+
+Domain- and task-adaptive pretraining (Gururangan et al. 2020, "Don't Stop Pretraining"): keep training
+the encoder's own self-supervised objective on unlabelled in-domain text, then classify from that
+checkpoint. The stage writes `<output.dir>.pretrained` (weights with their MLM head, tokenizer,
+pretrain.json, README) and the classifier loads from there; 5% of the texts are held out to show the
+masked-LM loss the stage started and ended with.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import torch
+from accelerate.utils import set_seed
+from datasets import Dataset, Value
+from huggingface_hub import ModelCard
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoModelForMaskedLM, DataCollatorForLanguageModeling
+
+from . import hub, models
+from .config import Config, ConfigError
+from .data import FORMATS, DataError, _load_file, load_target
+from .train import NonFiniteLossError, _lengths, make_scheduler, param_groups, train_dataloader
+
+OBJECTIVES = ("mlm",)
+HELDOUT = 0.05  # share of the texts that only measure the masked-LM loss
+MASKED_TOKENS, MAX_PASSES = 2000, 20  # held-out masked tokens to aim for, and at most this many maskings of each text
+TEXT_KEYS = ("text_column", "text_pair_column")  # DataConfig keys of the columns whose texts are pretrained on
+
+
+def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator, target: Dataset | None = None) -> str:
+    """Train `path` as a masked LM on in-domain text and return the folder the classifier should load."""
+    a, t = cfg.adapt, cfg.train
+    if a.pretrain not in OBJECTIVES:
+        raise ConfigError(f"adapt.pretrain='{a.pretrain}' is unknown; choose one of {list(OBJECTIVES)} or null (no pretraining stage).")
+    if cfg.task != "text-classification":
+        raise ConfigError(f"adapt.pretrain=mlm continues masked-language-model pretraining, which is for text; task={cfg.task} "
+                          "has no masked-token objective here. Set adapt.pretrain=null.")
+    if cfg.model.from_scratch:
+        raise ConfigError("model.from_scratch=true re-initialises every weight after adapt.pretrain has trained them; "
+                          "set one of them to false/null.")
+    if tokenizer.mask_token is None:
+        raise ConfigError(f"adapt.pretrain=mlm: the tokenizer of '{path}' has no mask token, so it was not pretrained with "
+                          "masked-language modelling; use an encoder checkpoint (BERT, RoBERTa, ...) or set adapt.pretrain=null.")
+    out = Path(str(Path(cfg.output.dir)) + ".pretrained")
+    settings = {"base": path, "revision": cfg.model.revision, "pretrain_file": a.pretrain_file, "target": cfg.data.target,
+                "epochs": a.pretrain_epochs, "learning_rate": a.pretrain_learning_rate, "mlm_probability": a.mlm_probability,
+                "max_length": cfg.data.max_length, "seed": t.seed}
+    if out.exists():
+        info = out / "pretrain.json"
+        if t.resume and info.is_file() and json.loads(info.read_text()).get("settings") == settings:
+            # A resumed run continues the classifier stage; its checkpoints were trained from this folder.
+            accelerator.print(f"adapt.pretrain: train.resume is set and {out} was written with these settings; reusing it.")
+            return str(out)
+        if not cfg.output.overwrite:
+            raise hub.OutputError(f"'{out}' (adapt.pretrain's checkpoint for output.dir={cfg.output.dir}) exists; choose another "
+                                  "output.dir, delete that folder, or set output.overwrite=true to replace it.")
+
+    with accelerator.main_process_first():  # one process tokenizes, the others read its cache
+        texts, source = _texts(cfg, splits, target)
+        parts = texts.train_test_split(test_size=HELDOUT, seed=t.seed)
+        encoded = parts.map(_tokenize(tokenizer, cfg.data.max_length), batched=True, remove_columns=["text"], desc="Tokenizing (mlm)")
+    model = _load(AutoModelForMaskedLM, path, cfg)
+    model.train()  # from_pretrained returns eval mode: dropout on while training
+
+    start = time.perf_counter()
+    # Training masks differ per process; the held-out masks are drawn once, so before and after see the same ones.
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=a.mlm_probability, seed=t.seed + accelerator.process_index)
+    # A small held-out set is masked several times over (other masks each pass), so the loss averages enough tokens.
+    passes = min(MAX_PASSES, math.ceil(MASKED_TOKENS / max(1.0, a.mlm_probability * sum(_lengths(encoded["test"])))))
+    heldout_dl = DataLoader(encoded["test"], batch_size=t.eval_batch_size,
+                            collate_fn=DataCollatorForLanguageModeling(tokenizer, mlm_probability=a.mlm_probability, seed=t.seed))
+    heldout = [batch for _ in range(passes) for batch in heldout_dl]
+    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), t.weight_decay), lr=a.pretrain_learning_rate)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dataloader(encoded["train"], collator, t))
+    total = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps * a.pretrain_epochs))
+    # Linear warmup and decay, as BERT/RoBERTa pretraining (train.scheduler is the classifier stage's).
+    scheduler = make_scheduler(optimizer, replace(t, scheduler="linear"), total)
+    before = _heldout_loss(model, heldout, accelerator)
+    bar = tqdm(total=total, desc="Pretraining (mlm)", disable=not accelerator.is_local_main_process)
+    step = epoch = 0
+    while step < total:
+        train_dl.set_epoch(epoch)
+        for batch in train_dl:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if step >= total:
+                    break
+        epoch += 1
+    bar.close()
+    after = _heldout_loss(model, heldout, accelerator)
+    if after is not None and not math.isfinite(after):
+        raise NonFiniteLossError(f"adapt.pretrain: the held-out masked-LM loss is {after} after {step} steps; lower "
+                                 "adapt.pretrain_learning_rate or set train.max_grad_norm.")
+    info = {"objective": a.pretrain, "source": source, "texts": len(parts["train"]), "rows": len(encoded["train"]),
+            "heldout_texts": len(parts["test"]), "heldout_masked_tokens": sum(int((b["labels"] != -100).sum()) for b in heldout),
+            "steps": step, "heldout_loss_before": before, "heldout_loss_after": after,
+            "heldout_perplexity_before": _perplexity(before), "heldout_perplexity_after": _perplexity(after),
+            "seconds": round(time.perf_counter() - start, 2), "folder": str(out), "settings": settings}
+    accelerator.print(f"adapt.pretrain=mlm: held-out masked-LM loss {_fmt(before)} -> {_fmt(after)} (perplexity "
+                      f"{_fmt(info['heldout_perplexity_before'])} -> {_fmt(info['heldout_perplexity_after'])}) over "
+                      f"{info['heldout_masked_tokens']} masked tokens of {info['heldout_texts']} held-out texts; trained on "
+                      f"{info['texts']} texts from {source}, {step} steps, {info['seconds']}s")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # only one process writes
+        _save(accelerator.unwrap_model(model), path, tokenizer, info, cfg)
+        accelerator.print(f"Saved {out}; the classifier starts from it")
+    accelerator.wait_for_everyone()  # the others load the classifier from the folder only once it is there
+    accelerator.free_memory(model, optimizer)
+    # The classifier stage draws its head initialisation and data order as a run without this stage would.
+    set_seed(t.seed)
+    return str(out)
+
+
+def _load(auto_cls, path: str, cfg: Config):
+    """`auto_cls.from_pretrained` with the classifier's safety settings (safetensors unless model.allow_pickle)."""
+    m = cfg.model
+    try:
+        return auto_cls.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                                        use_safetensors=None if m.allow_pickle else True)
+    except OSError as e:
+        if m.allow_pickle or "safetensors" not in str(e):
+            raise
+        raise ConfigError(models._no_safetensors(path)) from e
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise ConfigError(f"adapt.pretrain=mlm: '{path}' has no masked-language-model form in transformers "
+                          "(AutoModelForMaskedLM); use an encoder checkpoint (BERT, RoBERTa, ...) or set adapt.pretrain=null.") from e
+
+
+def _column(ds: Dataset, column: str) -> Dataset:
+    """The rows' `column` as a string column named 'text'."""
+    ds = ds.select_columns([column])
+    ds = ds if column == "text" else ds.rename_column(column, "text")
+    return ds.cast_column("text", Value("string"))
+
+
+def _texts(cfg: Config, splits, target: Dataset | None) -> tuple[Dataset, str]:
+    """Non-blank texts: adapt.pretrain_file's, else the training texts (both columns of a pair) plus data.target's."""
+    d, file = cfg.data, cfg.adapt.pretrain_file
+    if file:
+        p = Path(file)
+        if not p.is_file():
+            raise DataError(f"adapt.pretrain_file: file '{file}' does not exist.")
+        if p.suffix.lower() != ".txt" and p.suffix.lower() not in FORMATS:
+            raise DataError(f"adapt.pretrain_file: '{file}' has suffix '{p.suffix}'; expected .txt (one text per line) "
+                            f"or one of {', '.join(FORMATS)}.")
+        if p.stat().st_size == 0:
+            raise DataError(f"adapt.pretrain_file: '{file}' is empty; it needs at least two texts.")
+        if p.suffix.lower() == ".txt":
+            texts = datasets.load_dataset("text", data_files=str(p), split="train")  # cached by the file's content
+        else:
+            texts = _load_file(file, "pretrain_file")
+            if d.text_column not in texts.column_names:
+                raise DataError(f"adapt.pretrain_file '{file}' has no column '{d.text_column}' (data.text_column); its columns are "
+                                f"{texts.column_names}. Set data.text_column, or give a .txt file with one text per line.")
+            texts = _column(texts, d.text_column)
+        source = file
+    else:
+        if target is None and d.target:
+            target = load_target(d, splits["train"].features["labels"].names, TEXT_KEYS)[0]["train"]
+        sources = [splits["train"]] + ([target] if target is not None else [])
+        texts = datasets.concatenate_datasets([_column(ds, getattr(d, k)) for ds in sources for k in TEXT_KEYS if getattr(d, k)])
+        source = "the training texts" + (" and data.target's" if target is not None else "")
+    texts = texts.filter(lambda b: [t is not None and t.strip() != "" for t in b["text"]], batched=True, desc="Dropping blank texts")
+    if len(texts) < 2:
+        raise DataError(f"adapt.pretrain: {source} give(s) {len(texts)} non-blank text(s); masked-LM pretraining needs at least "
+                        "two (one is held out to measure it).")
+    return texts, source
+
+
+def _tokenize(tokenizer, max_length: int):
+    def tokenize(batch):
+        # A text longer than max_length continues in further rows (fast tokenizers) instead of being cut off.
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_length, return_special_tokens_mask=True,
+                        return_overflowing_tokens=tokenizer.is_fast)
+        enc.pop("overflow_to_sample_mapping", None)
+        return enc
+
+    return tokenize
+
+
+def _heldout_loss(model, batches: list[dict], accelerator) -> float | None:
+    """Mean masked-LM loss per masked held-out token (None when no token was masked). Every process computes
+    the same number over all held-out batches."""
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode(), accelerator.autocast():
+        for batch in batches:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            n = int((batch["labels"] != -100).sum())
+            if n:
+                total, count = total + model(**batch).loss.float().item() * n, count + n
+    model.train()
+    return total / count if count else None
+
+
+def _perplexity(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 700))  # 700: beyond it exp overflows a float
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _save(model, path: str, tokenizer, info: dict, cfg: Config) -> None:
+    """Write the folder atomically (hub.save_output), keeping the checkpoint's weights the masked LM does not
+    use (BERT's pooler): the classifier then finds everything the original checkpoint gave it."""
+    trained = model.base_model.state_dict()
+    base = _load(AutoModel, path, cfg).state_dict()
+    state = {**model.state_dict(), **{f"{model.base_model_prefix}.{k}": v for k, v in base.items() if k not in trained}}
+    card = ModelCard(
+        "---\nlibrary_name: transformers\npipeline_tag: fill-mask\ntags: [hftl, continued-pretraining]\n---\n"
+        f"# {Path(info['folder']).name}\n\nMasked-language-model continued pretraining (Gururangan et al. 2020) of `{path}` "
+        f"on {info['texts']} texts from {info['source']}: {info['steps']} steps; held-out masked-LM loss "
+        f"{_fmt(info['heldout_loss_before'])} -> {_fmt(info['heldout_loss_after'])} on {info['heldout_texts']} texts. "
+        f"The first stage of the hftl run that writes `{cfg.output.dir}`; details in pretrain.json.\n"
+    )
+    # save_output writes export(model).save_pretrained(folder): hand it the state with the kept weights.
+    hub.save_output(info["folder"], model, tokenizer, card, {"pretrain.json": info}, overwrite=cfg.output.overwrite,
+                    export=lambda m: SimpleNamespace(save_pretrained=lambda folder: m.save_pretrained(folder, state_dict=state)))
