@@ -239,6 +239,26 @@ def cache_dir(cfg: Config) -> Path:
     return Path(cfg.train.feature_cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "hftl_features")
 
 
+def split_features(model: nn.Module, head: list[str], split: str, ds: Dataset, collator, base: str | None, cfg: Config,
+                   accelerator) -> tuple[Dataset | None, dict]:
+    """`extract` for one split, read from or written to its cache file, and {'file', 'hit', 'random'}. `base` is the
+    model's `_checkpoint_fingerprint` (None: in memory). Also used by `hftl rank` (hftl/rank.py), so a head-mode run
+    reuses the features ranking computed. 'random': preparing the rows drew random numbers, so these features are
+    one draw of many and their file is deleted."""
+    key = _split_key(base, ds)
+    file = str(cache_dir(cfg) / f"{split}-{key}.arrow") if key else None
+    info = {"file": file, "hit": bool(file and os.path.exists(file)), "random": False}
+    if file:
+        cache_dir(cfg).mkdir(parents=True, exist_ok=True)
+    with rng_watch() as watch:
+        features = extract(model, head, ds, collator, cfg.train.eval_batch_size, accelerator, file, key, desc=f"Caching {split} features")
+    if watch.drew:
+        if file and os.path.exists(file):
+            os.remove(file)
+        info.update(file=None, random=True)
+    return features, info
+
+
 def _refuse(want: bool | None, reason: str, accelerator) -> None:
     if want:
         raise ConfigError(f"train.cache_features=true, but {reason}. Set train.cache_features=null to train through the whole model.")
@@ -278,17 +298,8 @@ def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: Datas
     splits, files = {}, {}
     with accelerator.main_process_first():  # one process computes, the others read its files
         for split, ds in encoded.items():
-            key = _split_key(base, ds)
-            file = str(folder / f"{split}-{key}.arrow") if key else None
-            files[split] = {"file": file, "hit": bool(file and os.path.exists(file))}
-            if file:
-                folder.mkdir(parents=True, exist_ok=True)
-            with rng_watch() as watch:
-                splits[split] = extract(model, head, ds, collator, cfg.train.eval_batch_size, accelerator, file, key,
-                                        desc=f"Caching {split} features")
-            if watch.drew:  # a random crop of some (long) rows that the probe rows did not need
-                if file and os.path.exists(file):
-                    os.remove(file)
+            splits[split], files[split] = split_features(model, head, split, ds, collator, base, cfg, accelerator)
+            if files[split]["random"]:  # a random crop of some (long) rows that the probe rows did not need
                 return _refuse(want, random_input, accelerator)
     feature_seconds = time.perf_counter() - start
     accelerator.print(f"feature cache: {', '.join(f'{s} ' + ('hit' if f['hit'] else 'computed') for s, f in files.items())} "
