@@ -63,7 +63,8 @@ def save_output(out_dir: str, model, processor, card, extra: dict[str, object], 
     """Write everything to a temporary sibling folder, check it, then swap it into place.
 
     An existing output is replaced only after the new one is complete and verified, so a failed
-    run never leaves a half-written folder or loses the previous one.
+    run never leaves a half-written folder or loses the previous one. `extra` maps file names to a
+    str (written as is), a callable (called with the file's path; it writes the file) or JSON data.
     """
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,9 @@ def save_output(out_dir: str, model, processor, card, extra: dict[str, object], 
         processor.save_pretrained(tmp)
         card.save(tmp / "README.md")
         for name, content in extra.items():
+            if callable(content):  # writes the file itself at the path it is given (a PNG from hftl.plots)
+                content(tmp / name)
+                continue
             text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
             (tmp / name).write_text(text)
         if verify is not None:

@@ -40,6 +40,44 @@ class CardData:
     steps: int = 0
     train_seconds: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)  # rows left out per split: their media file could not be read
+    greater_is_better: bool = True  # for metric_for_best
+    figures: dict[str, str] = field(default_factory=dict)  # PNG file in the model folder -> caption
+    domain_gap: dict | None = None  # hftl.domain.estimate's result when data.target was given
+    transfer_check: str | None = None  # filled by `hftl compare`: this run against a from-scratch baseline
+
+
+# The overfitting check (see `overfitting_check`).
+LOSS_RISE = 0.10  # validation loss up by this share after the best evaluation ...
+LOSS_RATIO = 2.0  # ... or, at the end, validation loss at least this many times the training loss
+LOSS_GAP = 0.1  # and at least this much above it (tiny losses differ by large ratios that mean nothing)
+
+
+def overfitting_check(history: list[dict], metric: str, greater_is_better: bool = True) -> str:
+    """One sentence: signs of overfitting in the evaluations (`hftl.train.fit`'s history), or that none were seen.
+
+    It fires when either holds:
+    - after the best evaluation (by `metric`) validation loss rose by LOSS_RISE or more (relative) by the last
+      evaluation while training loss fell: the model kept fitting the training rows and got worse on others;
+    - at the last evaluation validation loss is at least LOSS_RATIO times the training loss and LOSS_GAP above it.
+    The training loss is the mean over the steps since the evaluation before, with dropout on, as training saw it."""
+    if len(history) < 2:
+        return "Not assessed: it needs at least two validation evaluations (raise train.epochs or train.evals_per_epoch)."
+    sign = 1 if greater_is_better else -1
+    best = max(range(len(history)), key=lambda i: (sign * history[i][f"eval_{metric}"], -i))  # earliest best, as fit keeps it
+    b, last = history[best], history[-1]
+    signs = []
+    rise = (last["eval_loss"] - b["eval_loss"]) / max(b["eval_loss"], 1e-12)
+    if best < len(history) - 1 and rise >= LOSS_RISE and last["train_loss"] < b["train_loss"]:
+        signs.append(f"after the best evaluation (step {b['step']} of {last['step']}) validation loss rose {100 * rise:.0f}% "
+                     f"({b['eval_loss']:.4f} -> {last['eval_loss']:.4f}) while training loss fell ({b['train_loss']:.4f} -> "
+                     f"{last['train_loss']:.4f}); the model from step {b['step']} is the one saved")
+    if last["eval_loss"] >= LOSS_RATIO * last["train_loss"] and last["eval_loss"] - last["train_loss"] >= LOSS_GAP:
+        signs.append(f"at the last evaluation validation loss ({last['eval_loss']:.4f}) is "
+                     f"{last['eval_loss'] / max(last['train_loss'], 1e-12):.1f}x the training loss ({last['train_loss']:.4f})")
+    if signs:
+        return "Signs of overfitting: " + "; ".join(signs) + ". More data, fewer epochs, or a mode with fewer trainable parameters may help."
+    return (f"No sign of overfitting: validation loss did not rise {100 * LOSS_RISE:.0f}% or more after the best evaluation while "
+            f"training loss fell, and it ended below {LOSS_RATIO:g}x the training loss.")
 
 
 def _versions() -> dict[str, str]:
@@ -92,6 +130,7 @@ def render(data: CardData, metric_names: list[str], template: str = "classificat
         num_labels=len(data.labels),
         labels=list(enumerate(data.labels)),
         hardware=_hardware(),
+        overfitting=overfitting_check(data.history, data.metric_for_best, data.greater_is_better),
         versions=_versions(),
         **{k: v for k, v in vars(data).items() if k not in ("base_model", "labels")},
     )

@@ -1,0 +1,135 @@
+"""PNG pictures for model cards and reports, drawn with matplotlib's Agg renderer (no display needed).
+
+Every function takes plain lists / dicts, writes one PNG at `path` and returns that path, so `hftl train`
+(the card's confusion matrix and learning curves) and `hftl compare` (metric against labels, parameters and
+time: `errorbar_png`) draw the same way. They build a
+`matplotlib.figure.Figure` directly instead of going through pyplot: no global figure state, no backend to
+choose, nothing left open.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix
+
+CONFUSION_PNG = "confusion_matrix.png"
+CURVES_PNG = "learning_curves.png"
+DPI = 100
+MAX_ANNOTATED = 30  # above this many classes the cells are too small for their counts; colour alone is drawn
+
+
+def confusion_counts(labels: list[int], predictions: list[int], num_labels: int) -> np.ndarray:
+    """counts[i][j]: rows whose true label is i and predicted label j (every class, even one never seen)."""
+    return confusion_matrix(labels, predictions, labels=list(range(num_labels)))
+
+
+def confusion_matrix_png(counts, label_names: list[str], path: str | Path, title: str = "") -> Path:
+    """Counts in the cells; colour = share of the true class's rows (row-normalised), so a rare class's
+    mistakes show as clearly as a common one's."""
+    counts = np.asarray(counts)
+    n = len(label_names)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
+    size = min(max(4.0, 0.5 * n + 2), 20.0)
+    fig = Figure(figsize=(size + 1, size), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class's rows")
+    ax.set_xticks(range(n), label_names, rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center")
+    ax.set_yticks(range(n), label_names)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(title or f"Confusion matrix ({int(counts.sum())} rows)")
+    if n <= MAX_ANNOTATED:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black")
+    return _save(fig, path)
+
+
+def curves_png(panels: dict[str, dict[str, tuple[list, list]]], path: str | Path, xlabel: str = "optimizer step",
+               title: str = "") -> Path:
+    """One panel per key of `panels` (its y-axis label); in each, one line per series name -> (xs, ys).
+    A series of a single point is drawn as a marker."""
+    fig = Figure(figsize=(6 * len(panels), 4.5), dpi=DPI, layout="constrained")
+    for ax, (ylabel, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def learning_curves_png(step_log: list[dict], history: list[dict], metric: str, path: str | Path, title: str = "") -> Path:
+    """Left: training loss per optimizer step (`fit`'s step_log) and validation loss per evaluation (its history);
+    right: validation `metric` per evaluation."""
+    loss = {"training loss (per step)": ([s["step"] for s in step_log], [s["loss"] for s in step_log]),
+            "validation loss": ([h["step"] for h in history], [h["eval_loss"] for h in history])}
+    score = {f"validation {metric}": ([h["step"] for h in history], [h[f"eval_{metric}"] for h in history])}
+    return curves_png({"loss": loss, metric: score}, path, title=title)
+
+
+def errorbar_png(series: dict[str, tuple[list, list, list]], path: str | Path, xlabel: str, ylabel: str,
+                 xticks: list | None = None, logx: bool = False, connect: bool = True,
+                 notes: dict[str, list[str]] | None = None, title: str = "") -> Path:
+    """One series per name -> (xs, means, standard deviations), drawn as points with error bars.
+
+    xticks: labels for the x positions 0, 1, ... (xs are then those positions); logx: log-scale x axis;
+    connect: join a series' points with a line; notes: per series, a short text beside each point."""
+    fig = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for name, (xs, means, sds) in series.items():
+        ax.errorbar(xs, means, yerr=sds, label=name, marker="o", markersize=4, capsize=3, linestyle="-" if connect else "none")
+        for x, y, note in zip(xs, means, (notes or {}).get(name, [])):
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if xticks is not None:
+        ax.set_xticks(range(len(xticks)), [str(t) for t in xticks])
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def errorbar_png(series: dict[str, tuple[list, list, list]], path: str | Path, xlabel: str, ylabel: str, title: str = "",
+                 logx: bool = False, xticks: list[str] | None = None, connect: bool = True,
+                 notes: dict[str, list[str]] | None = None) -> Path:
+    """One series per name -> (xs, ys, y errors), drawn with error bars (`hftl compare`: mean ± sd over seeds).
+    `xticks` names positions 0..n-1 (categories such as label budgets); connect=False draws markers only, for
+    points that are not a sequence; `notes` writes a short text beside each point of a series."""
+    fig = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for name, (xs, ys, errs) in series.items():
+        ax.errorbar(xs, ys, yerr=errs, label=name, marker="o", capsize=3, linestyle="-" if connect else "none")
+        for x, y, note in zip(xs, ys, (notes or {}).get(name, ())):
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if logx:
+        ax.set_xscale("log")
+    if xticks is not None:
+        ax.set_xticks(range(len(xticks)), xticks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
