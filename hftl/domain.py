@@ -32,12 +32,19 @@ def _both(source, target) -> np.ndarray:
     return np.concatenate([np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)])
 
 
+def target_probability(source, target, seed: int = 0, folds: int = FOLDS) -> np.ndarray:
+    """p(target | x) for every row (source rows first) from a domain classifier (standardised logistic regression),
+    out of fold: no row's probability comes from a classifier that saw it. Also what adapt.reweight weighs by."""
+    y = np.array([0] * len(source) + [1] * len(target))
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    return cross_val_predict(classifier, _both(source, target), y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                             method="predict_proba")[:, 1]
+
+
 def proxy_a_distance(source, target, seed: int = 0) -> tuple[float, float]:
     """(proxy A-distance in [0, 2], the domain classifier's cross-validated balanced error)."""
-    x = _both(source, target)
     y = np.array([0] * len(source) + [1] * len(target))
-    folds = StratifiedKFold(n_splits=FOLDS, shuffle=True, random_state=seed)
-    predicted = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), x, y, cv=folds)
+    predicted = (target_probability(source, target, seed) > 0.5).astype(int)
     # Balanced: with unequal row counts, always guessing the larger domain would otherwise look like separation.
     error = 1 - balanced_accuracy_score(y, predicted)
     # A classifier worse than chance tells the domains apart no better than one at chance.

@@ -5,6 +5,7 @@ label column is an integer ClassLabel named ``labels`` built from the training s
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -99,16 +100,18 @@ def load_raw(cfg: DataConfig, path_columns=()) -> tuple[dict[str, Dataset], str]
     raise DataError("no data given: set data.train_file (local csv/tsv/json/jsonl/parquet), data.data_dir (local audiofolder/imagefolder), data.name (Hub) or data.builtin.")
 
 
-def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[str, ...]) -> None:
+def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[str, ...], labelled: bool = True) -> None:
     if len(ds) == 0:
         raise DataError(f"the {role} split is empty; it needs at least one row.")
-    for key in (*input_keys, "label_column"):
+    for key in (*input_keys, *(["label_column"] if labelled else [])):
         col = getattr(cfg, key)
         if col and col not in ds.column_names:
             raise DataError(
                 f"the {role} split has no column '{col}' (data.{key}); its columns are {ds.column_names}. "
                 f"Set data.{key}=<one of those>."
             )
+    if not labelled:
+        return
     nulls = [i for i, v in enumerate(ds[cfg.label_column]) if v is None]
     if nulls:
         raise DataError(f"the {role} split has an empty label in column '{cfg.label_column}' at row(s) {nulls[:10]}.")
@@ -159,6 +162,25 @@ def _encode_labels(ds: Dataset, role: str, names: list[str], cfg: DataConfig) ->
     return ds.add_column("labels", ids, feature=ClassLabel(names=names))
 
 
+def per_class(train: Dataset, k: int, seed: int) -> Dataset:
+    """The label budget (data.samples_per_class): k seeded-random training rows of every label, in shuffled order."""
+    if k < 1:
+        raise DataError(f"data.samples_per_class={k}; it must be at least 1 (null: every training row).")
+    shuffled = train.shuffle(seed=seed)
+    labels = list(shuffled["labels"])
+    counts, names = Counter(labels), train.features["labels"].names
+    short = [f"'{name}' has {counts[i]}" for i, name in enumerate(names) if counts[i] < k]
+    if short:
+        raise DataError(f"data.samples_per_class={k}, but in the train split (after validation is carved) label "
+                        f"{', '.join(short)} row(s); lower data.samples_per_class to at most {min(counts[i] for i in range(len(names)))} or add rows.")
+    taken, keep = Counter(), []
+    for i, y in enumerate(labels):
+        if taken[y] < k:
+            taken[y] += 1
+            keep.append(i)
+    return shuffled.select(keep)
+
+
 def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text_column", "text_pair_column")) -> tuple[DatasetDict, str]:
     """Load, validate and label-encode the splits; carve validation from train when absent.
 
@@ -178,6 +200,8 @@ def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text
         except ValueError:  # a class too small to stratify: fall back to a plain seeded split
             parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
+    if cfg.samples_per_class is not None:
+        splits["train"] = per_class(splits["train"], cfg.samples_per_class, seed)
     if cfg.max_train_samples:
         splits["train"] = splits["train"].shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(splits["train"]))))
     if cfg.max_eval_samples:
@@ -185,3 +209,30 @@ def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text
             if role in splits:
                 splits[role] = splits[role].select(range(min(cfg.max_eval_samples, len(splits[role]))))
     return DatasetDict(splits), source
+
+
+def load_target(cfg: DataConfig, names: list[str], input_keys: tuple[str, ...], check=None) -> tuple[DatasetDict, dict[str, list[str]]]:
+    """data.target's rows as splits for `Modality.prepare`, and {'target': ids of rows `check` left out}.
+
+    'train': every row with label 0, since its labels are never trained on: adapt.align and adapt.reweight read
+    the inputs only, prepared as training rows are. 'target': only when the rows have data.label_column, their
+    labels encoded with the training label names, for a 'target' evaluation. `check(splits) -> (splits, skipped)`
+    is the modality's media check. A file is read as data.train_file is, a folder as data.data_dir is (every split)."""
+    path = Path(cfg.target)
+    if path.is_dir():
+        ds = datasets.concatenate_datasets(list(datasets.load_dataset(str(path)).values()))
+    else:
+        ds = _load_file(cfg.target, "target", [getattr(cfg, k) for k in input_keys if k in PATH_KEYS])
+    role = f"target (data.target '{cfg.target}')"
+    labelled = cfg.label_column in ds.column_names
+    _check_columns(ds, role, cfg, input_keys, labelled)
+    ds = ds.select_columns([getattr(cfg, k) for k in input_keys if getattr(cfg, k)] + ([cfg.label_column] if labelled else []))
+    if labelled:  # before decoding any media file: an unknown label is found at once
+        ds = _encode_labels(ds, role, names, cfg)
+    rows, skipped = check(DatasetDict(target=ds)) if check else (DatasetDict(target=ds), {})
+    ds = rows["target"]
+    inputs = ds.remove_columns("labels") if labelled else ds
+    splits = DatasetDict(train=inputs.add_column("labels", [0] * len(inputs), feature=ClassLabel(names=names)))
+    if labelled:
+        splits["target"] = ds
+    return splits, skipped

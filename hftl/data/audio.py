@@ -166,7 +166,8 @@ def _transform(batch: dict, column: str, decode, rate: int, size: int, cfg: Data
             raise DataError(f"cannot read audio file '{media.name_of(value)}' ({media.reason(e)}); it could be read "
                             "before training started: was it changed or removed?") from e
         inputs.append(train_input(wave, rate, size, cfg)[None] if train else eval_input(wave, size, cfg.eval_window))
-    return {"input_values": inputs, "labels": batch["labels"]}
+    # adapt.reweight adds a per-row loss weight to the training rows; it passes through to the collator.
+    return {"input_values": inputs, "labels": batch["labels"], **({"weight": batch["weight"]} if "weight" in batch else {})}
 
 
 def collate(rows: list[dict], feature_extractor) -> dict:
@@ -177,6 +178,8 @@ def collate(rows: list[dict], feature_extractor) -> dict:
     padding = "longest" if len({len(w) for w in waves}) > 1 else False
     batch = dict(feature_extractor(waves, sampling_rate=feature_extractor.sampling_rate, padding=padding, return_tensors="pt"))
     batch["labels"] = torch.tensor([r["labels"] for r, n in zip(rows, counts) for _ in range(n)])
+    if "weight" in rows[0]:  # adapt.reweight: per-row loss weights, per window as the labels
+        batch["weight"] = torch.tensor([float(r["weight"]) for r, n in zip(rows, counts) for _ in range(n)])
     if max(counts) > 1:
         batch["num_windows"] = torch.tensor(counts)
     return batch

@@ -61,7 +61,8 @@ def _transform(batch: dict, column: str, processor, augment) -> dict:
                             "before training started: was it changed or removed?") from e
         images.append(augment(image) if augment else image)
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    return {"pixel_values": list(pixels), "labels": batch["labels"]}
+    # adapt.reweight adds a per-row loss weight to the training rows; it passes through to the collator.
+    return {"pixel_values": list(pixels), "labels": batch["labels"], **({"weight": batch["weight"]} if "weight" in batch else {})}
 
 
 def prepare(splits: DatasetDict, processor, cfg: DataConfig):
