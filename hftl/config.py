@@ -48,6 +48,7 @@ class DataConfig:
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given."})
     max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed)."})
+    samples_per_class: Optional[int] = field(default=None, metadata={"help": "Keep this many training rows per label (stratified, seeded by train.seed; after validation is carved): the label budget `hftl compare --labels-per-class` varies."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N validation/test rows."})
     min_abs_rating: float = field(default=1.0, metadata={"help": "vader_lexicon only: keep words whose mean rating is at least this far from 0."})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Local folder read by the datasets builder its files call for: audiofolder / imagefolder (class sub-folders, or files + metadata.csv), split sub-folders train/validation/test."})
@@ -68,10 +69,10 @@ class DataConfig:
 class AdaptConfig:
     mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full, lora, partial, gradual, lpft, ia3, adalora, loha, lokr (see `hftl modes`)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
-    target_modules: Optional[list] = field(default=None, metadata={"help": "Module names LoRA wraps; default: peft's choice for the architecture, else all linear layers."})
-    save_adapter: bool = field(default=False, metadata={"help": "LoRA: also write the unmerged peft adapter folder to OUTPUT/adapter."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r); adalora too (alpha / its initial rank)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch (lora, adalora)."})
+    target_modules: Optional[list] = field(default=None, metadata={"help": "Module names the peft modes (lora, ia3, adalora, loha, lokr) adapt; default: peft's choice for the architecture and method, else all linear layers outside the head."})
+    save_adapter: bool = field(default=False, metadata={"help": "peft modes (lora, ia3, adalora, loha, lokr): also write the unmerged peft adapter folder to OUTPUT/adapter."})
     freeze_feature_encoder: bool = field(default=False, metadata={"help": "Speech models (wav2vec2, HuBERT, ...): keep the convolutional waveform encoder as pretrained, in every mode."})
     # Modes that train part of the backbone (issue 5): partial, gradual, lpft, and the other peft methods.
     top_layers: int = field(default=2, metadata={"help": "partial: train only the top K encoder layers (plus the head); gradual: layers unfrozen per stage."})
