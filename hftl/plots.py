@@ -57,11 +57,7 @@ def curves_png(panels: dict[str, dict[str, tuple[list, list]]], path: str | Path
     for ax, (ylabel, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
         for name, (xs, ys) in series.items():
             ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if series:
-            ax.legend()
+        _label(ax, xlabel, ylabel, bool(series))
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -93,14 +89,18 @@ def errorbar_png(series: dict[str, tuple[list, list, list]], path: str | Path, x
         ax.set_xticks(range(len(xticks)), [str(t) for t in xticks])
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend()
+    _label(ax, xlabel, ylabel, bool(series))
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def _label(ax, xlabel: str, ylabel: str, legend: bool) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend()
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

@@ -64,8 +64,8 @@ def text_task(target: str) -> dict:
         random.Random(1234).shuffle(rows)
         folder = OUT / "data" / f"amazon-{target}"
         return {"train": UCI / "amazon.csv",
-                "target": write_text_csv(folder / "target_unlabelled.csv", rows[:500]),
-                "test": write_text_csv(folder / "target_test.csv", rows[500:])}
+                "target": write_csv(folder / "target_unlabelled.csv", rows[:500], ("text", "label")),
+                "test": write_csv(folder / "target_test.csv", rows[500:], ("text", "label"))}
     return {
         "what": f"MiniLM, UCI sentiment amazon -> {target}",
         "files": files,
@@ -77,16 +77,6 @@ def text_task(target: str) -> dict:
             "adapt.lp_epochs=5", "adapt.pretrain_epochs=3"],
         "methods": list(METHODS),
     }
-
-
-def write_text_csv(path: Path, rows: list[dict]) -> Path:
-    import csv
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, ["text", "label"])
-        w.writeheader()
-        w.writerows({"text": r["text"], "label": r["label"]} for r in rows)
-    return path
 
 
 def speech_files(seed: int) -> dict:
@@ -116,7 +106,7 @@ TASKS = {
             "task=audio-classification", f"model.name_or_path={PRETRAINED / 'wav2vec2-fsdd3'}",
             f"data.train_file={f['train']}", f"data.validation_file={f['validation']}", f"data.target={f['target']}",
             f"data.test_file={f['test']}", "data.audio_column=path", "data.label_column=label",
-            "adapt.freeze_feature_encoder=true", "train.max_steps=150", "train.batch_size=16", "train.evals_per_epoch=2",
+            "adapt.freeze_feature_encoder=true", "train.max_steps=60", "train.batch_size=16", "train.evals_per_epoch=4",
             "train.learning_rate=1e-3", "adapt.lp_epochs=3", "adapt.lp_learning_rate=3e-3"],
         "methods": [m for m in METHODS if m != "mlm"],
     },
@@ -127,7 +117,7 @@ TASKS = {
             "task=image-classification", f"model.name_or_path={PRETRAINED / 'vit-usps'}",
             f"data.train_file={f['train']}", f"data.target={f['target']}", f"data.test_file={f['test']}",
             "data.image_column=path", "data.label_column=label",
-            "train.max_steps=200", "train.batch_size=32", "train.evals_per_epoch=2", "train.learning_rate=1e-3",
+            "train.max_steps=120", "train.batch_size=32", "train.evals_per_epoch=2", "train.learning_rate=1e-3",
             "adapt.lp_epochs=3", "adapt.lp_learning_rate=3e-3"],
         "methods": [m for m in METHODS if m != "mlm"],
     },
@@ -174,12 +164,17 @@ def main() -> None:
             for method in [m for m in args.methods if m in TASKS[task]["methods"]]:
                 key = f"{task}/{method}/{seed}"
                 if key not in results:
-                    results[key] = run_one(task, method, seed)
+                    r = run_one(task, method, seed)
+                    # Re-read before writing: several of these scripts may run at once (e.g. one per task).
+                    results = {**(json.loads(store.read_text()) if store.exists() else {}), **results, key: r}
                     store.parent.mkdir(parents=True, exist_ok=True)
-                    store.write_text(json.dumps(results, indent=1))
+                    tmp = store.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(results, indent=1))
+                    tmp.replace(store)
                 r = results[key]
                 print(f"{key}: target test accuracy {100 * r['accuracy']:.1f}% ({r['seconds']:.0f} s)", flush=True)
 
+    results = {**results, **(json.loads(store.read_text()) if store.exists() else {})}
     lines = ["| task | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     for task in args.tasks:
         accs = {m: [100 * results[k]["accuracy"] for s in args.seeds if (k := f"{task}/{m}/{s}") in results] for m in METHODS}

@@ -60,12 +60,12 @@ TASKS = {
 }
 
 
-def write_csv(path: Path, rows: list[dict]) -> Path:
+def write_csv(path: Path, rows: list[dict], columns=("path", "label")) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["path", "label"])
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        writer.writerows({"path": r["path"], "label": r["label"]} for r in rows)
+        writer.writerows({c: r[c] for c in columns} for r in rows)
     return path
 
 
