@@ -186,11 +186,14 @@ def main() -> None:
                 c += f" ({statistics.mean(accs[m]) - base:+.1f})"
             cells.append(c)
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    used = {k: r for k, r in results.items() if k.split("/")[0] in args.tasks and int(k.split("/")[2]) in args.seeds}
     command = " ".join([".venv/bin/python scripts/adaptation_evidence.py", *sys.argv[1:]])
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, {os.environ['OMP_NUM_THREADS']} thread(s) per run"
     text = "\n".join([
         "## Domain shift: source-only vs adaptation methods", "",
-        f"Command: `{command}` ({time.perf_counter() - started:.0f} s of new runs on {machine}).", "",
+        f"Command: `{command}` on {machine}: {time.perf_counter() - started:.0f} s of new runs now; the "
+        f"{len(used)} runs behind the table took {sum(r['seconds'] for r in used.values()) / 60:.0f} min in all (runs found "
+        "in outputs/adaptation/results.json are reused with the seconds they took; several may have run at once).", "",
         "Target test accuracy (%), mean ± standard deviation over seeds "
         f"{', '.join(map(str, args.seeds))}; in brackets the difference to source-only. Model selection on the source "
         "validation split; target labels are used only for the test score.", "",
