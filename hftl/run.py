@@ -53,9 +53,9 @@ def run(cfg: Config, modality: Modality) -> dict:
         encoded, collator = modality.prepare(splits, processor, cfg)
         target = None
         if cfg.data.target:  # adapt.align / adapt.reweight read its inputs; its labels, if any, give a 'target' evaluation
-            rows, bad = load_target(cfg.data, splits["train"].features["labels"].names, modality.input_keys,
+            target_rows, bad = load_target(cfg.data, splits["train"].features["labels"].names, modality.input_keys,
                                     (lambda s: modality.check(s, cfg)) if modality.check else None)
-            target_encoded, _ = modality.prepare(rows, processor, cfg)
+            target_encoded, _ = modality.prepare(target_rows, processor, cfg)
             target, skipped = target_encoded.pop("train"), {**skipped, **bad}
             encoded.update(target_encoded)
     for split, ids in skipped.items():
@@ -64,7 +64,7 @@ def run(cfg: Config, modality: Modality) -> dict:
     labels = splits["train"].features["labels"].names
 
     if cfg.adapt.pretrain:  # continued masked-LM pretraining on in-domain text; the classifier starts from its folder
-        path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, rows["train"] if cfg.data.target else None)
+        path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, target_rows["train"] if cfg.data.target else None)
     model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model)
     head = adapt.head_modules(model, new_keys)
     # Before training, on the features training starts from: how far data.target's rows lie from the training rows.
