@@ -245,11 +245,11 @@ def rank_task(task: str, candidates: list[str], data: list[str]) -> dict:
     return {**result, "seconds": time.perf_counter() - start, "command": "hftl " + shlex.join(shown)}
 
 
-def finetune(task: str, candidate: str, seed: int, data: list[str]) -> dict:
+def finetune(task: str, candidate: str, seed: int, data: list[str], mode: str = "full") -> dict:
     spec = TASKS[task]
-    out = OUT / "runs" / task / f"{short(candidate).replace(':', '-')}-seed{seed}"
+    out = OUT / "runs" / task / f"{short(candidate).replace(':', '-')}{'' if mode == 'full' else '-' + mode}-seed{seed}"
     start = time.perf_counter()
-    got = train(spec["preset"], [*data, *model_overrides(candidate), "adapt.mode=full", f"train.seed={seed}",
+    got = train(spec["preset"], [*data, *model_overrides(candidate), f"adapt.mode={mode}", f"train.seed={seed}",
                                  f"train.max_steps={spec['steps']}", f"output.dir={out}", "output.overwrite=true",
                                  "output.verify_reload=16"], out.with_suffix(".log"))
     return {"accuracy": got["test"]["accuracy"], "validation_accuracy": got["validation"]["accuracy"],
@@ -271,6 +271,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--seeds", nargs="+", type=int, help="fine-tuning seeds per candidate (default: image 0-4, speech 0-2, text 0 1)")
+    ap.add_argument("--mode", default="full", help="adaptation mode of the fine-tuning runs the estimates are compared with "
+                    "(head: the linear probe on frozen features that LogME models)")
     ap.add_argument("--fresh", action="store_true", help="redo everything found in outputs/rank_evidence/results.json")
     ap.add_argument("--out", default=str(ROOT / "scripts" / "results" / "rank_evidence.md"))
     args = ap.parse_args()
@@ -287,6 +289,7 @@ def main() -> None:
         store.write_text(json.dumps(results, indent=1))
 
     sections, started, taus = [], time.perf_counter(), {}
+    run_kind = "finetune" if args.mode == "full" else f"finetune-{args.mode}"  # results.json keys
     for task in args.tasks:
         spec = TASKS[task]
         seeds = args.seeds or spec["seeds"]
@@ -309,13 +312,13 @@ def main() -> None:
         accuracy = {}
         for c in candidates:
             for seed in seeds:
-                key = f"finetune/{task}/{short(c)}/{seed}"
+                key = f"{run_kind}/{task}/{short(c)}/{seed}"
                 if key not in results:
-                    results[key] = finetune(task, c, seed, data)
+                    results[key] = finetune(task, c, seed, data, args.mode)
                     save()
                 r = results[key]
                 print(f"{key}: test accuracy {100 * r['accuracy']:.1f}% ({r['seconds']:.0f} s)", flush=True)
-            accuracy[c] = statistics.mean(100 * results[f"finetune/{task}/{short(c)}/{s}"]["accuracy"] for s in seeds)
+            accuracy[c] = statistics.mean(100 * results[f"{run_kind}/{task}/{short(c)}/{s}"]["accuracy"] for s in seeds)
 
         order = sorted(candidates, key=lambda c: -ranked[c]["logme"])
         acc = [accuracy[c] for c in order]
@@ -323,15 +326,15 @@ def main() -> None:
         rank = results[f"rank/{task}"]
         lines = ["| candidate | what it is | LogME | H-score | fine-tuned test accuracy (%) | rank seconds |", "|---|---|---:|---:|---:|---:|"]
         for c in order:
-            per_seed = ", ".join(f"{100 * results[f'finetune/{task}/{short(c)}/{s}']['accuracy']:.1f}" for s in seeds)
+            per_seed = ", ".join(f"{100 * results[f'{run_kind}/{task}/{short(c)}/{s}']['accuracy']:.1f}" for s in seeds)
             lines.append(f"| {short(c)} | {what[c]} | {ranked[c]['logme']:.4f} | {ranked[c]['hscore']:.4f} | "
                          f"{accuracy[c]:.1f} ({per_seed}) | {ranked[c]['seconds']:.1f} |")
-        tune_s = sum(results[f"finetune/{task}/{short(c)}/{s}"]["seconds"] for c in candidates for s in seeds)
+        tune_s = sum(results[f"{run_kind}/{task}/{short(c)}/{s}"]["seconds"] for c in candidates for s in seeds)
         sections += [
             f"### {task}: {spec['what']}", "",
             f"`{rank['command']}`", "",
             f"Ranked on {rank['train_rows']} training rows ({len(rank['labels'])} labels) in {rank['seconds']:.0f} s for all {len(candidates)} "
-            f"(features extracted afresh); fine-tuning: adaptation mode full, {spec['steps']} optimizer steps from {spec['preset']}, "
+            f"(features extracted afresh); fine-tuning: adaptation mode {args.mode}, {spec['steps']} optimizer steps from {spec['preset']}, "
             f"seeds {', '.join(map(str, seeds))}, {tune_s:.0f} s in all. Sorted by LogME; accuracy is the mean over seeds "
             f"(each seed in brackets).{spec.get('note', '')}", "", *lines, "",
             f"Kendall tau against fine-tuned accuracy: LogME {tau_text(taus[task]['logme'])}, H-score {tau_text(taus[task]['hscore'])}.", ""]
