@@ -219,7 +219,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
 
     `hooks` are what the adaptation options (hftl/adapt) add to the plain loop; each is an object with any of:
       param_groups(model) -> list[dict] | None   the optimizer's groups (the first hook that returns some wins)
-      setup(accelerator, total_steps)            after accelerator.prepare (e.g. prepare its own dataloader)
+      setup(accelerator, total_steps, steps_per_epoch)   after accelerator.prepare (e.g. prepare its own dataloader)
       on_step(model, step, epoch)                before each optimizer step's batches (e.g. unfreeze layers)
       after_optimizer_step(model, step)          after optimizer.step(), gradients still there (AdaLoRA's rank budget)
       batch_keys: tuple[str, ...]                batch columns the hook reads that the model must not receive
@@ -242,7 +242,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     scheduler = make_scheduler(optimizer, t, total_steps)
     for h in hooks:
         if hasattr(h, "setup"):
-            h.setup(accelerator, total_steps)
+            h.setup(accelerator, total_steps, steps_per_epoch)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     hook_keys = {k for h in hooks for k in getattr(h, "batch_keys", ())}
     loss_hooks = [h for h in hooks if hasattr(h, "loss")]

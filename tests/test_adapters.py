@@ -171,7 +171,7 @@ def test_adalora_resumed_in_final_phase_recovers_rank_pattern(tiny_classifier):
 
     model = get_mode("adalora").apply(tiny_classifier, AdaptConfig(), ["classifier"])
     budget = RankBudget(model)
-    budget.setup(None, 10)  # final phase: steps 9 and 10
+    budget.setup(None, 10, 10)  # final phase: steps 9 and 10
     assert model.active_peft_config.rank_pattern is None  # as after a resume: peft does not checkpoint it
     with torch.no_grad():
         for name, p in model.named_parameters():

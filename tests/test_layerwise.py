@@ -238,7 +238,7 @@ def test_gradual_stage_from_step_after_resume():
     cfg.adapt.top_layers, cfg.adapt.unfreeze_every, cfg.train.batch_size = 2, 0.5, 10
     ctx = SimpleNamespace(cfg=cfg, encoded={"train": range(100)})  # 10 steps per epoch, a stage every 5
     hook = gradual.GradualUnfreezing(model, ctx)
-    hook.setup(SimpleNamespace(num_processes=1, print=lambda *a: None), 40)
+    hook.setup(SimpleNamespace(num_processes=1, print=lambda *a: None), 40, 10)
     layer = lambda i: model.bert.encoder.layer[i].output.dense.weight.requires_grad  # noqa: E731
     hook.on_step(model, 12, 1)  # as a run resumed at step 12 does: stage 2, layers 3-4 (stage 1) and 1-2 (stage 2)
     assert [layer(i) for i in range(4)] == [True] * 4 and not model.bert.embeddings.word_embeddings.weight.requires_grad

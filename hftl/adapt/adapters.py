@@ -53,7 +53,7 @@ class RankBudget:
     def __init__(self, model):
         self.config = model.active_peft_config  # the object peft's RankAllocator reads its schedule from
 
-    def setup(self, accelerator, total_steps):
+    def setup(self, accelerator, total_steps, steps_per_epoch):
         # The split peft's AdaLoraConfig docstring illustrates: full rank for the first 10% of the steps, pruning to the
         # target budget until the last 20%, which train the final ranks.
         self.config.total_step, self.config.tinit, self.config.tfinal = total_steps, total_steps // 10, total_steps // 5

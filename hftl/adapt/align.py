@@ -100,7 +100,7 @@ class Align:
         x = args[0]
         self.features = x[:, 0] if x.ndim == 3 else x  # a head that reads every token (RoBERTa): its first one
 
-    def setup(self, accelerator, total_steps):
+    def setup(self, accelerator, total_steps, steps_per_epoch):
         self.accelerator = accelerator
         # The training loader's recipe (shuffled, seeded, length-grouped), drawn from endlessly.
         loader = accelerator.prepare(train_dataloader(self.ctx.target, self.ctx.collator, self.ctx.cfg.train))

@@ -34,7 +34,7 @@ class GradualUnfreezing:
             raise ConfigError(f"adapt.top_layers={a.top_layers}: gradual unfreezes this many layers per stage; use 1 or more.")
         if a.unfreeze_every <= 0:
             raise ConfigError(f"adapt.unfreeze_every={a.unfreeze_every}: epochs between stages must be > 0 (e.g. 1).")
-        self.cfg, self.rows = ctx.cfg, len(ctx.encoded["train"])
+        self.cfg = ctx.cfg
         depth, self.n_layers = depths(model)
         # Only what may train at all: adapt.freeze_feature_encoder has frozen a speech model's waveform encoder by now.
         self.depth = {p: d for p, d in depth.items() if p.requires_grad}
@@ -46,12 +46,10 @@ class GradualUnfreezing:
         # it while it is frozen and has no gradient).
         return layerwise_groups(model, self.cfg, [(n, p) for n, p in model.named_parameters() if p in self.stage])
 
-    def setup(self, accelerator, total_steps):
-        t = self.cfg.train
+    def setup(self, accelerator, total_steps, steps_per_epoch):
         self.print = accelerator.print
-        # As fit counts them (from the data, so train.max_steps does not stretch an epoch): batches per process, per step.
-        batches = math.ceil(self.rows / (t.batch_size * accelerator.num_processes))
-        self.steps_per_epoch = max(1, math.ceil(batches / t.gradient_accumulation_steps))
+        # fit's count, from the data: train.max_steps does not stretch an epoch.
+        self.steps_per_epoch = steps_per_epoch
         # Whole steps per stage: a float boundary (0.3 / 0.1 = 2.999...) would land a step early or late.
         self.steps_per_stage = max(1, round(self.steps_per_epoch * self.cfg.adapt.unfreeze_every))
 

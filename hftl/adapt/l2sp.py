@@ -15,7 +15,7 @@ class L2SP:
         self.weight = weight
         self.pairs = [(p, p.detach().clone()) for p in params]  # (parameter, its pretrained value)
 
-    def setup(self, accelerator, total_steps):
+    def setup(self, accelerator, total_steps, steps_per_epoch):
         self.pairs = [(p, w0.to(accelerator.device)) for p, w0 in self.pairs]
 
     def loss(self, model, batch, outputs, loss, progress):
