@@ -172,23 +172,41 @@ def accuracy(predictions: list[str], args) -> float:
 
 
 class Bench:
-    def __init__(self, args, work: Path):
-        self.args, self.work, self.n = args, work, 0
+    """Runs the jobs in `work`, one folder per job. With --work, a job whose folder holds the measurement of the
+    same job (same spec, or the same hftl command) is not run again: a benchmark cut short resumes where it stopped."""
 
-    def _job_dir(self, name: str) -> Path:
-        self.n += 1
-        folder = self.work / f"{self.n:02d}-{name}"
-        folder.mkdir()
-        return folder
+    def __init__(self, args, work: Path):
+        self.args, self.work = args, work
+
+    def _measured(self, name: str, spec: dict, run) -> dict:
+        folder, done = self.work / name, self.work / name / "measurement.json"
+        if done.is_file():
+            saved = json.loads(done.read_text())
+            if saved["spec"] == spec:
+                print(f"bench: {name}: reusing the measurement in {done} (load average before it {saved['result']['load_before']:.2f})", flush=True)
+                return saved["result"]
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)  # a different or unfinished job: measure it afresh
+        folder.mkdir(parents=True)
+        result = run(folder)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"spec": spec, "result": result}))
+        tmp.replace(done)  # written whole or not at all, so a cut-short run never leaves half a measurement
+        return result
 
     def _job(self, name: str, job: dict) -> dict:
-        folder = self._job_dir(name)
         job = {"data": self.args.data, "seed": self.args.seed, "batch_size": self.args.batch_size,
                "train_samples": self.args.train_samples, "eval_samples": self.args.eval_samples, **job}
-        spec, result = folder / "job.json", folder / "result.json"
-        spec.write_text(json.dumps(job))
-        m = launch([sys.executable, __file__, "--job", str(spec), "--result", str(result)], folder / "log.txt", folder / "datasets-cache")
-        return {**m, **json.loads(result.read_text())}
+
+        def run(folder: Path) -> dict:
+            spec, result = folder / "job.json", folder / "result.json"
+            spec.write_text(json.dumps(job))
+            m = launch([sys.executable, __file__, "--job", str(spec), "--result", str(result)], folder / "log.txt", folder / "datasets-cache")
+            return {**m, **json.loads(result.read_text())}
+
+        return self._measured(name, job, run)
 
     def trainer(self, padding: str, mode: str, epochs: float) -> dict:
         r = self._job(f"trainer-{padding}-{mode}", {"kind": "trainer", "padding": padding, "mode": mode, "epochs": epochs, "lr": LEARNING_RATES[mode]})
@@ -198,20 +216,23 @@ class Bench:
         return self._job("forward", {"kind": "forward"})
 
     def hftl(self, mode: str, epochs: float, train_samples: int | None) -> dict:
-        folder = self._job_dir(f"hftl-{mode}-{train_samples or 'all'}")
-        out = folder / "model"
-        a = self.args
+        name, a = f"hftl-{mode}-{train_samples or 'all'}", self.args
+        out = self.work / name / "model"
         cmd = [str(Path(sys.executable).with_name("hftl")), "train", f"recipes/configs/text/minilm_sst2_{mode}.yaml",
                f"data.train_file={Path(a.data) / 'train.csv'}", f"data.validation_file={Path(a.data) / 'validation.csv'}",
                f"train.epochs={epochs}", f"train.batch_size={a.batch_size}", f"train.learning_rate={LEARNING_RATES[mode]:f}",
                f"train.seed={a.seed}", f"output.dir={out}", "output.overwrite=true"]
         cmd += [f"data.max_train_samples={train_samples}"] if train_samples else []
         cmd += [f"data.max_eval_samples={a.eval_samples}"] if a.eval_samples else []
-        m = launch(cmd, folder / "log.txt", folder / "datasets-cache")
-        res = json.loads((out / "results.json").read_text())
-        predictions = json.loads((out / "predictions_validation.json").read_text())
-        return {**m, "train_seconds": res["train_seconds"], "accuracy": accuracy(predictions, a), "feature_cache": res.get("feature_cache"),
-                "command": shlex.join(cmd[1:])}
+
+        def run(folder: Path) -> dict:
+            m = launch(cmd, folder / "log.txt", folder / "datasets-cache")
+            res = json.loads((out / "results.json").read_text())
+            predictions = json.loads((out / "predictions_validation.json").read_text())
+            return {**m, "train_seconds": res["train_seconds"], "accuracy": accuracy(predictions, a), "feature_cache": res.get("feature_cache"),
+                    "command": shlex.join(cmd[1:])}
+
+        return self._measured(name, {"command": cmd}, run)
 
 
 def speedup(peer: dict, ours: dict) -> str:
@@ -294,6 +315,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["head", "lora", "full"], choices=list(LEARNING_RATES))
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS), help="Trainer setups to compare against")
+    ap.add_argument("--head-peers", nargs="*", choices=list(PEERS), help="Trainer setups for head mode (default: --peers); "
+                    "head's targets are against dynamic padding, and the padded Trainer's 10 head epochs alone take about 1.6 h on 2 cores")
     ap.add_argument("--head-epochs", type=float, default=10)
     ap.add_argument("--lora-epochs", type=float, default=1)
     ap.add_argument("--full-epochs", type=float, default=1)
@@ -306,6 +329,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA), help="folder with SST-2 train.csv and validation.csv (columns text,label)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--keep", action="store_true", help="keep the jobs' folders (logs, model folders) and print where")
+    ap.add_argument("--work", help="keep every job's folder and measurement here, and reuse the measurements of jobs found "
+                    "finished there with the same settings (resume a benchmark that was cut short)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -316,13 +341,13 @@ def main() -> None:
 
     command = "HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py " + shlex.join(sys.argv[1:])
     epochs = {"head": args.head_epochs, "lora": args.lora_epochs, "full": args.full_epochs}
-    work = Path(tempfile.mkdtemp(prefix="hftl-bench-"))
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="hftl-bench-"))
     bench, report = Bench(args, work), {}
     full_size = args.train_samples or 6920
     started = time.strftime("%Y-%m-%d %H:%M")
     for mode in args.modes:
         runs = {"hftl": bench.hftl(mode, epochs[mode], args.train_samples)}
-        for peer in args.peers:
+        for peer in args.head_peers if mode == "head" and args.head_peers is not None else args.peers:
             runs[peer] = bench.trainer(peer, mode, epochs[mode])
         if mode == "head":
             runs["forward"] = bench.forward()
@@ -351,7 +376,7 @@ def main() -> None:
         lines += ["## hftl time against training-set size", "", *scaling_table(scaling)]
     lines += ["Audio (FSDD) and image (USPS) samples/s against Trainer set up like the official audio/image "
               "classification examples: scripts/bench_media.py.", ""]
-    finish(lines, args.out, work, args.keep)
+    finish(lines, args.out, work, args.keep or bool(args.work))
 
 
 def finish(lines: list[str], out: str, work: Path, keep: bool) -> None:
