@@ -110,7 +110,7 @@ class TrainConfig:
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off)."})
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that have it, else fp32), no, bf16 or fp16."})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (fp32 on every device: on an H200 bf16 was slower for MiniLM and bert-base, see scripts/results/precision_h200.md), no, bf16 or fp16 (autocast; worth it for large models: measure with scripts/bench_precision.py)."})
     seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
     metrics: list = field(default_factory=lambda: ["accuracy", "f1", "precision", "recall"], metadata={"help": "evaluate metrics; shipped offline: accuracy, f1, precision, recall (macro). Any Hub metric name works online."})
     metric_for_best: str = field(default="accuracy", metadata={"help": "Validation metric that selects the best epoch."})
@@ -195,7 +195,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
         except ValueError:
             pass
     if not ok:
-        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+        hint = (f" YAML reads unquoted no/yes/off/on as booleans: quote the text, e.g. {key.rsplit('.', 1)[-1]}: \"no\"."
+                if tp is str and isinstance(value, bool) else "")
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__}).{hint}")
     if tp is float:
         return float(value)
     if tp is str:
@@ -232,12 +234,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not key=value (e.g. train.epochs=2).")
     key, raw = text.split("=", 1)
+    key = key.strip()
     # YAML parses numbers, booleans, null and [a, b] lists the way a preset would.
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    if isinstance(value, bool) and all_keys().get(key, (None,))[0] in (str, Optional[str]):
+        value = raw  # a text key takes no/off/yes/on as typed (train.mixed_precision=no), not as YAML's booleans
+    return key, value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -41,6 +41,8 @@ def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfi
     Returns the model and the keys the checkpoint did not provide (the new head)."""
     if cfg.trust_remote_code:
         warnings.warn(f"model.trust_remote_code=true: code shipped with '{path}' will run on this machine.")
+    if cfg.from_scratch and _config_only(path):
+        return _from_config(auto_cls, path, label_names, cfg)
     try:
         model, info = auto_cls.from_pretrained(
             path,
@@ -72,3 +74,23 @@ def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfi
         # head is still the modules the checkpoint lacked, so every mode means the same thing.
         model = auto_cls.from_config(model.config, trust_remote_code=cfg.trust_remote_code)
     return model, sorted(new)
+
+
+def _config_only(path: str) -> bool:
+    """A local folder with a config.json and no weights: enough for model.from_scratch."""
+    folder = Path(path)
+    return (folder / "config.json").is_file() and not any(
+        p.name.endswith((".safetensors", *PICKLE_SUFFIXES)) for p in folder.iterdir())
+
+
+def _from_config(auto_cls, path: str, label_names: list[str], cfg: ModelConfig):
+    """Random weights from the architecture alone. The head is what lies outside the backbone (`base_model`),
+    as the keys a pretrained backbone's checkpoint lacks would be."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                        num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                                        label2id={n: i for i, n in enumerate(label_names)})
+    model = auto_cls.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    prefix = model.base_model_prefix + "."
+    return model, sorted(k for k in model.state_dict() if not k.startswith(prefix))

@@ -22,7 +22,7 @@ from datasets import DatasetDict
 from . import adapt, cache, estimates, models
 from .config import Config, ConfigError
 from .run import Modality, load_checked
-from .train import make_accelerator
+from .train import make_accelerator, tensor_core_padding
 
 SCRATCH = "scratch:"
 
@@ -64,6 +64,7 @@ def _processor(cfg: Config, modality: Modality, candidate: str) -> tuple:
 
 def _score(candidate: str, cfg: Config, path: str, processor, modality: Modality, train, labels: list[str], accelerator) -> dict:
     encoded, collator = modality.prepare(DatasetDict({"train": train}), processor, cfg)
+    collator = tensor_core_padding(collator, accelerator)
     set_seed(cfg.train.seed)  # the same random weights every time for scratch:, so their features are cached too
     with _naming(candidate):
         model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model)

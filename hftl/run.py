@@ -14,7 +14,7 @@ from typing import Any, Callable
 from . import adapt, cache, cards, domain, hub, models, plots, pretrain
 from .config import Config, to_dict, to_yaml
 from .data import DataError, load_splits, load_target
-from .train import fit, make_accelerator
+from .train import fit, make_accelerator, tensor_core_padding
 
 
 @dataclass
@@ -51,6 +51,7 @@ def run(cfg: Config, modality: Modality) -> dict:
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
         splits, source, skipped = load_checked(cfg, modality)
         encoded, collator = modality.prepare(splits, processor, cfg)
+        collator = tensor_core_padding(collator, accelerator)
         target = None
         if cfg.data.target:  # adapt.align / adapt.reweight read its inputs; its labels, if any, give a 'target' evaluation
             target_rows, bad = load_target(cfg.data, splits["train"].features["labels"].names, modality.input_keys,
@@ -120,7 +121,8 @@ def run(cfg: Config, modality: Modality) -> dict:
     )
     predicted = [labels[p] for p in result["predictions"]["validation"]]
     inputs, expected = reload_check(cfg, modality, splits["validation"], predicted)
-    verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, inputs, expected)) if expected else None
+    tie = hub.MIXED_PRECISION_TIE if accelerator.mixed_precision != "no" else 0.0
+    verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, inputs, expected, tie)) if expected else None
     out = hub.save_output(
         cfg.output.dir,
         result["model"],
@@ -130,6 +132,7 @@ def run(cfg: Config, modality: Modality) -> dict:
             "hftl_config.yaml": to_yaml(cfg),
             "results.json": {"results": results, "history": result["history"], "train_seconds": result["train_seconds"],
                              "trainable_params": trainable, "total_params": total, "best_step": result["best_step"],
+                             "mixed_precision": accelerator.mixed_precision,
                              "feature_cache": result.get("feature_cache"), "step_log": result.get("step_log"), "domain_gap": domain_gap,
                              "pretrain": json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None},
             "predictions_validation.json": predicted,
@@ -143,10 +146,11 @@ def run(cfg: Config, modality: Modality) -> dict:
         export=mode.export,
         save_adapter=cfg.adapt.save_adapter and mode.name in adapt.lora.PEFT_MODES,
     )
-    accelerator.print(f"Saved {out} (pipeline reload check: {len(expected)} validation predictions identical)")
+    agree = "agree (near-ties allowed: mixed precision)" if tie else "identical"
+    accelerator.print(f"Saved {out} (pipeline reload check: {len(expected)} validation predictions {agree})")
     if cfg.hub.push:
-        url = hub.publish(out, cfg.hub, modality.pipeline_tag, inputs, expected)
-        accelerator.print(f"Pushed {url} (round trip: files identical, {len(expected)} validation predictions identical)")
+        url = hub.publish(out, cfg.hub, modality.pipeline_tag, inputs, expected, tie)
+        accelerator.print(f"Pushed {url} (round trip: files identical, {len(expected)} validation predictions {agree})")
     return results
 
 
@@ -175,4 +179,6 @@ def push(folder: str | Path, cfg: Config, modality: Modality) -> tuple[str, int]
                             "pushed model: run it where training ran, override the data.* keys, or pass output.verify_reload=0 "
                             "to compare files only.)") from e
         inputs, expected = reload_check(cfg, modality, splits["validation"], predicted)
-    return hub.publish(folder, cfg.hub, modality.pipeline_tag, inputs, expected), len(expected)
+    results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
+    tie = hub.MIXED_PRECISION_TIE if results.get("mixed_precision", "no") != "no" else 0.0
+    return hub.publish(folder, cfg.hub, modality.pipeline_tag, inputs, expected, tie), len(expected)

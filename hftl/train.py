@@ -12,6 +12,7 @@ import time
 import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, get_int_from_env, set_seed
 from datasets import DatasetDict
 from torch.utils.data import DataLoader
@@ -35,10 +36,16 @@ class LaunchError(RuntimeError):
 def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "auto":
-        # bf16 autocast is ~100x slower on CPUs without AMX; use it only where the hardware has it.
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        # fp32 on every device. bf16 autocast is ~100x slower on CPUs without AMX, and on an H200 it made hftl
+        # slower for MiniLM (0.33x) and bert-base (0.54x) fine-tuning: at this size the steps are bound by kernel
+        # launches, and GEMMs over odd sequence lengths miss the tensor cores (scripts/results/precision_h200.md).
+        # Large models gain from train.mixed_precision=bf16; scripts/bench_precision.py measures it.
+        precision = "no"
     if precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"train.mixed_precision='{cfg.mixed_precision}'; expected auto, no, bf16 or fp16.")
+    # One process may hold several runs (hftl compare, a notebook); Accelerate keeps one global state and refuses a
+    # second Accelerator with another precision unless it is reset. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -58,6 +65,14 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
         )
     set_seed(cfg.seed)
     return accelerator
+
+
+def tensor_core_padding(collator, accelerator: Accelerator):
+    """Under bf16/fp16, pad text batches to a multiple of 8 (as transformers' examples do): on an H200, bf16 steps
+    over varied odd lengths took 2.7x as long as over lengths rounded to 8 (scripts/results/precision_h200.md)."""
+    if accelerator.mixed_precision != "no" and hasattr(collator, "pad_to_multiple_of"):
+        collator.pad_to_multiple_of = 8
+    return collator
 
 
 def param_groups(params, weight_decay: float, **extra) -> list[dict]:

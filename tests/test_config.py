@@ -142,6 +142,18 @@ def test_parse_override_types():
     assert parse_override("a.b=x=y") == ("a.b", "x=y")  # only the first '=' splits
 
 
+def test_text_keys_take_the_text_as_typed(tmp_path):
+    # YAML would read 'no' as false; the documented value of train.mixed_precision is 'no'.
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert parse_override("model.revision=null") == ("model.revision", None)
+    assert parse_override("model.revision=off") == ("model.revision", "off")
+    assert parse_override("train.fp16_placeholder=no") == ("train.fp16_placeholder", False)  # unknown key: left to from_flat to refuse
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  mixed_precision: no\n")  # unquoted in a file: YAML's boolean; the error says to quote it
+    with pytest.raises(ConfigError, match='quote the text, e.g. mixed_precision: "no"'):
+        load_config(preset)
+
+
 def test_missing_and_invalid_preset_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

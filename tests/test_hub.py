@@ -253,3 +253,24 @@ def test_real_hub_round_trip(model_folder, monkeypatch):
         assert HfApi().model_info(cfg.model_id).private is True
     finally:
         HfApi().delete_repo(cfg.model_id, missing_ok=True)
+
+
+def test_reload_check_allows_only_near_ties_under_mixed_precision(model_folder):
+    """A bf16 evaluation can flip a row whose two labels are nearly tied; any wider gap is still an error."""
+    from transformers import pipeline
+
+    from hftl.hub import OutputError, verify_reload
+
+    clf = pipeline("text-classification", model=str(model_folder), device=-1)
+    ranked = clf(INPUTS, top_k=2)
+    gaps = [r[0]["score"] - r[1]["score"] for r in ranked]
+    i = min(range(len(INPUTS)), key=gaps.__getitem__)  # the closest call: say evaluation chose its runner-up
+    expected = [r[0]["label"] for r in ranked]
+    expected[i] = ranked[i][1]["label"]
+    assert verify_reload(model_folder, "text-classification", INPUTS, expected, tie=gaps[i] + 1e-6) == len(INPUTS)
+    for tie in (0.0, gaps[i] / 2):  # fp32 (exact), or a tolerance narrower than the gap
+        with pytest.raises(OutputError, match=rf"on 1 of 6 validation rows.*row {i}, pipeline says"):
+            verify_reload(model_folder, "text-classification", INPUTS, expected, tie=tie)
+    wrong = [{"positive": "negative", "negative": "positive"}[p] for p in expected]
+    with pytest.raises(OutputError, match="on [56] of 6 validation rows beyond near-ties"):  # swapped labels are no near-tie
+        verify_reload(model_folder, "text-classification", INPUTS, wrong, tie=gaps[i] + 1e-6)
