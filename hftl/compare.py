@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from huggingface_hub import ModelCard
 
 from . import adapt, cards, plots
@@ -143,7 +144,7 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     if not seeds or not all(str(s).isdigit() for s in seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: give one or more whole numbers, e.g. --seeds 0 1 2.")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
-    runs = []
+    runs, state = [], PartialState()
     for mode in modes:
         for budget in budgets:
             for seed in seeds:
@@ -153,6 +154,8 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
                     check_reusable(folder, cfg)
                 else:
                     _recipe(cfg.task).main(cfg)
+                # Under `accelerate launch` every process trains; the main one writes results.json after the others return.
+                state.wait_for_everyone()
                 saved = json.loads((folder / "results.json").read_text())
                 runs.append({"mode": mode, "labels_per_class": budget_name(budget), "seed": seed,
                              "folder": str(folder.relative_to(out)),
@@ -173,11 +176,14 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
             same = [r for r in runs if r["labels_per_class"] == g["labels_per_class"]]
             g["gain"], g["transfer_check"] = guard([r["results"][split][metric] for r in same if r["mode"] == g["mode"]],
                                                    [r["results"][split][metric] for r in same if r["mode"] == SCRATCH], better)
-            for r in same:
-                if r["mode"] == g["mode"]:
-                    write_card_check(out / r["folder"], f"on {split} {metric}, {g['transfer_check']}.")
     report = {"command": command, "machine": machine(), "metric": metric, "greater_is_better": better,
               "guard_split": split, "splits": splits, "groups": groups, "runs": runs}
+    if not state.is_main_process:  # one process writes the cards' verdicts, the report and the plots
+        return report
+    for g in groups:
+        for r in runs:
+            if g["mode"] != SCRATCH and (r["mode"], r["labels_per_class"]) == (g["mode"], g["labels_per_class"]):
+                write_card_check(out / r["folder"], f"on {split} {metric}, {g['transfer_check']}.")
     _plots(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = _markdown(report)

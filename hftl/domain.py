@@ -15,12 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score
-from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from .cache import _model_inputs, extract, heads_removed, rng_watch
 
@@ -35,6 +29,12 @@ def _both(source, target) -> np.ndarray:
 def target_probability(source, target, seed: int = 0, folds: int = FOLDS) -> np.ndarray:
     """p(target | x) for every row (source rows first) from a domain classifier (standardised logistic regression),
     out of fold: no row's probability comes from a classifier that saw it. Also what adapt.reweight weighs by."""
+    # sklearn's model code is imported here, not at the top: a run without data.target never loads it.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     y = np.array([0] * len(source) + [1] * len(target))
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     return cross_val_predict(classifier, _both(source, target), y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
@@ -43,6 +43,8 @@ def target_probability(source, target, seed: int = 0, folds: int = FOLDS) -> np.
 
 def proxy_a_distance(source, target, seed: int = 0) -> tuple[float, float]:
     """(proxy A-distance in [0, 2], the domain classifier's cross-validated balanced error)."""
+    from sklearn.metrics import balanced_accuracy_score
+
     y = np.array([0] * len(source) + [1] * len(target))
     predicted = (target_probability(source, target, seed) > 0.5).astype(int)
     # Balanced: with unequal row counts, always guessing the larger domain would otherwise look like separation.
@@ -53,6 +55,9 @@ def proxy_a_distance(source, target, seed: int = 0) -> tuple[float, float]:
 
 def mmd(source, target) -> float:
     """Gaussian-kernel MMD (square root of the biased MMD^2 estimate; 0 to sqrt(2)) on jointly standardised features."""
+    from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
+    from sklearn.preprocessing import StandardScaler
+
     x = StandardScaler().fit_transform(_both(source, target))
     squared = euclidean_distances(x, squared=True)
     median = np.median(squared[np.triu_indices(len(x), k=1)])

@@ -6,7 +6,6 @@ and take seconds where fine-tuning takes hours, so `hftl rank` can order candida
 from __future__ import annotations
 
 import numpy as np
-from sklearn.covariance import ledoit_wolf
 
 # Added to the fixed-point denominators, as in the reference implementation: a target the features fit
 # exactly (zero residual) or ignore (zero weights) would otherwise divide by zero.
@@ -81,6 +80,8 @@ def hscore(features, labels, shrink: bool = True) -> float:
     y = np.asarray(labels)
     f = f - f.mean(axis=0)
     if shrink:
+        from sklearn.covariance import ledoit_wolf
+
         cov, a = ledoit_wolf(f, assume_centered=True)
     else:
         cov, a = f.T @ f / len(f), 0.0

@@ -9,10 +9,12 @@ choose, nothing left open.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn.metrics import confusion_matrix
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "learning_curves.png"
@@ -22,6 +24,8 @@ MAX_ANNOTATED = 30  # above this many classes the cells are too small for their 
 
 def confusion_counts(labels: list[int], predictions: list[int], num_labels: int) -> np.ndarray:
     """counts[i][j]: rows whose true label is i and predicted label j (every class, even one never seen)."""
+    from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(labels, predictions, labels=list(range(num_labels)))
 
 
@@ -33,7 +37,7 @@ def confusion_matrix_png(counts, label_names: list[str], path: str | Path, title
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
     size = min(max(4.0, 0.5 * n + 2), 20.0)
-    fig = Figure(figsize=(size + 1, size), dpi=DPI, layout="constrained")
+    fig = _figure(figsize=(size + 1, size))
     ax = fig.add_subplot()
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="share of the true class's rows")
@@ -53,7 +57,7 @@ def curves_png(panels: dict[str, dict[str, tuple[list, list]]], path: str | Path
                title: str = "") -> Path:
     """One panel per key of `panels` (its y-axis label); in each, one line per series name -> (xs, ys).
     A series of a single point is drawn as a marker."""
-    fig = Figure(figsize=(6 * len(panels), 4.5), dpi=DPI, layout="constrained")
+    fig = _figure(figsize=(6 * len(panels), 4.5))
     for ax, (ylabel, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
         for name, (xs, ys) in series.items():
             ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
@@ -79,7 +83,7 @@ def errorbar_png(series: dict[str, tuple[list, list, list]], path: str | Path, x
 
     xticks: labels for the x positions 0, 1, ... (xs are then those positions); logx: log-scale x axis;
     connect: join a series' points with a line; notes: per series, a short text beside each point."""
-    fig = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
+    fig = _figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for name, (xs, means, sds) in series.items():
         ax.errorbar(xs, means, yerr=sds, label=name, marker="o", markersize=4, capsize=3, linestyle="-" if connect else "none")
@@ -93,6 +97,13 @@ def errorbar_png(series: dict[str, tuple[list, list, list]], path: str | Path, x
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def _figure(figsize: tuple) -> Figure:
+    # Imported when a picture is drawn, after training: the training loop does not carry matplotlib in memory.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, dpi=DPI, layout="constrained")
 
 
 def _label(ax, xlabel: str, ylabel: str, legend: bool) -> None:

@@ -148,3 +148,20 @@ if __name__ == "__main__":
     if int(os.environ["RANK"]) == 1 and int(step):
         models.load_classifier = nan_at(models.load_classifier, int(step))
     raise SystemExit(main(["train", *args]))
+
+
+def test_compare_on_two_processes_trains_each_run_once_and_writes_one_report(nine_rows_cfg, tmp_path):
+    """Every process takes part in every run; results.json is read only after the main process wrote it, and
+    only the main process writes the cards' verdicts and the report."""
+    from conftest import read_json
+
+    cfg = nine_rows_cfg(**{"train.save_every": 0})
+    report = tmp_path / "report"
+    overrides = [o for o in cli_overrides(cfg) if not o.startswith(("output.dir=", "adapt.mode="))]
+    done = torchrun(["-m", "hftl", "compare", "--modes", "head", "--seeds", "0", "--out", str(report), *overrides])
+    assert done.returncode == 0, done.stderr[-4000:]
+    saved = read_json(report / "report.json")
+    assert [(r["mode"], r["seed"]) for r in saved["runs"]] == [("scratch", 0), ("head", 0)]
+    assert done.stdout.count("| mode |") == 1  # the report printed once, by the main process
+    card = (report / "runs" / "head-all-s0" / "README.md").read_text()
+    assert card.count("## Transfer check") == 1
