@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from huggingface_hub import ModelCard
 
 from . import adapt, cards, plots
@@ -144,7 +145,8 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     if not seeds or not all(str(s).isdigit() for s in seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: give one or more whole numbers, e.g. --seeds 0 1 2.")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
-    runs, state = [], PartialState()
+    # The process group the runs' Accelerators join; ACCELERATE_USE_CPU read as AcceleratorState reads it (CPU torchrun).
+    runs, state = [], PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     for mode in modes:
         for budget in budgets:
             for seed in seeds:

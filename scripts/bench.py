@@ -171,30 +171,36 @@ def accuracy(predictions: list[str], args) -> float:
     return sum(p == t for p, t in zip(predictions, truth)) / len(truth)
 
 
+def measured(work: Path, name: str, spec: dict, run) -> dict:
+    """run(work / name) -> its measurement, unless that folder already holds the measurement of the same `spec`
+    (a benchmark run again with --work resumes where it stopped). Written whole or not at all."""
+    folder, done = work / name, work / name / "measurement.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved["spec"] == spec:
+            print(f"bench: {name}: reusing the measurement in {done} (load average before it {saved['result']['load_before']:.2f})", flush=True)
+            # When it was measured (finished), for the report: the file's time where an older version did not record it.
+            return {"at": time.strftime("%Y-%m-%d %H:%M", time.localtime(done.stat().st_mtime)), **saved["result"]}
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)  # a different or unfinished job: measure it afresh
+    folder.mkdir(parents=True)
+    result = {**run(folder), "at": time.strftime("%Y-%m-%d %H:%M")}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"spec": spec, "result": result}))
+    tmp.replace(done)
+    return result
+
+
 class Bench:
-    """Runs the jobs in `work`, one folder per job. With --work, a job whose folder holds the measurement of the
-    same job (same spec, or the same hftl command) is not run again: a benchmark cut short resumes where it stopped."""
+    """Runs the jobs in `work`, one folder per job; with --work, finished jobs are reused (see `measured`)."""
 
     def __init__(self, args, work: Path):
         self.args, self.work = args, work
 
     def _measured(self, name: str, spec: dict, run) -> dict:
-        folder, done = self.work / name, self.work / name / "measurement.json"
-        if done.is_file():
-            saved = json.loads(done.read_text())
-            if saved["spec"] == spec:
-                print(f"bench: {name}: reusing the measurement in {done} (load average before it {saved['result']['load_before']:.2f})", flush=True)
-                return saved["result"]
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)  # a different or unfinished job: measure it afresh
-        folder.mkdir(parents=True)
-        result = run(folder)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"spec": spec, "result": result}))
-        tmp.replace(done)  # written whole or not at all, so a cut-short run never leaves half a measurement
-        return result
+        return measured(self.work, name, spec, run)
 
     def _job(self, name: str, job: dict) -> dict:
         job = {"data": self.args.data, "seed": self.args.seed, "batch_size": self.args.batch_size,
@@ -242,14 +248,14 @@ def speedup(peer: dict, ours: dict) -> str:
 def mode_table(mode: str, epochs: float, runs: dict) -> list[str]:
     ours = runs["hftl"]
     lines = [f"### {mode} ({epochs:g} epochs)", "",
-             "| system | wall s (whole process) | train s | hftl faster by | accuracy % | peak memory MiB | load avg before |",
-             "|---|---|---|---|---|---|---|"]
+             "| system | wall s (whole process) | train s | hftl faster by | accuracy % | peak memory MiB | load avg before | finished |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         label = PEERS.get(name, "hftl" if name == "hftl" else "one forward pass over train + validation (floor)")
         train = f"{r['train_seconds']:.1f}" if "train_seconds" in r else f"{r['forward_seconds']:.1f} (forward)"
         ratio = "" if name == "hftl" else speedup(r, ours) if name in PEERS else f"hftl / floor = {ours['wall'] / r['wall']:.2f}"
         acc = f"{100 * r['accuracy']:.2f}" if "accuracy" in r else ""
-        lines.append(f"| {label} | {r['wall']:.1f} | {train} | {ratio} | {acc} | {r['peak_mib']:.0f} | {r['load_before']:.2f} |")
+        lines.append(f"| {label} | {r['wall']:.1f} | {train} | {ratio} | {acc} | {r['peak_mib']:.0f} | {r['load_before']:.2f} | {r.get('at', '')} |")
     if ours.get("feature_cache"):
         lines += ["", f"hftl head: features computed in {ours['feature_cache']['seconds']:.1f}s, the head trained on them for "
                       f"{ours['train_seconds'] - ours['feature_cache']['seconds']:.1f}s."]
@@ -366,7 +372,8 @@ def main() -> None:
              f"{args.train_samples or 'all'} training rows, {args.eval_samples or 'all'} validation rows; run {started}.", "",
              f"Command: `{command}`", "", f"Machine: {machine()}", "",
              "How each system is set up and measured: see the docstring of scripts/bench.py. Each number is one process, "
-             "start to exit; 'load avg before' is the 1-minute load average when it started (a busy machine slows everything).", ""]
+             "start to exit; 'load avg before' is the 1-minute load average when it started (a busy machine slows everything); "
+             "'finished' is when it ended (with --work, a resumed run reuses earlier measurements of unchanged jobs).", ""]
     for mode, runs in report.items():
         lines += mode_table(mode, epochs[mode], runs)
     rows = [r for mode, runs in report.items() for r in targets(mode, runs)] + linearity(scaling)

@@ -52,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import ROOT, finish, launch, machine  # scripts/bench.py: the same process launch and machine line as the text benchmark
+from bench import ROOT, finish, launch, machine, measured  # scripts/bench.py: the same process launch, machine line and reuse
 
 PRESETS = {"image": "recipes/configs/image/vit_digits_{mode}.yaml", "audio": "recipes/configs/audio/wav2vec2_fsdd_{mode}.yaml"}
 USPS = ROOT.parent / "shared" / "data" / "images" / "usps"
@@ -261,6 +261,8 @@ def main() -> None:
     ap.add_argument("--audio-model", default="outputs/pretrained/wav2vec2-fsdd3")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS_media.md"))
     ap.add_argument("--keep", action="store_true", help="keep the jobs' folders (logs, model folders) and print where")
+    ap.add_argument("--work", help="keep every job's folder and measurement here, and reuse those of jobs found finished "
+                    "there with the same settings (resume a benchmark that was cut short)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -274,16 +276,16 @@ def main() -> None:
                              f"pass --{task}-model another checkpoint folder")
 
     command = "HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_media.py " + shlex.join(sys.argv[1:])
-    work = Path(tempfile.mkdtemp(prefix="hftl-bench-media-"))
-    started, report, n = time.strftime("%Y-%m-%d %H:%M"), [], 0
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="hftl-bench-media-"))
+    started, report = time.strftime("%Y-%m-%d %H:%M"), []
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "keep", "work", "job", "result", "tasks", "modes")}
     for task in args.tasks:
         for mode in args.modes:
             runs = {}
             for system, fn in (("hftl", run_hftl), ("trainer", run_trainer)):
-                n += 1
-                folder = work / f"{n:02d}-{task}-{mode}-{system}"
-                folder.mkdir()
-                runs[system] = {**fn(task, mode, args, folder), "model": args.image_model if task == "image" else args.audio_model}
+                spec = {"task": task, "mode": mode, "system": system, **settings}
+                runs[system] = {**measured(work, f"{task}-{mode}-{system}", spec, lambda folder: fn(task, mode, args, folder)),
+                                "model": args.image_model if task == "image" else args.audio_model}
             # Both must have trained the same rows for the same epochs: equal optimizer steps say so.
             expected = math.ceil(math.ceil(runs["trainer"]["rows"] / runs["trainer"]["batch_size"]) * runs["trainer"]["epochs"])
             if runs["hftl"]["steps"] != expected or runs["trainer"]["steps"] != expected:
@@ -297,7 +299,7 @@ def main() -> None:
              "load average when it started (a busy machine slows everything). How each system is set up and measured: the "
              "docstring of scripts/bench_media.py.", "",
              f"Command: `{command}`", "", f"Machine: {machine()}", "", *report]
-    finish(lines, args.out, work, args.keep)
+    finish(lines, args.out, work, args.keep or bool(args.work))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def test_two_processes_evaluate_every_example_once_and_only_the_main_process_wri
     order, dl = eval_dataloader(encoded["validation"], collator, 2)
     accelerator = Accelerator()
     single = evaluate(accelerator.prepare(model), accelerator.prepare(dl), accelerator, load_metrics(cfg.train.metrics), order)
-    assert single["metrics"] == saved["results"]["validation"]
+    # The mean loss sums the rows in another order on two processes: equal up to float rounding.
+    assert single["metrics"] == pytest.approx(saved["results"]["validation"], rel=1e-6)
     assert [model.config.id2label[p] for p in single["predictions"]] == read_json(out / "predictions_validation.json")
 
 
@@ -155,7 +156,7 @@ def test_compare_on_two_processes_trains_each_run_once_and_writes_one_report(nin
     only the main process writes the cards' verdicts and the report."""
     from conftest import read_json
 
-    cfg = nine_rows_cfg(**{"train.save_every": 0})
+    cfg = nine_rows_cfg(**{"train.save_every": None})
     report = tmp_path / "report"
     overrides = [o for o in cli_overrides(cfg) if not o.startswith(("output.dir=", "adapt.mode="))]
     done = torchrun(["-m", "hftl", "compare", "--modes", "head", "--seeds", "0", "--out", str(report), *overrides])
