@@ -345,7 +345,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                         accelerator.log({"train/loss": loop.log[-1]["loss"], "train/lr": lr}, step=loop.step)
                 if loop.step % eval_every == 0 or loop.step == total_steps:
                     _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch,
-                                              held)
+                                              held, last=loop.step == total_steps)
                 if (t.save_every and loop.step % t.save_every == 0) or stop_asked:
                     loop.seconds = time.perf_counter() - start
                     path = checkpoint.save(accelerator, ckpt_dir, loop.step, t.keep_last, run,
@@ -384,7 +384,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
 
 
 def _evaluate_during_training(model, dataloader, accelerator, metric_modules, loop: LoopState, t: TrainConfig, sign: int,
-                              steps_per_epoch: int, held: set[int]) -> None:
+                              steps_per_epoch: int, held: set[int], last: bool = False) -> None:
     """Evaluate on validation, record it, keep a snapshot of the best state, decide on early stopping."""
     scores = evaluate(model, dataloader, accelerator, metric_modules)["metrics"]
     if t.metric_for_best not in scores:
@@ -398,7 +398,9 @@ def _evaluate_during_training(model, dataloader, accelerator, metric_modules, lo
         accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=loop.step)
     if loop.best is None or sign * scores[t.metric_for_best] > sign * loop.best["metrics"][t.metric_for_best]:
         loop.best, loop.bad_evals = {"step": loop.step, "metrics": scores}, 0
-        loop.best_state = _snapshot(accelerator.unwrap_model(model), held)
+        loop.best_state = None  # the old copy goes before the new one is made: never two in memory
+        if not last:  # after the last step the weights in place are the best: nothing to copy and restore
+            loop.best_state = _snapshot(accelerator.unwrap_model(model), held)
     else:
         loop.bad_evals += 1
         if t.early_stopping_patience and loop.bad_evals >= t.early_stopping_patience:
