@@ -234,11 +234,11 @@ def table(task: str, mode: str, runs: dict) -> list[str]:
     what = {"image": f"USPS, {Path(ours['model']).name}", "audio": f"FSDD speaker nicolas, {Path(ours['model']).name}"}[task]
     lines = [f"### {task} ({what}), {mode}: {peer['epochs']:g} epochs, batch {peer['batch_size']}, learning rate {peer['lr']:g}, "
              f"{peer['rows']:,} training rows, {peer['test_rows']:,} test rows", "",
-             "| system | train s | training samples/s | wall s (whole process) | end-to-end samples/s | test accuracy % | peak memory MiB | load avg before |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| system | train s | training samples/s | wall s (whole process) | end-to-end samples/s | test accuracy % | peak memory MiB | load avg before | finished |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in (("hftl", ours), ("Trainer, official example setup", peer)):
         lines.append(f"| {name} | {r['train_seconds']:.1f} | {samples / r['train_seconds']:.1f} | {r['wall']:.1f} | {samples / r['wall']:.1f} | "
-                     f"{100 * r['accuracy']:.2f} | {r['peak_mib']:.0f} | {r['load_before']:.2f} |")
+                     f"{100 * r['accuracy']:.2f} | {r['peak_mib']:.0f} | {r['load_before']:.2f} | {r.get('at', '')} |")
     lines += ["", f"hftl / Trainer samples/s: training {peer['train_seconds'] / ours['train_seconds']:.2f}x, "
                   f"end to end {peer['wall'] / ours['wall']:.2f}x (above 1: hftl is faster)."]
     if ours.get("feature_cache"):
