@@ -310,9 +310,9 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, help="fine-tuning seeds per candidate (default: image 0-4, speech 0-2, text 0 1)")
     ap.add_argument("--mode", default="full", help="adaptation mode of the fine-tuning runs the estimates are compared with "
                     "(head: the linear probe on frozen features that LogME models)")
-    ap.add_argument("--lr-scales", nargs="+", type=float, default=[0.3, 1, 3],
+    ap.add_argument("--lr-scales", nargs="+", type=float, default=[0.3, 1, 3, 10, 30],
                     help="fine-tune each candidate at the preset's learning rate times each of these and keep the rate with the best "
-                         "validation accuracy (default 0.3 1 3; 1 alone: the preset's rate for every candidate)")
+                         "validation accuracy (default 0.3 1 3 10 30; 1 alone: the preset's rate for every candidate)")
     ap.add_argument("--workers", type=int, default=2, help="fine-tuning runs at a time (each one thread)")
     ap.add_argument("--fresh", action="store_true", help="redo everything found in outputs/rank_evidence/results.json")
     ap.add_argument("--out", default=str(ROOT / "scripts" / "results" / "rank_evidence.md"))
