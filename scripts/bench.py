@@ -199,9 +199,6 @@ class Bench:
     def __init__(self, args, work: Path):
         self.args, self.work = args, work
 
-    def _measured(self, name: str, spec: dict, run) -> dict:
-        return measured(self.work, name, spec, run)
-
     def _job(self, name: str, job: dict) -> dict:
         job = {"data": self.args.data, "seed": self.args.seed, "batch_size": self.args.batch_size,
                "train_samples": self.args.train_samples, "eval_samples": self.args.eval_samples, **job}
@@ -212,7 +209,7 @@ class Bench:
             m = launch([sys.executable, __file__, "--job", str(spec), "--result", str(result)], folder / "log.txt", folder / "datasets-cache")
             return {**m, **json.loads(result.read_text())}
 
-        return self._measured(name, job, run)
+        return measured(self.work, name, job, run)
 
     def trainer(self, padding: str, mode: str, epochs: float) -> dict:
         r = self._job(f"trainer-{padding}-{mode}", {"kind": "trainer", "padding": padding, "mode": mode, "epochs": epochs, "lr": LEARNING_RATES[mode]})
@@ -238,7 +235,7 @@ class Bench:
             return {**m, "train_seconds": res["train_seconds"], "accuracy": accuracy(predictions, a), "feature_cache": res.get("feature_cache"),
                     "command": shlex.join(cmd[1:])}
 
-        return self._measured(name, {"command": cmd}, run)
+        return measured(self.work, name, {"command": cmd}, run)
 
 
 def speedup(peer: dict, ours: dict) -> str:
