@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import ROOT, finish, launch, machine  # noqa: E402  (scripts/bench.py: process launch, machine line)
+from bench import finish, launch, machine  # noqa: E402  (scripts/bench.py: process launch, machine line)
 
 # The child: one `hftl train`, then its peak GPU memory next to the model folder.
 CHILD = ("import json, sys, torch; from hftl.cli import main; rc = main(sys.argv[2:]); "
