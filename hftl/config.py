@@ -101,6 +101,7 @@ class TrainConfig:
     max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
     eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process."})
+    eval_batch_tokens: Optional[int] = field(default=4096, metadata={"help": "Text: the model sees at most this many (padded) tokens of an evaluation batch at once (its rows are run in slices); bounds the memory of batches of long rows. null: whole batches."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps spent warming up linearly from 0."})

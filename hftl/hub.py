@@ -71,12 +71,14 @@ def verify_reload(folder: Path, task: str, inputs: list, expected: list[str], ti
 
 
 def save_output(out_dir: str, model, processor, card, extra: dict[str, object], overwrite: bool,
-                verify=None, export=lambda m: m, save_adapter: bool = False) -> Path:
+                verify=None, export=lambda m: m, save_adapter: bool = False, release: bool = False) -> Path:
     """Write everything to a temporary sibling folder, check it, then swap it into place.
 
     An existing output is replaced only after the new one is complete and verified, so a failed
     run never leaves a half-written folder or loses the previous one. `extra` maps file names to a
     str (written as is), a callable (called with the file's path; it writes the file) or JSON data.
+    With `release`, `model`'s weights are dropped (moved to the meta device) once written, before `verify` loads
+    the folder: a run then never holds two copies of the model; `model` is unusable afterwards.
     """
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,11 @@ def save_output(out_dir: str, model, processor, card, extra: dict[str, object], 
     try:
         if save_adapter:  # before export: merging LoRA removes the adapter layers
             model.save_pretrained(tmp / "adapter")
-        export(model).save_pretrained(tmp)
+        exported = export(model)
+        exported.save_pretrained(tmp)
+        if release:
+            exported.to("meta")
+            del model, exported
         processor.save_pretrained(tmp)
         card.save(tmp / "README.md")
         for name, content in extra.items():

@@ -145,6 +145,7 @@ def run(cfg: Config, modality: Modality) -> dict:
         verify=verify,
         export=mode.export,
         save_adapter=cfg.adapt.save_adapter and mode.name in adapt.lora.PEFT_MODES,
+        release=True,  # the run is done with it; the reload check loads the saved copy
     )
     agree = "agree (near-ties allowed: mixed precision)" if tie else "identical"
     accelerator.print(f"Saved {out} (pipeline reload check: {len(expected)} validation predictions {agree})")

@@ -165,17 +165,30 @@ def eval_dataloader(ds, collator, batch_size: int) -> tuple[list[int], DataLoade
     return order, DataLoader(ds.select(order), batch_size=batch_size, collate_fn=collator)
 
 
-def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order: list[int] | None = None) -> dict:
+def _slices(batch: dict, max_tokens: int | None):
+    """The batch in row slices of at most `max_tokens` padded tokens (text: input_ids); whole when unbounded or not text."""
+    ids = batch.get("input_ids")
+    if not max_tokens or ids is None or ids.ndim != 2 or ids.numel() <= max_tokens:
+        yield batch
+        return
+    rows = max(1, max_tokens // ids.shape[1])
+    for i in range(0, len(ids), rows):
+        yield {k: v[i:i + rows] if torch.is_tensor(v) and v.shape[:1] == ids.shape[:1] else v for k, v in batch.items()}
+
+
+def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order: list[int] | None = None,
+             max_tokens: int | None = None) -> dict:
     """Metrics, mean loss and predictions over every example exactly once (gather_for_metrics).
 
-    `order[i]` is the original row of the i-th example the dataloader yields; predictions come back in row order."""
+    `order[i]` is the original row of the i-th example the dataloader yields; predictions come back in row order.
+    `max_tokens` (train.eval_batch_tokens): the model runs on row slices of a text batch with at most this many padded
+    tokens, so a batch of the longest rows needs no more memory than one of short rows."""
     model.eval()
     preds, refs, losses = [], [], []
     with torch.inference_mode():
         for batch in dataloader:
             windows = batch.pop("num_windows", None)
-            out = model(**batch)
-            logits, labels = out.logits, batch["labels"]
+            logits, labels = torch.cat([model(**part).logits for part in _slices(batch, max_tokens)]), batch["labels"]
             if windows is not None:  # examples cut into several model inputs (audio windows): average their logits
                 logits, labels = average_windows(logits, labels, windows)
             # Loss per example, not the batch mean: the mean over the split then weighs every example once,
@@ -343,9 +356,10 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                     bar.set_postfix(loss=f"{loop.log[-1]['loss']:.4f}", lr=f"{lr:.2e}")
                     if t.report_to:
                         accelerator.log({"train/loss": loop.log[-1]["loss"], "train/lr": lr}, step=loop.step)
-                if loop.step % eval_every == 0 or loop.step == total_steps:
+                # The last step's evaluation runs after the loop, once the optimizer's state is gone (see below).
+                if loop.step % eval_every == 0 and loop.step < total_steps:
                     _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch,
-                                              held, last=loop.step == total_steps)
+                                              held)
                 if (t.save_every and loop.step % t.save_every == 0) or stop_asked:
                     loop.seconds = time.perf_counter() - start
                     path = checkpoint.save(accelerator, ckpt_dir, loop.step, t.keep_last, run,
@@ -366,9 +380,17 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     accelerator.free_memory()
 
     unwrapped = accelerator.unwrap_model(model)
-    if loop.best_state is not None:
+    final = {}
+    if not loop.stopped and (not loop.history or loop.history[-1]["step"] != loop.step):
+        # The last step's evaluation, without the optimizer's state in memory; when these weights are the best it is
+        # also the final validation result (one pass over validation, not two).
+        final["validation"] = _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign,
+                                                        steps_per_epoch, held, last=True, order=orders["validation"])
+    if loop.best_state is not None:  # an earlier evaluation was better: its weights are the result
         unwrapped.load_state_dict(loop.best_state, strict=False)
-    final = {split: evaluate(model, dl, accelerator, metric_modules, orders[split]) for split, dl in eval_dls.items()}
+        final.pop("validation", None)
+    final = {split: final.get(split) or evaluate(model, dl, accelerator, metric_modules, orders[split], t.eval_batch_tokens)
+             for split, dl in eval_dls.items()}
     if t.report_to:
         accelerator.end_training()
     return {
@@ -384,9 +406,11 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
 
 
 def _evaluate_during_training(model, dataloader, accelerator, metric_modules, loop: LoopState, t: TrainConfig, sign: int,
-                              steps_per_epoch: int, held: set[int], last: bool = False) -> None:
-    """Evaluate on validation, record it, keep a snapshot of the best state, decide on early stopping."""
-    scores = evaluate(model, dataloader, accelerator, metric_modules)["metrics"]
+                              steps_per_epoch: int, held: set[int], last: bool = False, order: list[int] | None = None) -> dict:
+    """Evaluate on validation, record it, keep a snapshot of the best state, decide on early stopping.
+    Returns evaluate()'s result (predictions in row order when `order` is given)."""
+    result = evaluate(model, dataloader, accelerator, metric_modules, order, t.eval_batch_tokens)
+    scores = result["metrics"]
     if t.metric_for_best not in scores:
         raise ValueError(f"train.metric_for_best='{t.metric_for_best}' is not computed; validation gives {sorted(scores)}.")
     entry = {"step": loop.step, "epoch": round(loop.step / steps_per_epoch, 3),
@@ -406,3 +430,4 @@ def _evaluate_during_training(model, dataloader, accelerator, metric_modules, lo
         if t.early_stopping_patience and loop.bad_evals >= t.early_stopping_patience:
             accelerator.print(f"early stopping: no {t.metric_for_best} gain in {loop.bad_evals} evaluations")
             loop.stopped = True
+    return result
