@@ -109,16 +109,20 @@ def make_scheduler(optimizer, t: TrainConfig, total_steps: int):
     return get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-# Columns whose list length is a row's length: token ids (text), waveform samples (audio).
+# Columns whose list length is a row's length: token ids (text), waveform samples (audio held in the rows).
 LENGTH_COLUMNS = ("input_ids", "input_values")
+# A column that holds the length itself: audio decoded on the fly (hftl/data/audio.py), its samples per model input.
+LENGTH_VALUE_COLUMN = "num_samples"
 
 
 def _lengths(ds) -> list[int] | None:
     """Each row's input length, read from Arrow without decoding the rows; None when no column has one."""
     column = next((c for c in LENGTH_COLUMNS if c in ds.column_names), None)
-    if column is None:
-        return None
-    return pc.list_value_length(ds.with_format("arrow")[column]).to_pylist()
+    if column is not None:
+        return pc.list_value_length(ds.with_format("arrow")[column]).to_pylist()
+    if LENGTH_VALUE_COLUMN in ds.column_names:
+        return ds.with_format("arrow")[LENGTH_VALUE_COLUMN].to_pylist()
+    return None
 
 
 def sorted_order(ds) -> list[int]:

@@ -20,8 +20,7 @@ def load_feature_extractor(path: str, cfg: Config):
 
 
 def pipeline_inputs(rows, cfg: Config) -> list:
-    rate = load_feature_extractor(models.resolve(cfg.model)[0], cfg).sampling_rate
-    return audio.inputs_for_pipeline(rows, cfg.data, rate)
+    return audio.inputs_for_pipeline(rows, cfg.data, load_feature_extractor(models.resolve(cfg.model)[0], cfg))
 
 
 AUDIO = Modality(

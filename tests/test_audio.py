@@ -51,19 +51,24 @@ def write_clips(folder: Path, name: str, n: int, seed: int, long_every: int = 0)
 
 
 def tiny_speech_model(folder: Path, kind: str = "wav2vec2") -> Path:
-    """A 2-layer, 16-wide base model (no head) and its 16 kHz feature extractor, saved with save_pretrained."""
+    """A 2-layer, 16-wide base model (no head) and its 16 kHz feature extractor, saved with save_pretrained.
+    wav2vec2 and hubert: base style (group-norm feature encoder, no attention mask: clips padded to the window);
+    wav2vec2-masked: large-lv60 style (layer norm, attention mask: clips padded per batch)."""
     from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     torch.manual_seed(0)
-    config_cls, model_cls = {"wav2vec2": (Wav2Vec2Config, Wav2Vec2Model), "hubert": (HubertConfig, HubertModel)}[kind]
+    config_cls, model_cls = {"wav2vec2": (Wav2Vec2Config, Wav2Vec2Model), "wav2vec2-masked": (Wav2Vec2Config, Wav2Vec2Model),
+                             "hubert": (HubertConfig, HubertModel)}[kind]
+    masked = kind == "wav2vec2-masked"
     config = config_cls(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
         conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 4, 4),  # 80 samples per frame
         num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4, classifier_proj_size=8,
         mask_time_prob=0.0, layerdrop=0.0,
+        **({"feat_extract_norm": "layer", "do_stable_layer_norm": True} if masked else {}),
     )
     model_cls(config).save_pretrained(str(folder))
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=False).save_pretrained(str(folder))
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=masked).save_pretrained(str(folder))
     return folder
 
 
@@ -115,6 +120,7 @@ RUNS = {  # mode -> (architecture, learning rate)
     "full": ("wav2vec2", 0.01),
     "lora": ("wav2vec2", 0.02),
     "lora-hubert": ("hubert", 0.02),
+    "full-masked": ("wav2vec2-masked", 0.01),  # clips padded per batch, grouped by length
 }
 
 
@@ -125,7 +131,7 @@ def run(request, w2v, clips, tmp_path_factory) -> Run:
 
     kind, lr = RUNS[request.param]
     mode = request.param.split("-")[0]
-    checkpoint = w2v if kind == "wav2vec2" else tiny_speech_model(tmp_path_factory.mktemp("tiny_hubert"), "hubert")
+    checkpoint = w2v if kind == "wav2vec2" else tiny_speech_model(tmp_path_factory.mktemp(f"tiny_{kind}"), kind)
     cfg = audio_cfg(tmp_path_factory.mktemp(f"audio_{request.param}") / "out", checkpoint, clips["train"], clips["validation"],
                     adapt__mode=mode, train__learning_rate=lr)
     initial, original = {}, hftl.models.load_classifier
@@ -164,15 +170,19 @@ def test_projector_and_classifier_trained_and_saved(run):
 
 def test_pipeline_reload_predicts_what_evaluation_predicted(run):
     from datasets import load_dataset
-    from transformers import pipeline
+    from transformers import AutoFeatureExtractor, pipeline
 
     from hftl.data import audio
 
     predictions = read_json(run.out / "predictions_validation.json")
     rows = load_dataset("csv", data_files=str(run.cfg.data.validation_file), split="train")
     rows = rows.map(lambda r: {"path": str(Path(run.cfg.data.validation_file).parent / r["path"])})
-    inputs = audio.inputs_for_pipeline(rows, run.cfg.data, 16000)
+    extractor = AutoFeatureExtractor.from_pretrained(str(run.out))
+    inputs = audio.inputs_for_pipeline(rows, run.cfg.data, extractor)
     assert inputs.count(None) == 4  # the long clips: evaluated in several windows, which the pipeline does not do
+    # A model that masks padding gets each clip as it is; one that does not, the clip padded to the window.
+    size = round(WINDOW * 16000)
+    assert all((len(x["raw"]) < size) == extractor.return_attention_mask for x in inputs if x is not None)
     clf = pipeline("audio-classification", model=str(run.out), device=-1)
     fits = [i for i, x in enumerate(inputs) if x is not None]
     got = [clf(inputs[i])[0]["label"] for i in fits]
@@ -249,6 +259,50 @@ def test_eval_windows_and_training_crops():
     assert all(len(c) == size and torch.equal(c, long[int(c[0]) - 1:int(c[0]) - 1 + size]) for c in crops)
     assert len({int(c[0]) for c in crops}) > 1  # a new random window each time
     assert torch.equal(audio.train_input(short, 16000, size, cfg), padded[0])
+    # A model that masks padding: short clips stay as they are (the collator pads per batch)
+    assert torch.equal(audio.eval_input(short, size, window=True, pad=False), short[None])
+    assert torch.equal(audio.train_input(short, 16000, size, cfg, pad=False), short)
+    assert torch.equal(audio.eval_input(long, size, window=True, pad=False), windows)  # long clips: windows as before
+
+
+def test_batch_padding_groups_clips_by_length_and_does_not_change_predictions(tmp_path_factory, clips):
+    """With an attention mask, a clip is padded only to its batch's longest, and the model's output for it is the
+    same as alone: what makes padding per batch (instead of to the full window) safe."""
+    from datasets import load_dataset
+    from transformers import AutoFeatureExtractor, Wav2Vec2ForSequenceClassification
+
+    from hftl.data import audio
+    from hftl.train import _lengths, eval_dataloader, train_dataloader
+
+    folder = tiny_speech_model(tmp_path_factory.mktemp("tiny_masked"), "wav2vec2-masked")
+    extractor = AutoFeatureExtractor.from_pretrained(str(folder))
+    assert audio.batch_padding(extractor)
+    cfg = audio_cfg(tmp_path_factory.mktemp("unused"), folder, clips["train"], clips["validation"])
+    splits = load_dataset("csv", data_files={s: str(clips[s]) for s in ("train", "validation")})
+    splits = splits.map(lambda r: {"path": str(clips["train"].parent / r["path"]), "labels": int(r["label"] == "high")})
+    encoded, collator = audio.prepare(splits.remove_columns("label"), extractor, cfg.data, 8)
+    size = round(WINDOW * 16000)
+    # num_samples: each clip's length at 16 kHz from its 8 kHz file header, capped at one window
+    expected = [min(size, 2 * len(sf.read(clips["train"].parent / p)[0])) for p in splits["train"]["path"]]
+    assert _lengths(encoded["train"]) == expected
+    batches = list(train_dataloader(encoded["train"], collator, cfg.train))
+    widths = [b["input_values"].shape[1] for b in batches]
+    assert max(widths) <= size and min(widths) < max(widths)  # padded per batch, not to the window
+    assert all("attention_mask" in b for b in batches if b["input_values"].shape[0] > 1)
+    # length grouping: within a batch, lengths are close (the sorted megabatch's neighbours)
+    assert sum(len(b["labels"]) for b in batches) == len(encoded["train"])
+
+    torch.manual_seed(0)
+    model = Wav2Vec2ForSequenceClassification.from_pretrained(str(folder), num_labels=2).eval()
+    order, dl = eval_dataloader(encoded["validation"], collator, 8)
+    assert [_lengths(encoded["validation"])[i] for i in order] == sorted(_lengths(encoded["validation"]))
+    batch = next(iter(dl))
+    assert batch["input_values"].shape[1] < size  # the shortest clips: no window of silence
+    with torch.inference_mode():
+        together = model(input_values=batch["input_values"], attention_mask=batch["attention_mask"]).logits
+        for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+            alone = collator([{"input_values": batch["input_values"][i:i + 1, :n], "labels": 0}])
+            assert torch.allclose(model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0], together[i], atol=1e-5)
 
 
 def test_average_windows():

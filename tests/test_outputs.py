@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from hftl import hub
 
@@ -173,3 +174,20 @@ def test_check_output_dir_cases(tmp_path):
     hub.check_output_dir(str(tmp_path / "full"), overwrite=True)
     with pytest.raises(hub.OutputError):
         hub.check_output_dir(str(tmp_path / "full"), overwrite=False)
+
+
+def test_save_output_release_drops_the_weights_before_verify(tmp_path, tiny_bert):
+    """release=True: the run's model lets go of its weights once written, so the reload check never holds two copies;
+    the folder still holds them all."""
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    hub.save_output(str(tmp_path / "out"), model, AutoTokenizer.from_pretrained(str(tiny_bert)), ModelCard("# card\n"), {},
+                    overwrite=False, verify=lambda folder: seen.append({p.device.type for p in model.parameters()}), release=True)
+    assert seen == [{"meta"}]
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in expected.items() if k in saved) and "classifier.weight" in saved

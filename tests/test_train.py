@@ -66,3 +66,54 @@ def test_best_state_snapshot_keeps_parameters_that_thaw_later():
     held = {id(p) for p in model.parameters()}
     assert set(_snapshot(model, held)) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     assert set(_snapshot(model, set())) == {"1.weight", "1.bias"}  # never trained: nothing to restore
+
+
+def test_token_budget_slices_give_the_same_evaluation(tiny_bert, toy_rows_validation):
+    """train.eval_batch_tokens runs a batch in row slices; predictions, metrics and loss must not change."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
+
+    from hftl.train import _slices, eval_dataloader
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    ds = Dataset.from_list([{"text": r["text"] + " a b c d" * (i % 7), "labels": int(r["label"] == "positive")}
+                            for i, r in enumerate(toy_rows_validation)])
+    ds = ds.map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    accelerator, modules = make_accelerator(TrainConfig(mixed_precision="no")), metrics.load_metrics(["accuracy"])
+    order, dl = eval_dataloader(ds, DataCollatorWithPadding(tokenizer), 16)
+    whole = evaluate(model, dl, accelerator, modules, order)
+    sliced = evaluate(model, dl, accelerator, modules, order, max_tokens=40)
+    assert sliced["predictions"] == whole["predictions"]
+    assert sliced["metrics"] == pytest.approx(whole["metrics"], rel=1e-5)
+    batch = next(iter(dl))
+    parts = list(_slices(batch, 40))
+    width = batch["input_ids"].shape[1]
+    assert len(parts) > 1 and all(p["input_ids"].numel() <= max(40, width) for p in parts)
+    assert torch.equal(torch.cat([p["labels"] for p in parts]), batch["labels"])  # every row once, in order
+    assert list(_slices(batch, None))[0] is batch
+
+
+@pytest.mark.parametrize("last_is_best", [True, False])
+def test_last_evaluation_runs_once_and_is_the_final_result(make_cfg, tmp_path, monkeypatch, last_is_best):
+    """The last step's evaluation runs after training (optimizer state freed) and, when those weights are the best,
+    is not repeated: the final metrics are its. When an earlier one is best, its weights come back and are evaluated."""
+    import hftl.train
+    from conftest import read_json
+    from recipes.text_classification import main
+
+    calls = []
+    real = hftl.train.evaluate
+    monkeypatch.setattr(hftl.train, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # Validation loss falls from the first evaluation to the second on the toy data; "best" is the lowest (last) or,
+    # with greater_is_better, the highest (first).
+    cfg = make_cfg(tmp_path, extra={"train.epochs": 2, "train.evals_per_epoch": 1, "train.metric_for_best": "loss",
+                                    "train.greater_is_better": not last_is_best, "output.verify_reload": 0})
+    results = main(cfg)
+    saved = read_json(tmp_path / "out" / "results.json")
+    first, last = saved["history"]
+    assert last["eval_loss"] < first["eval_loss"]
+    assert saved["best_step"] == (last if last_is_best else first)["step"]
+    assert len(calls) == (2 if last_is_best else 3)
+    assert results["validation"]["loss"] == pytest.approx((last if last_is_best else first)["eval_loss"])

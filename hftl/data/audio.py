@@ -1,13 +1,19 @@
-"""Audio modality: decode, mix to mono, resample to the model's rate, one fixed-length window per model input.
+"""Audio modality: decode, mix to mono, resample to the model's rate, at most `data.max_duration` per model input.
 
-Every model input is `data.max_duration` seconds at the feature extractor's sampling rate. Training
-takes a random window of a longer clip; a shorter clip is padded with silence (zeros) at the end.
-Evaluation pads a short clip the same way and cuts a longer one into windows half a window apart (the
-last one ends where the clip ends), whose logits `hftl.train.evaluate` averages (`num_windows` in the
-batch); with data.eval_window=false a longer clip is fed whole instead. Equal-length inputs need no
-padding inside a batch, which matters: wav2vec2-base-style models (group-norm feature encoder, no
-attention mask) give other outputs for a zero-padded input, so a prediction would depend on its batch
-neighbours, and would differ from what pipeline("audio-classification") says for the same clip.
+Training takes a random window of `data.max_duration` seconds (at the feature extractor's sampling
+rate) of a longer clip. Evaluation cuts a longer clip into windows half a window apart (the last one
+ends where the clip ends), whose logits `hftl.train.evaluate` averages (`num_windows` in the batch);
+with data.eval_window=false a longer clip is fed whole instead.
+
+A shorter clip is padded in one of two ways, decided by the feature extractor:
+- it gives an attention mask (wav2vec2-large-lv60 / layer-norm style, HuBERT, WavLM): padding is masked
+  out, so a clip is padded only to the longest clip of its batch, and batches group clips of similar
+  length (each row's `num_samples`, read from the file's header, drives `hftl.train`'s length grouping
+  and length-sorted evaluation) — no time spent on silence;
+- it gives none (wav2vec2-base style: group-norm feature encoder): the model's outputs change with
+  zero padding, so every clip is padded with silence to the full window; equal-length inputs need no
+  padding inside a batch, so a prediction never depends on its batch neighbours and matches what
+  pipeline("audio-classification") says for the same padded clip.
 
 Decoding is torchcodec (FFmpeg; what datasets' Audio feature uses) or soundfile (libsndfile), chosen
 by data.audio_decoder; resampling is torchaudio's (as in transformers' audio-classification pipeline).
@@ -110,29 +116,47 @@ def _pad(wave: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(wave, (0, size - len(wave))) if len(wave) < size else wave
 
 
-def eval_input(wave: torch.Tensor, size: int, window: bool) -> torch.Tensor:
-    """(windows x samples): one padded window for a short clip; overlapping windows (or the whole clip) for a long one."""
+def eval_input(wave: torch.Tensor, size: int, window: bool, pad: bool = True) -> torch.Tensor:
+    """(windows x samples): one window for a short clip (padded to `size` when `pad`); overlapping windows (or the
+    whole clip) for a long one."""
     if len(wave) <= size:
-        return _pad(wave, size)[None]
+        return (_pad(wave, size) if pad else wave)[None]
     if not window:
         return wave[None]
     starts = [*range(0, len(wave) - size, size // 2), len(wave) - size]
     return torch.stack([wave[s:s + size] for s in starts])
 
 
-def train_input(wave: torch.Tensor, rate: int, size: int, cfg: DataConfig) -> torch.Tensor:
-    """A random window of `size` samples, augmented as data.augment says."""
+def train_input(wave: torch.Tensor, rate: int, size: int, cfg: DataConfig, pad: bool = True) -> torch.Tensor:
+    """A random window of at most `size` samples (padded to `size` when `pad`), augmented as data.augment says."""
     if "speed" in cfg.augment:
         wave = AF.speed(wave, rate, random.choice(SPEEDS))[0]
     if len(wave) > size:
         start = random.randrange(len(wave) - size + 1)
         wave = wave[start:start + size]
-    wave = _pad(wave, size)
+    if pad:
+        wave = _pad(wave, size)
     if "gain" in cfg.augment:
         wave = AF.gain(wave, random.uniform(-cfg.gain_db, cfg.gain_db))
     if "noise" in cfg.augment:
-        wave = AF.add_noise(wave[None], torch.randn(1, size), torch.tensor([cfg.noise_snr_db]))[0]
+        wave = AF.add_noise(wave[None], torch.randn(1, len(wave)), torch.tensor([cfg.noise_snr_db]))[0]
     return wave
+
+
+def batch_padding(feature_extractor) -> bool:
+    """Whether clips are padded per batch (the model masks padding) rather than each to the full window."""
+    return bool(getattr(feature_extractor, "return_attention_mask", False))
+
+
+def num_samples(value: dict, decode, rate: int) -> int:
+    """A clip's length in samples at `rate`: from the file's header (soundfile), else by decoding it."""
+    try:
+        info = sf.info(_file(value))
+        frames, source_rate = info.frames, info.samplerate
+    except Exception:  # a format libsndfile cannot read (torchcodec decodes it)
+        wave, source_rate = decode(value)
+        frames = wave.shape[-1]
+    return round(frames * rate / source_rate)
 
 
 def window_size(cfg: DataConfig, rate: int) -> int:
@@ -157,7 +181,7 @@ def check(splits: DatasetDict, cfg: DataConfig) -> tuple[DatasetDict, dict[str, 
     return media.check(media.as_files(splits, cfg.audio_column, Audio), cfg.audio_column, probe, cfg.on_bad_sample, "audio")
 
 
-def _transform(batch: dict, column: str, decode, rate: int, size: int, cfg: DataConfig, train: bool) -> dict:
+def _transform(batch: dict, column: str, decode, rate: int, size: int, cfg: DataConfig, train: bool, pad: bool) -> dict:
     inputs = []
     for value in batch[column]:
         try:
@@ -165,7 +189,7 @@ def _transform(batch: dict, column: str, decode, rate: int, size: int, cfg: Data
         except Exception as e:  # checked before training, so the file changed since
             raise DataError(f"cannot read audio file '{media.name_of(value)}' ({media.reason(e)}); it could be read "
                             "before training started: was it changed or removed?") from e
-        inputs.append(train_input(wave, rate, size, cfg)[None] if train else eval_input(wave, size, cfg.eval_window))
+        inputs.append(train_input(wave, rate, size, cfg, pad)[None] if train else eval_input(wave, size, cfg.eval_window, pad))
     # adapt.reweight adds a per-row loss weight to the training rows; it passes through to the collator.
     return {"input_values": inputs, "labels": batch["labels"], **({"weight": batch["weight"]} if "weight" in batch else {})}
 
@@ -174,7 +198,8 @@ def collate(rows: list[dict], feature_extractor) -> dict:
     """Every window of every row through the feature extractor; `num_windows` when a row has several."""
     counts = [len(r["input_values"]) for r in rows]
     waves = [w.numpy() for r in rows for w in r["input_values"]]
-    # Equal lengths (always, except data.eval_window=false): called exactly as the pipeline calls it.
+    # Equal lengths (always for a model without attention mask, except data.eval_window=false): called exactly as the
+    # pipeline calls it for one clip.
     padding = "longest" if len({len(w) for w in waves}) > 1 else False
     batch = dict(feature_extractor(waves, sampling_rate=feature_extractor.sampling_rate, padding=padding, return_tensors="pt"))
     batch["labels"] = torch.tensor([r["labels"] for r, n in zip(rows, counts) for _ in range(n)])
@@ -199,20 +224,25 @@ def prepare(splits: DatasetDict, feature_extractor, cfg: DataConfig, eval_batch_
     decode, _ = decoder(cfg.audio_decoder)
     rate = feature_extractor.sampling_rate
     size = window_size(cfg, rate)
+    pad = not batch_padding(feature_extractor)
     splits = media.as_files(splits, cfg.audio_column, Audio)
+    if not pad:  # each row's input length (a long clip's windows: one window), for length-grouped batches
+        splits = splits.map(lambda b: {"num_samples": [min(size, num_samples(v, decode, rate)) for v in b[cfg.audio_column]]},
+                            batched=True, desc="Reading clip lengths")
     encoded = DatasetDict({
         split: ds.with_transform(functools.partial(_transform, column=cfg.audio_column, decode=decode, rate=rate, size=size,
-                                                   cfg=cfg, train=split == "train"))
+                                                   cfg=cfg, train=split == "train", pad=pad))
         for split, ds in splits.items()
     })
     return encoded, functools.partial(collate, feature_extractor=feature_extractor)
 
 
-def inputs_for_pipeline(rows, cfg: DataConfig, rate: int) -> list:
+def inputs_for_pipeline(rows, cfg: DataConfig, feature_extractor) -> list:
     """What pipeline("audio-classification") is given to reproduce evaluation: a clip that fits one window,
-    at the model's rate and padded as evaluation pads it; None for a longer clip, which evaluation cuts
-    into windows (or batches with padding) where the pipeline would feed it whole."""
+    at the model's rate and padded as evaluation pads it (the model masks any padding: as it is); None for a
+    longer clip, which evaluation cuts into windows (or batches with padding) where the pipeline would feed it whole."""
     decode, _ = decoder(cfg.audio_decoder)
-    size = window_size(cfg, rate)
+    rate = feature_extractor.sampling_rate
+    size, pad = window_size(cfg, rate), not batch_padding(feature_extractor)
     waves = (load(v, decode, rate) for v in media.as_file_column(rows, cfg.audio_column, Audio)[cfg.audio_column])
-    return [{"raw": _pad(w, size).numpy(), "sampling_rate": rate} if len(w) <= size else None for w in waves]
+    return [{"raw": (_pad(w, size) if pad else w).numpy(), "sampling_rate": rate} if len(w) <= size else None for w in waves]
