@@ -49,7 +49,7 @@ def run(request, make_cfg, tmp_path_factory):
     def spy_fit(model, *args, **kwargs):
         seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
         result = fit(model, *args, **kwargs)
-        seen["unmerged"] = {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
+        seen["unmerged"] = {k: v.detach().cpu().clone() for k, v in result["model"].state_dict().items()}
         return result
 
     def spy_allocate(self, global_step):

@@ -152,6 +152,7 @@ def test_cached_head_on_transformed_inputs_with_windows_matches_the_full_model(t
     assert all(not s["hit"] and s["file"] for s in result["feature_cache"]["splits"].values())
     # The returned full model, run on the raw windows (logits averaged per clip), gives what the cached head gave.
     dl = torch.utils.data.DataLoader(encoded["validation"], batch_size=cfg.train.eval_batch_size, collate_fn=collator)
+    dl = accelerator.prepare(dl)  # batches on the model's device, as in training
     out = evaluate(result["model"], dl, accelerator, metrics.load_metrics(["accuracy"]))
     assert out["predictions"] == result["predictions"]["validation"]
     assert out["metrics"]["loss"] == pytest.approx(result["results"]["validation"]["loss"], abs=1e-5)

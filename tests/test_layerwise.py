@@ -193,7 +193,7 @@ def test_gradual_unfreezes_top_down_on_schedule(make_cfg, tiny_bert, tmp_path, c
     def on_step(self, model, step, epoch):  # record the weights the step starts from, and what trains in it
         original_on_step(self, model, step, epoch)
         params = dict(model.named_parameters())
-        seen[step] = {n: (params["bert." + n].detach().clone(), params["bert." + n].requires_grad) for n in watched}
+        seen[step] = {n: (params["bert." + n].detach().cpu().clone(), params["bert." + n].requires_grad) for n in watched}
 
     def optimizer(model, t, hooks=()):
         optimizers.append((original_optimizer(model, t, hooks), dict(model.named_parameters())))

@@ -18,7 +18,7 @@ SETTINGS = {"adapt.mode": "lpft", "adapt.lp_epochs": 5, "adapt.lp_learning_rate"
 
 
 def _copy(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # CPU: compared with files
 
 
 def _split(state) -> tuple[dict, dict]:
