@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import Config, ConfigError
-from .train import fit, sorted_order
+from .train import token_slices, fit, sorted_order
 
 # Modes whose backbone is frozen, so its features are the same every epoch.
 FROZEN_MODES = ("head",)
@@ -198,16 +198,18 @@ def _split_key(base: str | None, ds: Dataset) -> str | None:
 
 
 def extract(model: nn.Module, head: list[str], ds: Dataset, collator, batch_size: int, accelerator,
-            cache_file: str | None, key: str | None, desc: str = "Caching features") -> Dataset:
+            cache_file: str | None, key: str | None, desc: str = "Caching features", max_tokens: int | None = None) -> Dataset:
     """Columns 'features' (per row: its model inputs' feature vectors, concatenated) and 'labels', in row order;
-    read from `cache_file` when it exists."""
+    read from `cache_file` when it exists. `max_tokens`: text batches run in row slices of at most that many padded
+    tokens (train.eval_batch_tokens, as in evaluation)."""
     order = sorted_order(ds)  # length-sorted batches pad least; 'row' restores the order afterwards
 
     def features(batch, positions):
         collated = collator(_rows(batch))
         counts = collated.get("num_windows", torch.ones(len(positions), dtype=torch.long)).tolist()
         with torch.inference_mode(), accelerator.autocast():
-            out = model(**_model_inputs(collated, accelerator.device)).logits.float().cpu()
+            inputs = _model_inputs(collated, accelerator.device)
+            out = torch.cat([model(**part).logits for part in token_slices(inputs, max_tokens)]).float().cpu()
         return {"features": [f.reshape(-1).numpy() for f in out.split(counts)], "row": [order[p] for p in positions]}
 
     model.eval()
@@ -251,7 +253,8 @@ def split_features(model: nn.Module, head: list[str], split: str, ds: Dataset, c
     if file:
         cache_dir(cfg).mkdir(parents=True, exist_ok=True)
     with rng_watch() as watch:
-        features = extract(model, head, ds, collator, cfg.train.eval_batch_size, accelerator, file, key, desc=f"Caching {split} features")
+        features = extract(model, head, ds, collator, cfg.train.eval_batch_size, accelerator, file, key, desc=f"Caching {split} features",
+                           max_tokens=cfg.train.eval_batch_tokens)
     if watch.drew:
         if file and os.path.exists(file):
             os.remove(file)

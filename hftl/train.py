@@ -169,7 +169,7 @@ def eval_dataloader(ds, collator, batch_size: int) -> tuple[list[int], DataLoade
     return order, DataLoader(ds.select(order), batch_size=batch_size, collate_fn=collator)
 
 
-def _slices(batch: dict, max_tokens: int | None):
+def token_slices(batch: dict, max_tokens: int | None):
     """The batch in row slices of at most `max_tokens` padded tokens (text: input_ids); whole when unbounded or not text."""
     ids = batch.get("input_ids")
     if not max_tokens or ids is None or ids.ndim != 2 or ids.numel() <= max_tokens:
@@ -192,7 +192,7 @@ def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order:
     with torch.inference_mode():
         for batch in dataloader:
             windows = batch.pop("num_windows", None)
-            logits, labels = torch.cat([model(**part).logits for part in _slices(batch, max_tokens)]), batch["labels"]
+            logits, labels = torch.cat([model(**part).logits for part in token_slices(batch, max_tokens)]), batch["labels"]
             if windows is not None:  # examples cut into several model inputs (audio windows): average their logits
                 logits, labels = average_windows(logits, labels, windows)
             # Loss per example, not the batch mean: the mean over the split then weighs every example once,

@@ -73,7 +73,7 @@ def test_token_budget_slices_give_the_same_evaluation(tiny_bert, toy_rows_valida
     from datasets import Dataset
     from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
-    from hftl.train import _slices, eval_dataloader
+    from hftl.train import token_slices, eval_dataloader
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
     ds = Dataset.from_list([{"text": r["text"] + " a b c d" * (i % 7), "labels": int(r["label"] == "positive")}
@@ -88,11 +88,11 @@ def test_token_budget_slices_give_the_same_evaluation(tiny_bert, toy_rows_valida
     assert sliced["predictions"] == whole["predictions"]
     assert sliced["metrics"] == pytest.approx(whole["metrics"], rel=1e-5)
     batch = next(iter(dl))
-    parts = list(_slices(batch, 40))
+    parts = list(token_slices(batch, 40))
     width = batch["input_ids"].shape[1]
     assert len(parts) > 1 and all(p["input_ids"].numel() <= max(40, width) for p in parts)
     assert torch.equal(torch.cat([p["labels"] for p in parts]), batch["labels"])  # every row once, in order
-    assert list(_slices(batch, None))[0] is batch
+    assert list(token_slices(batch, None))[0] is batch
 
 
 @pytest.mark.parametrize("last_is_best", [True, False])
