@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import Config, ConfigError
-from .train import token_slices, fit, sorted_order
+from .train import fit, sorted_order, token_slices
 
 # Modes whose backbone is frozen, so its features are the same every epoch.
 FROZEN_MODES = ("head",)

@@ -73,7 +73,7 @@ def test_token_budget_slices_give_the_same_evaluation(tiny_bert, toy_rows_valida
     from datasets import Dataset
     from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding
 
-    from hftl.train import token_slices, eval_dataloader
+    from hftl.train import eval_dataloader, token_slices
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
     ds = Dataset.from_list([{"text": r["text"] + " a b c d" * (i % 7), "labels": int(r["label"] == "positive")}
