@@ -159,7 +159,8 @@ TASKS = {
     "speech": {
         "what": "FSDD speaker nicolas, 20 clips per digit", "preset": "recipes/configs/audio/wav2vec2_fsdd_full.yaml",
         # 260 steps: the preset's 20 epochs over these 200 rows at batch 16. (At 100, three of the five candidates picked
-        # the largest learning rate tried: under-trained, and LogME's tau was 0.40.)
+        # the largest learning rate tried: under-trained. That was also before clips were padded per batch and masked:
+        # padded with silence to the full second, which the model attended to, LogME's tau was 0.40.)
         "files": lambda: media_files("speech"), "steps": 260, "seeds": [0, 1, 2],
         "note": " The preset keeps the convolutional feature encoder frozen (adapt.freeze_feature_encoder), for every candidate alike.",
         "data": lambda f: [f"data.train_file={f['train']}", f"data.validation_file={f['validation']}", f"data.test_file={f['test']}"],
