@@ -245,4 +245,5 @@ def inputs_for_pipeline(rows, cfg: DataConfig, feature_extractor) -> list:
     rate = feature_extractor.sampling_rate
     size, pad = window_size(cfg, rate), not batch_padding(feature_extractor)
     waves = (load(v, decode, rate) for v in media.as_file_column(rows, cfg.audio_column, Audio)[cfg.audio_column])
-    return [{"raw": (_pad(w, size) if pad else w).numpy(), "sampling_rate": rate} if len(w) <= size else None for w in waves]
+    return [{"raw": eval_input(w, size, cfg.eval_window, pad)[0].numpy(), "sampling_rate": rate} if len(w) <= size else None
+            for w in waves]
