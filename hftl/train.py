@@ -5,7 +5,9 @@ CPU, one GPU or many processes under `accelerate launch`.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import sys
 import time
 
@@ -64,7 +66,32 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
             "or start with `accelerate launch -m hftl train ...`."
         )
     set_seed(cfg.seed)
+    if accelerator.device.type == "cpu":
+        return_freed_blocks(cfg.cpu_mmap_threshold_mib)
     return accelerator
+
+
+def return_freed_blocks(threshold_mib: float | None) -> bool:
+    """CPU runs with glibc: allocations of at least `threshold_mib` get their own memory mapping, handed back to the
+    system when freed (mallopt M_MMAP_THRESHOLD). Returns whether the threshold was set.
+
+    Why: glibc raises its threshold to the largest block freed so far (up to 32 MiB), so after the first batch every
+    activation tensor (a few MiB, a new shape each batch) comes from the heap, whose freed holes fragment and are kept.
+    MiniLM full fine-tuning on SST-2 (1 epoch, 2 CPU cores) peaked at 2,291 MiB with glibc's default and 1,970 MiB
+    with 2 MiB, in the same time (1 MiB: 1,890 MiB, 19% slower, as each mapping is faulted in afresh; 4 MiB: 2,212
+    MiB). MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    if threshold_mib is None or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    if not 0 < threshold_mib <= 32:  # glibc refuses more than 32 MiB; 0 would map every small allocation
+        raise ValueError(f"train.cpu_mmap_threshold_mib={threshold_mib}; expected a size in MiB above 0 and at most 32, or null "
+                         "(glibc's adaptive default).")
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold_mib * 2**20)))
 
 
 def tensor_core_padding(collator, accelerator: Accelerator):

@@ -21,6 +21,7 @@ fastest time and the highest peak memory of each are compared.
   hftl             `hftl train recipes/configs/text/minilm_sst2_<mode>.yaml` (length-grouped batches,
                    length-sorted evaluation in batches of 128; head mode trains on cached features)
   forward          (head mode's floor) one length-sorted inference pass of the model over train + validation
+  glibc            (LoRA and full, once) hftl with train.cpu_mmap_threshold_mib=null: what its malloc setting saves
 
 Shared hyperparameters: learning rate per mode (hftl's presets), AdamW with weight decay 0.01 (not on
 biases and norms), 6% linear warmup then linear decay, gradient clipping at 1.0, fp32. Head: the
@@ -54,6 +55,8 @@ DATA = ROOT.parent / "shared" / "data" / "text" / "sst2"
 LABELS = ["negative", "positive"]
 LEARNING_RATES = {"head": 1e-3, "lora": 1e-3, "full": 5e-5}  # hftl's presets, recipes/configs/text/minilm_sst2_<mode>.yaml
 PEERS = {"max128": "Trainer, official example (pad to 128)", "dynamic": "Trainer, dynamic padding"}
+# hftl with one of its own settings undone, to show what that setting is worth (run once, not a target).
+ABLATIONS = {"glibc": ("hftl with glibc's adaptive malloc threshold (train.cpu_mmap_threshold_mib=null)", ["train.cpu_mmap_threshold_mib=null"])}
 
 
 # ---------------------------------------------------------------- jobs (each runs in its own process)
@@ -223,8 +226,8 @@ class Bench:
     def forward(self) -> dict:
         return self._job("forward", {"kind": "forward"})
 
-    def hftl(self, mode: str, epochs: float, train_samples: int | None, repeat: int = 0) -> dict:
-        name, a = f"hftl-{mode}-{train_samples or 'all'}{f'-r{repeat}' if repeat else ''}", self.args
+    def hftl(self, mode: str, epochs: float, train_samples: int | None, repeat: int = 0, ablation: str = "") -> dict:
+        name, a = f"hftl-{mode}-{train_samples or 'all'}{f'-{ablation}' if ablation else ''}{f'-r{repeat}' if repeat else ''}", self.args
         out = self.work / name / "model"
         cmd = [str(Path(sys.executable).with_name("hftl")), "train", f"recipes/configs/text/minilm_sst2_{mode}.yaml",
                f"data.train_file={Path(a.data) / 'train.csv'}", f"data.validation_file={Path(a.data) / 'validation.csv'}",
@@ -232,6 +235,7 @@ class Bench:
                f"train.seed={a.seed}", f"output.dir={out}", "output.overwrite=true"]
         cmd += [f"data.max_train_samples={train_samples}"] if train_samples else []
         cmd += [f"data.max_eval_samples={a.eval_samples}"] if a.eval_samples else []
+        cmd += ABLATIONS[ablation][1] if ablation else []
 
         def run(folder: Path) -> dict:
             m = launch(cmd, folder / "log.txt", folder / "datasets-cache")
@@ -259,9 +263,9 @@ def mode_table(mode: str, epochs: float, runs: dict) -> list[str]:
              "| system | wall s (whole process) | train s | hftl faster by | accuracy % | peak memory MiB | load avg before | finished |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        label = PEERS.get(name, "hftl" if name == "hftl" else "one forward pass over train + validation (floor)")
+        label = PEERS.get(name) or ABLATIONS.get(name, ("hftl" if name == "hftl" else "one forward pass over train + validation (floor)",))[0]
         train = f"{r['train_seconds']:.1f}" if "train_seconds" in r else f"{r['forward_seconds']:.1f} (forward)"
-        ratio = "" if name == "hftl" else speedup(r, ours) if name in PEERS else f"hftl / floor = {ours['wall'] / r['wall']:.2f}"
+        ratio = "" if name == "hftl" else speedup(r, ours) if name in PEERS or name in ABLATIONS else f"hftl / floor = {ours['wall'] / r['wall']:.2f}"
         acc = f"{100 * r['accuracy']:.2f}" if "accuracy" in r else ""
         lines.append(f"| {label} | {r['wall']:.1f} | {train} | {ratio} | {acc} | {r['peak_mib']:.0f} | {r['load_before']:.2f} | {r.get('at', '')} |")
     for name, r in runs.items():
@@ -395,6 +399,8 @@ def main() -> None:
             runs[peer] = combined([bench.trainer(peer, mode, epochs[mode], i) for i in range(repeats)])
         if mode == "head":
             runs["forward"] = bench.forward()
+        else:
+            runs.update({name: bench.hftl(mode, epochs[mode], args.train_samples, ablation=name) for name in ABLATIONS})
         report[mode] = runs
         print(json.dumps({mode: {k: {x: v for x, v in r.items() if x != "predictions"} for k, r in runs.items()}}), flush=True)
     scaling = {}

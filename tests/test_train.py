@@ -1,6 +1,9 @@
 """hftl.train.evaluate: length-sorted evaluation must score each prediction against its own row."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hftl import metrics
-from hftl.train import evaluate, make_accelerator
+from hftl.train import evaluate, make_accelerator, return_freed_blocks
 from hftl.config import TrainConfig
 
 
@@ -117,3 +120,43 @@ def test_last_evaluation_runs_once_and_is_the_final_result(make_cfg, tmp_path, m
     assert saved["best_step"] == (last if last_is_best else first)["step"]
     assert len(calls) == (2 if last_is_best else 3)
     assert results["validation"]["loss"] == pytest.approx((last if last_is_best else first)["eval_loss"])
+
+
+MMAP_PROBE = """
+import ctypes, sys
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Mallinfo2, ctypes.c_void_p, [ctypes.c_void_p]
+if sys.argv[1] == "hftl":  # before the blocks below, as make_accelerator does before training
+    from hftl.train import return_freed_blocks
+    assert return_freed_blocks(1.0)
+libc.free(libc.malloc(30 << 20))  # glibc's adaptive threshold follows the largest block freed: now 30 MiB
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(3 << 20)
+print(libc.mallinfo2().hblkhd - before)  # bytes mapped for the 3 MiB block: 0 when it came from the heap
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_runs_map_freed_blocks_on_their_own(monkeypatch):
+    """train.cpu_mmap_threshold_mib: a 3 MiB block (an activation tensor) gets its own mapping, which free() returns,
+    instead of a heap hole glibc keeps; without it glibc's adaptive threshold puts the block on the heap."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+    def mapped(setting):
+        return int(subprocess.run([sys.executable, "-c", MMAP_PROBE, setting], env=env, capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert mapped("glibc") == 0
+    assert mapped("hftl") >= 3 << 20
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting is left alone
+    assert return_freed_blocks(1.0) is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert return_freed_blocks(None) is False
+    for bad in (0, -1, 64):
+        with pytest.raises(ValueError, match="train.cpu_mmap_threshold_mib"):
+            return_freed_blocks(bad)
