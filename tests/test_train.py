@@ -106,9 +106,10 @@ def test_last_evaluation_runs_once_and_is_the_final_result(make_cfg, tmp_path, m
     from conftest import read_json
     from recipes.text_classification import main
 
-    calls = []
+    calls, thresholds = [], []
     real = hftl.train.evaluate
     monkeypatch.setattr(hftl.train, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(hftl.train, "return_freed_blocks", thresholds.append)  # CPU training sets the malloc threshold
     # Validation loss falls from the first evaluation to the second on the toy data; "best" is the lowest (last) or,
     # with greater_is_better, the highest (first).
     cfg = make_cfg(tmp_path, extra={"train.epochs": 2, "train.evals_per_epoch": 1, "train.metric_for_best": "loss",
@@ -119,6 +120,7 @@ def test_last_evaluation_runs_once_and_is_the_final_result(make_cfg, tmp_path, m
     assert last["eval_loss"] < first["eval_loss"]
     assert saved["best_step"] == (last if last_is_best else first)["step"]
     assert len(calls) == (2 if last_is_best else 3)
+    assert thresholds == [2.0]
     assert results["validation"]["loss"] == pytest.approx((last if last_is_best else first)["eval_loss"])
 
 
@@ -131,7 +133,7 @@ class Mallinfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Mallinfo2, ctypes.c_void_p, [ctypes.c_void_p]
-if sys.argv[1] == "hftl":  # before the blocks below, as make_accelerator does before training
+if sys.argv[1] == "hftl":  # before the blocks below, as fit() does before training
     from hftl.train import return_freed_blocks
     assert return_freed_blocks(1.0)
 libc.free(libc.malloc(30 << 20))  # glibc's adaptive threshold follows the largest block freed: now 30 MiB
