@@ -289,7 +289,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     checkpoint.check_settings(cfg)
     if accelerator.device.type == "cpu":
         # From here on, not before: inference (feature caching, hftl rank) leaves no heap holes behind, and there the
-        # fresh mappings only cost time (head mode's feature pass on SST-2: 37 s instead of 32 s).
+        # fresh mappings only cost time (head mode's feature pass on SST-2: 37-42 s instead of 29-30 s).
         return_freed_blocks(t.cpu_mmap_threshold_mib)
     train_dl = train_dataloader(encoded["train"], collator, t)
     orders, eval_dls = {}, {}
