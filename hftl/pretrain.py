@@ -27,7 +27,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, DataCollatorForLanguag
 from . import hub, models
 from .config import Config, ConfigError
 from .data import FORMATS, DataError, _load_file, load_target
-from .train import NonFiniteLossError, _lengths, make_scheduler, param_groups, train_dataloader
+from .train import NonFiniteLossError, _lengths, make_scheduler, param_groups, return_freed_blocks, train_dataloader
 
 OBJECTIVES = ("mlm",)
 HELDOUT = 0.05  # share of the texts that only measure the masked-LM loss
@@ -69,6 +69,7 @@ def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator,
         encoded = parts.map(_tokenize(tokenizer, cfg.data.max_length), batched=True, remove_columns=["text"], desc="Tokenizing (mlm)")
     model = _load(AutoModelForMaskedLM, path, cfg)
     model.train()  # from_pretrained returns eval mode: dropout on while training
+    return_freed_blocks(t.cpu_mmap_threshold_mib, accelerator.device)
 
     start = time.perf_counter()
     # Training masks differ per process; the held-out masks are drawn once, so before and after see the same ones.

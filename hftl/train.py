@@ -69,9 +69,11 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
     return accelerator
 
 
-def return_freed_blocks(threshold_mib: float | None) -> bool:
-    """CPU runs with glibc: allocations of at least `threshold_mib` get their own memory mapping, handed back to the
-    system when freed (mallopt M_MMAP_THRESHOLD). Returns whether the threshold was set.
+def return_freed_blocks(threshold_mib: float | None, device: torch.device) -> bool:
+    """Training on a CPU with glibc: allocations of at least `threshold_mib` get their own memory mapping, handed back
+    to the system when freed (mallopt M_MMAP_THRESHOLD). Returns whether the threshold was set. Called when training
+    starts, not before: inference (feature caching, hftl rank) leaves no heap holes behind, and there the fresh
+    mappings only cost time (head mode's feature pass on SST-2: 37-42 s instead of 29-30 s).
 
     Why: glibc raises its threshold to the largest block freed so far (up to 32 MiB), so after the first batch every
     activation tensor that backward keeps (a few MiB, a new shape each batch) comes from the heap, whose freed holes
@@ -79,11 +81,13 @@ def return_freed_blocks(threshold_mib: float | None) -> bool:
     MiniLM full fine-tuning on SST-2 (1 epoch, 2 CPU cores) peaked at 2,291 MiB with glibc's default and 1,970 MiB
     with 2 MiB, in the same time (1 MiB: 1,890 MiB, 19% slower, as each mapping is faulted in afresh; 4 MiB: 2,212
     MiB). MALLOC_MMAP_THRESHOLD_ in the environment wins."""
-    if threshold_mib is None or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+    if threshold_mib is None:
         return False
     if not 0 < threshold_mib <= 32:  # glibc refuses more than 32 MiB; 0 would map every small allocation
         raise ValueError(f"train.cpu_mmap_threshold_mib={threshold_mib}; expected a size in MiB above 0 and at most 32, or null "
                          "(glibc's adaptive default).")
+    if device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
@@ -287,10 +291,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     They run in order; a loss hook gets the previous hook's loss."""
     t = cfg.train
     checkpoint.check_settings(cfg)
-    if accelerator.device.type == "cpu":
-        # From here on, not before: inference (feature caching, hftl rank) leaves no heap holes behind, and there the
-        # fresh mappings only cost time (head mode's feature pass on SST-2: 37-42 s instead of 29-30 s).
-        return_freed_blocks(t.cpu_mmap_threshold_mib)
+    return_freed_blocks(t.cpu_mmap_threshold_mib, accelerator.device)
     train_dl = train_dataloader(encoded["train"], collator, t)
     orders, eval_dls = {}, {}
     for split in encoded:  # validation, and test / target (data.target's labels) when present

@@ -109,7 +109,7 @@ def test_last_evaluation_runs_once_and_is_the_final_result(make_cfg, tmp_path, m
     calls, thresholds = [], []
     real = hftl.train.evaluate
     monkeypatch.setattr(hftl.train, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(hftl.train, "return_freed_blocks", thresholds.append)  # CPU training sets the malloc threshold
+    monkeypatch.setattr(hftl.train, "return_freed_blocks", lambda mib, device: thresholds.append((mib, device.type)))
     # Validation loss falls from the first evaluation to the second on the toy data; "best" is the lowest (last) or,
     # with greater_is_better, the highest (first).
     cfg = make_cfg(tmp_path, extra={"train.epochs": 2, "train.evals_per_epoch": 1, "train.metric_for_best": "loss",
@@ -120,7 +120,7 @@ def test_last_evaluation_runs_once_and_is_the_final_result(make_cfg, tmp_path, m
     assert last["eval_loss"] < first["eval_loss"]
     assert saved["best_step"] == (last if last_is_best else first)["step"]
     assert len(calls) == (2 if last_is_best else 3)
-    assert thresholds == [2.0]
+    assert thresholds == [(2.0, "cpu")]  # training on the CPU set the malloc threshold, once
     assert results["validation"]["loss"] == pytest.approx((last if last_is_best else first)["eval_loss"])
 
 
@@ -134,8 +134,9 @@ class Mallinfo2(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Mallinfo2, ctypes.c_void_p, [ctypes.c_void_p]
 if sys.argv[1] == "hftl":  # before the blocks below, as fit() does before training
+    import torch
     from hftl.train import return_freed_blocks
-    assert return_freed_blocks(1.0)
+    assert return_freed_blocks(1.0, torch.device("cpu"))
 libc.free(libc.malloc(30 << 20))  # glibc's adaptive threshold follows the largest block freed: now 30 MiB
 before = libc.mallinfo2().hblkhd
 block = libc.malloc(3 << 20)
@@ -155,10 +156,12 @@ def test_cpu_runs_map_freed_blocks_on_their_own(monkeypatch):
 
     assert mapped("glibc") == 0
     assert mapped("hftl") >= 3 << 20
+    cpu = torch.device("cpu")
+    assert return_freed_blocks(1.0, torch.device("cuda")) is False  # GPU runs: host memory is not the training's
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting is left alone
-    assert return_freed_blocks(1.0) is False
+    assert return_freed_blocks(1.0, cpu) is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert return_freed_blocks(None) is False
+    assert return_freed_blocks(None, cpu) is False
     for bad in (0, -1, 64):
         with pytest.raises(ValueError, match="train.cpu_mmap_threshold_mib"):
-            return_freed_blocks(bad)
+            return_freed_blocks(bad, cpu)
