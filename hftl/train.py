@@ -45,6 +45,7 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
         precision = "no"
     if precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"train.mixed_precision='{cfg.mixed_precision}'; expected auto, no, bf16 or fp16.")
+    mmap_threshold_bytes(cfg.cpu_mmap_threshold_mib)  # a bad value fails now, not after loading and preprocessing
     # One process may hold several runs (hftl compare, a notebook); Accelerate keeps one global state and refuses a
     # second Accelerator with another precision unless it is reset. The process group (PartialState) stays.
     AcceleratorState._reset_state()
@@ -77,16 +78,12 @@ def return_freed_blocks(threshold_mib: float | None, device: torch.device) -> bo
 
     Why: glibc raises its threshold to the largest block freed so far (up to 32 MiB), so after the first batch every
     activation tensor that backward keeps (a few MiB, a new shape each batch) comes from the heap, whose freed holes
-    fragment and are kept.
-    MiniLM full fine-tuning on SST-2 (1 epoch, 2 CPU cores) peaked at 2,291 MiB with glibc's default and 1,970 MiB
-    with 2 MiB, in the same time (1 MiB: 1,890 MiB, 19% slower, as each mapping is faulted in afresh; 4 MiB: 2,212
-    MiB). MALLOC_MMAP_THRESHOLD_ in the environment wins."""
-    if threshold_mib is None:
-        return False
-    if not 0 < threshold_mib <= 32:  # glibc refuses more than 32 MiB; 0 would map every small allocation
-        raise ValueError(f"train.cpu_mmap_threshold_mib={threshold_mib}; expected a size in MiB above 0 and at most 32, or null "
-                         "(glibc's adaptive default).")
-    if device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+    fragment and are kept. MiniLM full fine-tuning on SST-2 (1 epoch, 2 CPU cores, one run each) peaked at 2,291 MiB
+    with glibc's default and 1,970 MiB with 2 MiB, in the same time (1 MiB: 1,890 MiB but training 20% slower, as each
+    mapping is faulted in afresh; 4 MiB: 2,212 MiB); BENCHMARKS.md's "glibc" rows: 2,235 -> 2,004 MiB.
+    MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    size = mmap_threshold_bytes(threshold_mib)
+    if size is None or device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)
@@ -94,7 +91,17 @@ def return_freed_blocks(threshold_mib: float | None, device: torch.device) -> bo
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return False
     M_MMAP_THRESHOLD = -3
-    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold_mib * 2**20)))
+    return bool(mallopt(M_MMAP_THRESHOLD, size))
+
+
+def mmap_threshold_bytes(threshold_mib: float | None) -> int | None:
+    """train.cpu_mmap_threshold_mib in bytes (None: glibc's default); checked when the run starts, not when training does."""
+    if threshold_mib is None:
+        return None
+    if not 0 < threshold_mib <= 32:  # glibc refuses more than 32 MiB; 0 would map every small allocation
+        raise ValueError(f"train.cpu_mmap_threshold_mib={threshold_mib}; expected a size in MiB above 0 and at most 32, or null "
+                         "(glibc's adaptive default).")
+    return int(threshold_mib * 2**20)
 
 
 def tensor_core_padding(collator, accelerator: Accelerator):

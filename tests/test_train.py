@@ -165,3 +165,5 @@ def test_cpu_runs_map_freed_blocks_on_their_own(monkeypatch):
     for bad in (0, -1, 64):
         with pytest.raises(ValueError, match="train.cpu_mmap_threshold_mib"):
             return_freed_blocks(bad, cpu)
+        with pytest.raises(ValueError, match="train.cpu_mmap_threshold_mib"):  # at the start of a run
+            make_accelerator(TrainConfig(cpu_mmap_threshold_mib=bad))
