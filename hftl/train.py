@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import checkpoint, hub
 from . import metrics as metrics_lib
-from .config import Config, TrainConfig
+from .config import Config, ConfigError, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,7 +44,7 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
         # Large models gain from train.mixed_precision=bf16; scripts/bench_precision.py measures it.
         precision = "no"
     if precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"train.mixed_precision='{cfg.mixed_precision}'; expected auto, no, bf16 or fp16.")
+        raise ConfigError(f"train.mixed_precision='{cfg.mixed_precision}'; expected auto, no, bf16 or fp16.")
     mmap_threshold_bytes(cfg.cpu_mmap_threshold_mib)  # a bad value fails now, not after loading and preprocessing
     # One process may hold several runs (hftl compare, a notebook); Accelerate keeps one global state and refuses a
     # second Accelerator with another precision unless it is reset. The process group (PartialState) stays.
@@ -99,7 +99,7 @@ def mmap_threshold_bytes(threshold_mib: float | None) -> int | None:
     if threshold_mib is None:
         return None
     if not 0 < threshold_mib <= 32:  # glibc refuses more than 32 MiB; 0 would map every small allocation
-        raise ValueError(f"train.cpu_mmap_threshold_mib={threshold_mib}; expected a size in MiB above 0 and at most 32, or null "
+        raise ConfigError(f"train.cpu_mmap_threshold_mib={threshold_mib}; expected a size in MiB above 0 and at most 32, or null "
                          "(glibc's adaptive default).")
     return int(threshold_mib * 2**20)
 
@@ -454,7 +454,7 @@ def _evaluate_during_training(model, dataloader, accelerator, metric_modules, lo
     result = evaluate(model, dataloader, accelerator, metric_modules, order, t.eval_batch_tokens)
     scores = result["metrics"]
     if t.metric_for_best not in scores:
-        raise ValueError(f"train.metric_for_best='{t.metric_for_best}' is not computed; validation gives {sorted(scores)}.")
+        raise ConfigError(f"train.metric_for_best='{t.metric_for_best}' is not computed; validation gives {sorted(scores)}.")
     entry = {"step": loop.step, "epoch": round(loop.step / steps_per_epoch, 3),
              "train_loss": loop.running / max(loop.n_running, 1), **{f"eval_{k}": v for k, v in scores.items()}}
     loop.history.append(entry)
