@@ -45,7 +45,7 @@ class DataConfig:
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
     label_column: str = field(default="label", metadata={"help": "Column with the label (ClassLabel, int or string)."})
     label_names: Optional[list] = field(default=None, metadata={"help": "Names for integer labels 0..K-1, e.g. [negative, positive]."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given. 0: no validation split, every labelled row trains (few labels): nothing is selected during training (the last state is kept; a solved head cross-validates its penalty on the training rows) and results come from data.test_file / the test split, which is then required."})
     max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed)."})
     samples_per_class: Optional[int] = field(default=None, metadata={"help": "Keep this many training rows per label (stratified, seeded by train.seed; after validation is carved): the label budget `hftl compare --labels-per-class` varies."})
@@ -73,6 +73,10 @@ class AdaptConfig:
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch (lora, adalora)."})
     target_modules: Optional[list] = field(default=None, metadata={"help": "Module names the peft modes (lora, ia3, adalora, loha, lokr) adapt; default: peft's choice for the architecture and method, else all linear layers outside the head."})
     save_adapter: bool = field(default=False, metadata={"help": "peft modes (lora, ia3, adalora, loha, lokr): also write the unmerged peft adapter folder to OUTPUT/adapter."})
+    # What the head reads (hftl/pooling.py) and how a head on frozen features is fitted (hftl/solver.py).
+    pooling: str = field(default="auto", metadata={"help": "What the head reads from the backbone: auto (the checkpoint's own: its sentence-transformers pooling config, e.g. all-MiniLM's normalised mean, else the architecture's head), pooler (the architecture's head: BERT's [CLS] + pooler, wav2vec2's mean, ViT's [CLS]), cls, mean or max (text: over a BERT-style body these are saved in the sentence-transformers layout, see README). Applies in every mode and wherever frozen features are read (feature cache, lpft's probe, hftl rank, data.target estimates)."})
+    layer: Optional[int] = field(default=None, metadata={"help": "Read the output of this encoder layer instead of the last: 1..L from the bottom, -1..-L from the top (the encoder is truncated there, so the saved model is smaller and stays a standard folder). null: the last layer."})
+    solve_head: bool = field(default=True, metadata={"help": "Frozen-feature modes (head, lpft's probe): solve a linear head on the cached features (logistic regression, L2 penalty chosen on validation by train.metric_for_best, or cross-validated when validation is small) instead of training it for epochs with AdamW. false: AdamW for train.epochs (head) / adapt.lp_epochs (lpft)."})
     freeze_feature_encoder: bool = field(default=False, metadata={"help": "Speech models (wav2vec2, HuBERT, ...): keep the convolutional waveform encoder as pretrained, in every mode."})
     # Modes that train part of the backbone (issue 5): partial, gradual, lpft, and the other peft methods.
     top_layers: int = field(default=2, metadata={"help": "partial: train only the top K encoder layers (plus the head); gradual: layers unfrozen per stage."})
@@ -80,6 +84,7 @@ class AdaptConfig:
     unfreeze_every: float = field(default=1.0, metadata={"help": "gradual: epochs between unfreezing the next adapt.top_layers encoder layers, from the top (the head trains from the start; the embeddings unfreeze last)."})
     lp_epochs: float = field(default=5, metadata={"help": "lpft: epochs of the linear-probe stage (head on frozen features; cached where possible) before fine-tuning everything for train.epochs."})
     lp_learning_rate: float = field(default=1e-3, metadata={"help": "lpft: learning rate of the linear-probe stage (the fine-tuning stage uses train.learning_rate)."})
+    pair_iterations: int = field(default=20, metadata={"help": "contrastive: rounds of pair sampling; each gives every labelled row one partner of its label and one of another (SetFit's num_iterations)."})
     peft_r: int = field(default=8, metadata={"help": "adalora/loha/lokr: rank (adalora: the target average rank); lora uses adapt.lora_r."})
     l2sp: float = field(default=0.0, metadata={"help": "L2-SP (Li et al. 2018): add l2sp * ||w - w_pretrained||^2 over the trainable backbone weights to the loss (0: off; try 0.01)."})
     # Domain adaptation with unlabelled target rows (data.target).

@@ -332,6 +332,9 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
         checkpoint.load_states(resume, scheduler, loop)
         accelerator.print(f"Resumed from {resume}: step {loop.step} of {total_steps}, epoch {loop.epoch}, batch {loop.batches}")
     eval_every = max(1, steps_per_epoch // max(1, t.evals_per_epoch))
+    # Without a validation split (data.validation_fraction=0: few labels, all of them for training) nothing is
+    # selected during training: the last state is the result, scored on the other splits.
+    validating = "validation" in eval_dls
     metric_modules = metrics_lib.load_metrics(t.metrics)
     if t.report_to:
         accelerator.init_trackers("hftl", config={"lr": t.learning_rate, "batch_size": t.batch_size, "epochs": t.epochs})
@@ -399,7 +402,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                     if t.report_to:
                         accelerator.log({"train/loss": loop.log[-1]["loss"], "train/lr": lr}, step=loop.step)
                 # The last step's evaluation runs after the loop, once the optimizer's state is gone (see below).
-                if loop.step % eval_every == 0 and loop.step < total_steps:
+                if validating and loop.step % eval_every == 0 and loop.step < total_steps:
                     _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch,
                                               held)
                 if (t.save_every and loop.step % t.save_every == 0) or stop_asked:
@@ -423,7 +426,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
 
     unwrapped = accelerator.unwrap_model(model)
     final = {}
-    if not loop.stopped and (not loop.history or loop.history[-1]["step"] != loop.step):
+    if validating and not loop.stopped and (not loop.history or loop.history[-1]["step"] != loop.step):
         # The last step's evaluation, without the optimizer's state in memory; when these weights are the best it is
         # also the final validation result (one pass over validation, not two).
         final["validation"] = _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign,

@@ -97,4 +97,4 @@ def set_trainable(model: nn.Module, module_names: list[str]) -> None:
         model.get_submodule(name).requires_grad_(True)
 
 
-from . import adapters, align, full, gradual, head, l2sp, layers, lora, lpft, partial, reweight  # noqa: E402,F401  (each registers itself)
+from . import adapters, align, contrastive, full, gradual, head, l2sp, layers, lora, lpft, partial, reweight  # noqa: E402,F401  (each registers itself)
