@@ -254,6 +254,8 @@ def test_a_second_run_on_a_folder_in_use_refuses_naming_the_holder(held, tiny_be
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     _old_output(out)
     holder = _holder(out if held == "output.dir" else ckpt)
+    (tmp_path / ".out.tmp-0badcafe").mkdir()  # as if the holder were writing its output: not a leftover to remove
+    (ckpt / ".step-2.tmp").mkdir(parents=True)
     try:
         before = tree(tmp_path)
         # Another output.dir, the same checkpoint folder: the checkpoints' lock catches it.
