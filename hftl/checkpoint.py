@@ -28,6 +28,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
+from . import outdir
 from .config import Config, ConfigError
 
 MARKER = "hftl_checkpoint.json"
@@ -152,6 +153,13 @@ def find_resume(cfg: Config, run: dict, accelerator) -> Path | None:
                         f"'{folder}' holds checkpoints of an earlier run (newest: {existing[-1].name}). Set train.resume=auto "
                         "to continue it, output.overwrite=true to start afresh and replace them, or another train.checkpoint_dir."
                     )
+                try:
+                    verify(existing[-1], run)
+                    could = "train.resume=auto would have continued it"
+                except CheckpointError as e:
+                    could = f"train.resume=auto could not have continued it: {e}"
+                print(f"output.overwrite=true: deleting '{folder}', the checkpoints of an earlier run (newest: "
+                      f"{existing[-1].name}); {could}", flush=True)
                 shutil.rmtree(folder)
             return None
         path = (existing[-1] if existing else None) if t.resume == "auto" else Path(t.resume)
@@ -194,7 +202,10 @@ def save(accelerator, folder: Path, step: int, keep_last: int, run: dict, publis
         if tmp.exists():  # left by a run that died while writing this step
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as e:
+        _failed(accelerator, folder, tmp, e)
     accelerator.wait_for_everyone()
 
     def finish() -> None:
@@ -219,9 +230,27 @@ def save(accelerator, folder: Path, step: int, keep_last: int, run: dict, publis
             shutil.rmtree(old)
         publish(final)
 
-    _on_main(accelerator, finish)
+    try:
+        _on_main(accelerator, finish)
+    except Exception as e:
+        _failed(accelerator, folder, tmp, e)
     accelerator.wait_for_everyone()  # nobody exits (e.g. on SIGTERM) before the checkpoint is in place
     return final
+
+
+def _failed(accelerator, folder: Path, tmp: Path, e: Exception):
+    """A checkpoint write failed: remove the partial folder (complete checkpoints stay), and say "disk full" in one
+    line when that is why."""
+    full = outdir.disk_full(e, tmp)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not full:
+        raise e
+    kept = complete(folder)
+    then = (f"continue from its newest complete checkpoint, {kept[-1]}, with train.resume=auto" if kept else
+            "start again (no checkpoint of this run is complete yet)")
+    raise CheckpointError(f"disk full: writing checkpoint '{tmp}' failed ({str(e).strip().splitlines()[0]}); the partial "
+                          f"folder was removed. Free some space on that disk (or lower train.keep_last), then {then}.") from e
 
 
 @contextlib.contextmanager

@@ -402,7 +402,10 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                 if loop.step % eval_every == 0 and loop.step < total_steps:
                     _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch,
                                               held)
-                if (t.save_every and loop.step % t.save_every == 0) or stop_asked:
+                # With checkpoints on, the last step gets one too (as Trainer's): if the final write fails (a full
+                # disk), train.resume=auto finishes the run from it without training again.
+                last = loop.step >= total_steps or loop.stopped
+                if (t.save_every and (loop.step % t.save_every == 0 or last)) or stop_asked:
                     loop.seconds = time.perf_counter() - start
                     path = checkpoint.save(accelerator, ckpt_dir, loop.step, t.keep_last, run,
                                            publish=lambda folder: hub.push_checkpoint(folder, cfg.hub),
@@ -435,8 +438,11 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
              for split, dl in eval_dls.items()}
     if t.report_to:
         accelerator.end_training()
+    last_checkpoint = ckpt_dir / f"step-{loop.step}"
     return {
         "model": unwrapped,
+        # The complete checkpoint of the state these results come from, if any (the final write's failure names it).
+        "checkpoint": last_checkpoint if (last_checkpoint / checkpoint.MARKER).is_file() else None,
         "history": loop.history,
         "step_log": loop.log,
         "best_step": loop.best["step"] if loop.best else loop.step,
