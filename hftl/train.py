@@ -326,10 +326,12 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
            "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.group_by_length": t.group_by_length,
            "training rows": len(encoded["train"]), "total optimizer steps (train.epochs, train.max_steps)": total_steps}
     ckpt_dir = checkpoint.root(cfg)
-    resume = checkpoint.find_resume(cfg, run, accelerator)
+    # What loop.json's step, epoch and batch must fit.
+    bounds = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "batches_per_epoch": len(train_dl),
+              "accumulation": t.gradient_accumulation_steps}
+    resume = checkpoint.find_resume(cfg, run, accelerator, bounds)
     if resume is not None:
-        accelerator.load_state(str(resume))
-        checkpoint.load_states(resume, scheduler, loop)
+        checkpoint.load(accelerator, resume, scheduler, loop)
         accelerator.print(f"Resumed from {resume}: step {loop.step} of {total_steps}, epoch {loop.epoch}, batch {loop.batches}")
     eval_every = max(1, steps_per_epoch // max(1, t.evals_per_epoch))
     metric_modules = metrics_lib.load_metrics(t.metrics)
