@@ -174,7 +174,7 @@ def verify(path: Path, run: dict, bounds: dict | None = None) -> dict:
         f = path / name
         try:  # as load_state will (weights_only), so a refusal names the file; mapped, not read into memory
             if name.endswith(PICKLED):
-                accelerate_load(f, map_location="cpu", mmap=zipfile.is_zipfile(f))
+                accelerate_load(f, map_location="cpu", mmap=zipfile.is_zipfile(f), weights_only=True)
             elif name.endswith(".safetensors"):
                 with safe_open(str(f), "pt") as st:
                     st.keys()
@@ -298,7 +298,7 @@ def _rng_restored(folder: Path, process: int) -> None:
     name = f"random_states_{process}.pkl"
     what = f"checkpoint '{folder}': file '{name}' ({_role(name)})"
     try:
-        states = accelerate_load(folder / name)
+        states = accelerate_load(folder / name, weights_only=True)
         py, numpy_state, cpu = states["random_state"], states["numpy_random_seed"], states["torch_manual_seed"]
         cuda = states["torch_cuda_manual_seed"] if torch.cuda.is_available() else []
     except KeyError as e:  # e.g. written without CUDA, resumed with it

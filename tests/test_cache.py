@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import shutil
 
 import datasets
 import pytest
@@ -260,3 +261,19 @@ def test_head_mode_runs_the_backbone_only_over_the_training_rows_its_steps_read(
     plain, plain_preds, plain_head, _ = head_run("plain", "train.max_steps=3", "train.cache_features=false")
     assert plain["feature_cache"] is None and plain_preds == few_preds
     torch.testing.assert_close(plain_head.weight, few_head.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_head_mode_on_the_rows_its_steps_read_resumes_exactly(toy, tmp_path):
+    """A resumed run draws the same rows (from step 0), reads the same cache file and continues the same batches."""
+    write_rows(tmp_path / "train200.csv", toy_rows(200, seed=7))
+    data = [f"data.train_file={tmp_path / 'train200.csv'}", f"train.feature_cache_dir={tmp_path / 'features'}",
+            "train.max_steps=5", "train.save_every=2"]
+    straight, straight_preds = train(toy, tmp_path / "straight", *data)
+    assert straight["feature_cache"]["splits"]["train"]["rows"] == (5 + 1) * 8
+    shutil.copytree(tmp_path / "straight.checkpoints" / "step-2", tmp_path / "kept" / "step-2")
+    resumed, resumed_preds = train(toy, tmp_path / "resumed", *data, f"train.resume={tmp_path / 'kept' / 'step-2'}")
+    assert hits(resumed) == {"train": True, "validation": True}
+    assert resumed["step_log"] == straight["step_log"] and resumed["history"] == straight["history"] and resumed_preds == straight_preds
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight").classifier.weight
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resumed").classifier.weight
+    assert torch.equal(a, b)
