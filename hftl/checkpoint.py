@@ -193,6 +193,11 @@ def verify(path: Path, run: dict, bounds: dict | None = None) -> dict:
     return info
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _loop_problem(state, marker_step: int, bounds: dict | None) -> str | None:
     """What in loop.json's values cannot be this run's state after `marker_step` optimizer steps, or None."""
     if not isinstance(state, dict):
@@ -202,7 +207,7 @@ def _loop_problem(state, marker_step: int, bounds: dict | None) -> str | None:
     for key, types in LOOP_FIELDS.items():
         value = state[key]
         if isinstance(value, bool) != (types is bool) or not isinstance(value, types):
-            return f"has {key}={value!r}; expected {' or '.join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))}"
+            return f"has {key}={_short(value)}; expected {' or '.join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))}"
         if type(value) in (int, float) and not (math.isfinite(value) and (value >= 0 or key == "running")):
             return f"has {key}={value!r}; expected a finite number" + ("" if key == "running" else " >= 0")
     step = state["step"]
@@ -224,7 +229,7 @@ def _loop_problem(state, marker_step: int, bounds: dict | None) -> str | None:
         return f"has a history entry that is not an evaluation at a step from 1 to {step}"
     best = state["best"]
     if best is not None and not (type(best.get("step")) is int and 0 < best["step"] <= step and isinstance(best.get("metrics"), dict)):
-        return f"has best={best!r}; expected the step (1 to {step}) and metrics of an evaluation"
+        return f"has best={_short(best)}; expected the step (1 to {step}) and metrics of an evaluation"
     return None
 
 
