@@ -11,7 +11,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/hftl train
+	.venv/bin/hftl train output.overwrite=true
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -11,6 +11,13 @@ so stale features are never read. A deep copy of the head, its modules applied i
 model calls them, trains on the cache through the ordinary `hftl.train.fit`; its weights then go
 back into the full model, so the saved folder is a complete transformers model.
 
+The backbone runs over the training rows the run reads, not more: `hftl.train.rows_read` draws the
+indices that fit's prepared loader will yield (epoch by epoch, up to the last optimizer step, on
+every process), and when that is less than the whole split only those rows are extracted (a file of
+their own: the selection is part of the split's fingerprint). They then sit at their places among
+all the split's rows, so fit's loader draws exactly the batches it would draw over the whole cache
+(and a resumed run the same ones). A cache of the whole split, when one exists, is read instead.
+
 Exactness is checked, not assumed:
 - on a probe batch, head(features) must equal the full model's logits. That holds when the head
   modules are applied one after another to pooled features (BERT, ViT: 'classifier'), and also where
@@ -43,7 +50,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 import xxhash
-from datasets import Dataset, DatasetDict
+from accelerate.utils import gather_object
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from datasets.fingerprint import Hasher, generate_random_fingerprint
 from torch import nn
 from torch.nn import functional as F
@@ -52,7 +60,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from . import metrics as metrics_lib
 from . import solver
 from .config import Config, ConfigError
-from .train import eval_dataloader, evaluate, fit, sorted_order, token_slices
+from .train import eval_dataloader, evaluate, fit, rows_read, sorted_order, token_slices
 
 # Modes whose backbone is frozen, so its features are the same every epoch.
 FROZEN_MODES = ("head",)
@@ -118,6 +126,9 @@ def collate_features(rows: list[dict], dim: int) -> dict:
     (audio); then, as the audio collator does, labels repeat per window and `num_windows` tells
     `hftl.train.evaluate` which logits to average."""
     counts = [len(r["features"]) // dim for r in rows]
+    if 0 in counts:  # a training row outside rows_read (see _spread): its features were never computed
+        raise RuntimeError("hftl bug: a training row without cached features was read; the feature pass covers only "
+                           "the rows the training loader draws")
     batch = {"features": torch.cat([r["features"].view(-1, dim) for r in rows]),
              "labels": torch.tensor([int(r["labels"]) for r, n in zip(rows, counts) for _ in range(n)])}
     if max(counts) > 1:
@@ -243,15 +254,20 @@ def cache_dir(cfg: Config) -> Path:
     return Path(cfg.train.feature_cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "hftl_features")
 
 
+def _cache_file(split: str, ds: Dataset, base: str | None, cfg: Config) -> str | None:
+    key = _split_key(base, ds)
+    return str(cache_dir(cfg) / f"{split}-{key}.arrow") if key else None
+
+
 def split_features(model: nn.Module, head: list[str], split: str, ds: Dataset, collator, base: str | None, cfg: Config,
                    accelerator) -> tuple[Dataset | None, dict]:
-    """`extract` for one split, read from or written to its cache file, and {'file', 'hit', 'random'}. `base` is the
-    model's `_checkpoint_fingerprint` (None: in memory). Also used by `hftl rank` (hftl/rank.py), so a head-mode run
-    reuses the features ranking computed. 'random': preparing the rows drew random numbers, so these features are
+    """`extract` for one split, read from or written to its cache file, and {'file', 'hit', 'random', 'rows'}. `base`
+    is the model's `_checkpoint_fingerprint` (None: in memory). Also used by `hftl rank` (hftl/rank.py), so a head-mode
+    run reuses the features ranking computed. 'random': preparing the rows drew random numbers, so these features are
     one draw of many and their file is deleted."""
     key = _split_key(base, ds)
-    file = str(cache_dir(cfg) / f"{split}-{key}.arrow") if key else None
-    info = {"file": file, "hit": bool(file and os.path.exists(file)), "random": False}
+    file = _cache_file(split, ds, base, cfg)
+    info = {"file": file, "hit": bool(file and os.path.exists(file)), "random": False, "rows": len(ds)}
     if file:
         cache_dir(cfg).mkdir(parents=True, exist_ok=True)
     with rng_watch() as watch:
@@ -262,6 +278,16 @@ def split_features(model: nn.Module, head: list[str], split: str, ds: Dataset, c
             os.remove(file)
         info.update(file=None, random=True)
     return features, info
+
+
+def _spread(features: Dataset, rows: list[int], n: int) -> Dataset:
+    """The features of `rows` (sorted) at their places among `n` rows, read from their file: fit's loader, which draws
+    from the number of rows, then yields the batches it yields over the whole split. The other rows hold no features."""
+    plain = features.with_format(None)
+    empty = Dataset.from_dict({"features": [[]], "labels": [plain[0]["labels"]]}, features=plain.features)
+    at = dict(zip(rows, range(len(rows))))
+    return (concatenate_datasets([plain, empty]).select([at.get(i, len(rows)) for i in range(n)], keep_in_memory=True)
+            .with_format("torch"))
 
 
 def _refuse(want: bool | None, reason: str, accelerator) -> None:
@@ -300,19 +326,33 @@ def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: Datas
     start = time.perf_counter()
     base = _checkpoint_fingerprint(model, head, collator, cfg, accelerator.mixed_precision, accelerator.device)
     folder = cache_dir(cfg)
+    train = encoded["train"]
+    # The training rows this run reads, on every process. The stand-in has no length column, as the cached split
+    # (features, labels) has none, so its loader is the one fit will build. rng_watch: no draw may leak into training.
+    with rng_watch():
+        read = sorted(set(gather_object(rows_read(Dataset.from_dict({"row": range(len(train))}), cfg.train, accelerator))))
+    full = _cache_file("train", train, base, cfg)
+    rows = read if len(read) < len(train) and not (full and os.path.exists(full)) else None  # None: the whole split
     splits, files = {}, {}
     with accelerator.main_process_first():  # one process computes, the others read its files
         for split, ds in encoded.items():
-            splits[split], files[split] = split_features(model, head, split, ds, collator, base, cfg, accelerator)
+            part = ds.select(rows, keep_in_memory=True) if split == "train" and rows is not None else ds
+            splits[split], files[split] = split_features(model, head, split, part, collator, base, cfg, accelerator)
             if files[split]["random"]:  # a random crop of some (long) rows that the probe rows did not need
                 return _refuse(want, random_input, accelerator)
+            if part is not ds:
+                read_features = splits[split]  # what the solver fits on: the rows the run's budget reads
+                splits[split] = _spread(splits[split], rows, len(ds))
     feature_seconds = time.perf_counter() - start
-    accelerator.print(f"feature cache: {', '.join(f'{s} ' + ('hit' if f['hit'] else 'computed') for s, f in files.items())} "
-                      f"in {feature_seconds:.1f}s ({folder if base else 'in memory: the collator cannot be fingerprinted'})")
+    accelerator.print(
+        f"feature cache: {', '.join(f'{s} ' + ('hit' if f['hit'] else 'computed') for s, f in files.items())} in "
+        f"{feature_seconds:.1f}s ({folder if base else 'in memory: the collator cannot be fingerprinted'})"
+        + (f"; train: only the {len(rows)} of {len(train)} rows its optimizer steps read" if rows is not None else ""))
 
     collate = functools.partial(collate_features, dim=cached.dim)
     with _threads(1 if accelerator.device.type == "cpu" else torch.get_num_threads()):
-        result = (cfg.adapt.solve_head and solve_head(cached, splits, collate, cfg, accelerator)) \
+        solvable = {**splits, "train": read_features} if rows is not None else splits
+        result = (cfg.adapt.solve_head and solve_head(cached, solvable, collate, cfg, accelerator)) \
             or fit(cached, DatasetDict(splits), collate, cfg, accelerator)
     trained = result["model"]  # the solved head, or the best evaluation's head weights
     result.update(model=trained.copy_into(model), train_seconds=feature_seconds + result["train_seconds"],

@@ -2,7 +2,9 @@
 `hftl rank [CONFIG] --models NAME ... [--out FILE.json] [key=value ...]`,
 `hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] --out REPORT_DIR [key=value ...]`.
 
-Also runs as `accelerate launch -m hftl train CONFIG ...` (hftl/__main__.py).
+Also runs as `accelerate launch -m hftl train CONFIG ...` (hftl/__main__.py). `hftl torchrun ARGS` and
+`hftl launch ARGS` are torchrun and `accelerate launch` with every argument theirs, exiting 143 when a stop signal
+preempted the run (hftl/launch.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ EPILOG = """examples:
   hftl train recipes/configs/text/minilm_sst2_lora.yaml train.epochs=2 output.dir=outputs/sst2
   hftl train CONFIG adapt.mode=head train.learning_rate=1e-3
   accelerate launch -m hftl train CONFIG       # several GPUs/processes
+  hftl launch --multi_gpu -m hftl train CONFIG train.resume=auto   # the same; exits 143 when SIGTERM preempts it
+  hftl torchrun --nproc_per_node 4 -m hftl train CONFIG train.resume=auto   # torchrun; exits 143 when preempted
   hftl train --help-config                     # every key, its type, default and meaning
   hftl train CONFIG hub.push=true hub.model_id=alice/minilm-sst2   # publish (token: HF_TOKEN or `hf auth login`)
   hftl push outputs/sst2 hub.model_id=alice/minilm-sst2            # publish a finished run's folder
@@ -118,6 +122,11 @@ def _modes(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["torchrun"], ["launch"]):  # every argument is the launcher's, --help included
+        from hftl import launch
+
+        return launch.main(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="hftl", description="Transfer learning for Hugging Face classifiers.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     # key=value may also follow the options (`--out R train.epochs=3`), which argparse reads only when it parses
     # arguments intermixed: the subcommand hands its arguments to this parser of its own, which does.
     compare.parse_known_args = p.parse_known_intermixed_args
+    for name, what in (("torchrun", "torchrun"), ("launch", "accelerate launch")):  # listed here, run above
+        sub.add_parser(name, add_help=False, help=f"`{what}` with its own arguments (`hftl {name} --help`), exiting 143 when "
+                                                  "SIGTERM/SIGUSR1 preempted the run, so a scheduler requeues it")
     p = sub.add_parser("modes", help="list the adaptation modes")
     p.set_defaults(func=_modes)
     args = parser.parse_args(argv)

@@ -126,7 +126,7 @@ class TrainConfig:
     evals_per_epoch: int = field(default=1, metadata={"help": "Evaluations per epoch."})
     log_every: int = field(default=20, metadata={"help": "Log the training loss every N optimizer steps."})
     report_to: Optional[list] = field(default=None, metadata={"help": "Accelerate trackers, e.g. [tensorboard] or [wandb]."})
-    save_every: Optional[int] = field(default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps (null: only when SIGTERM/SIGUSR1 stops the run)."})
+    save_every: Optional[int] = field(default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps and at the last one (null: only when SIGTERM/SIGUSR1 stops the run)."})
     keep_last: int = field(default=2, metadata={"help": "Keep the newest K complete checkpoints; older ones are deleted once a new one is complete."})
     resume: Optional[str] = field(default=None, metadata={"help": "auto: continue from the newest complete checkpoint (start afresh when there is none); a step-N folder: continue from it; null: start afresh."})
     checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "Folder for checkpoints (step-N folders); default: <output.dir>.checkpoints. Must be shared by every node."})
@@ -135,7 +135,7 @@ class TrainConfig:
 @dataclass
 class OutputConfig:
     dir: str = field(default="outputs/run", metadata={"help": "Model folder to write (weights, config, tokenizer, card, metrics)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder (it is swapped only once the new one is complete)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder (it is swapped only once the new one is complete); without train.resume, also delete an earlier run's checkpoints (saying so). No preset sets it."})
     verify_reload: int = field(default=64, metadata={"help": "Reload the saved folder with transformers.pipeline and check it predicts what training evaluated on this many validation rows (0: skip)."})
 
 

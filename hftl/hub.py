@@ -17,14 +17,10 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, get_token, is_offline_mode, snapshot_download
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
-from transformers import pipeline
 
-from . import pooling
+from . import outdir, pooling
 from .config import ConfigError, HubConfig
-
-
-class OutputError(RuntimeError):
-    pass
+from .outdir import DiskFullError, OutputError  # noqa: F401 - hftl.hub.OutputError is what callers catch
 
 
 class HubError(OutputError):
@@ -61,6 +57,8 @@ def verify_reload(folder: Path, task: str, inputs: list, expected: list[str], ti
         def gap(i: int) -> float:
             return float(probabilities[i].max() - probabilities[i][names.index(expected[i])])
     else:
+        from transformers import pipeline  # here, not at import: loading pipelines takes seconds that writing a folder does not need
+
         clf = pipeline(task, model=str(folder), device=-1, model_kwargs={"use_safetensors": True})
         got = [r["label"] if isinstance(r, dict) else r[0]["label"] for r in clf(inputs, batch_size=8)]
 
@@ -81,16 +79,19 @@ def verify_reload(folder: Path, task: str, inputs: list, expected: list[str], ti
 
 
 def save_output(out_dir: str, model, processor, card, extra: dict[str, object], overwrite: bool,
-                verify=None, export=lambda m: m, save_adapter: bool = False, release: bool = False) -> Path:
+                verify=None, export=lambda m: m, save_adapter: bool = False, release: bool = False, if_disk_full: str = "") -> Path:
     """Write everything to a temporary sibling folder, check it, then swap it into place.
 
-    An existing output is replaced only after the new one is complete and verified, so a failed
-    run never leaves a half-written folder or loses the previous one. `extra` maps file names to a
-    str (written as is), a callable (called with the file's path; it writes the file) or JSON data.
+    An existing output is replaced only after the new one is complete and verified, in one atomic exchange where the
+    OS has one (hftl/outdir.py), so a failed or killed run never leaves a half-written folder or loses the previous
+    one. A symbolic link `out_dir` is written through: the new folder goes where it points, and the link stays. A full
+    disk raises DiskFullError, with nothing of the new folder left; `if_disk_full` is added to its message (what
+    to do). `extra` maps file names to a str (written as is), a
+    callable (called with the file's path; it writes the file) or JSON data.
     With `release`, `model`'s weights are dropped (moved to the meta device) once written, before `verify` loads
     the folder: a run then never holds two copies of the model; `model` is unusable afterwards.
     """
-    final = Path(out_dir)
+    final = outdir.real(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -111,14 +112,26 @@ def save_output(out_dir: str, model, processor, card, extra: dict[str, object], 
             (tmp / name).write_text(text)
         if verify is not None:
             verify(tmp)
+        outdir.fsync_tree(tmp)
         if final.exists():
             check_output_dir(out_dir, overwrite)
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
+            if outdir.exchange(tmp, final):  # one step: `final` is the new folder, `tmp` the old one
+                shutil.rmtree(tmp)
+            else:  # a death between these two renames leaves .NAME.old-*, which the next run restores (outdir.recover)
+                old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+        outdir.fsync(final.parent)  # the rename itself
+    except Exception as e:
+        if outdir.disk_full(e, final.parent):
+            where = f" at '{e.filename}'" if getattr(e, "filename", None) else ""
+            raise DiskFullError(f"disk full: writing output.dir '{final}' failed{where} ({str(e).strip().splitlines()[0]}); "
+                                "nothing of it is left half-written" + (", and the previous output.dir is untouched" if final.exists() else "")
+                                + f". {if_disk_full}".rstrip()) from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -6,12 +6,14 @@ processor), how to turn raw splits into model inputs, and what `transformers.pip
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import adapt, cache, cards, domain, hub, models, plots, pretrain
+from . import adapt, cache, cards, checkpoint, domain, hub, models, outdir, plots, pretrain
 from .config import Config, to_dict, to_yaml
 from .data import DataError, load_splits, load_target
 from .train import fit, make_accelerator, tensor_core_padding
@@ -40,7 +42,71 @@ def run(cfg: Config, modality: Modality) -> dict:
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
     cache.check_settings(cfg)  # before minutes of loading and preprocessing
-    hub.check_output_dir(cfg.output.dir, cfg.output.overwrite)
+    with claim(cfg, accelerator):
+        return _run(cfg, modality, accelerator, mode)
+
+
+@contextlib.contextmanager
+def claim(cfg: Config, accelerator):
+    """output.dir and the checkpoint folder are this run's until it ends (hftl/outdir.py): lock them, put back or
+    remove what a killed run left beside them, and refuse an output.dir in the way. On the main process; an error
+    reaches every process."""
+    out, ckpt = outdir.real(cfg.output.dir), checkpoint.root(cfg)
+    held = contextlib.ExitStack()
+
+    def take():
+        if out != Path(cfg.output.dir):
+            print(f"output.dir '{cfg.output.dir}' is a symbolic link: writing into '{out}', where it points (the link stays).")
+        held.enter_context(outdir.lock(out, "output.dir"))
+        if ckpt != out:
+            held.enter_context(outdir.lock(ckpt, "train.checkpoint_dir"))
+        held.callback(outdir.unreserve, out)  # an exception after check_space: hand the space back
+        for folder in (out, Path(f"{cfg.output.dir}.pretrained")):  # adapt.pretrain's folder is written the same way
+            outdir.recover(folder)
+        for tmp in sorted(ckpt.glob(".step-*.tmp")):
+            shutil.rmtree(tmp)
+            print(f"Removed '{tmp}', a checkpoint that a killed run did not finish writing.")
+        hub.check_output_dir(str(out), cfg.output.overwrite)
+
+    try:
+        checkpoint._on_main(accelerator, take)
+        yield
+    finally:
+        held.close()
+
+
+# Files of a model folder that are weights: the rest (tokenizer, processor and model configs) goes to output.dir as is.
+WEIGHT_SUFFIXES = (".safetensors", ".h5", ".msgpack", ".onnx", *hub.PICKLE_SUFFIXES)
+
+
+def check_space(cfg: Config, model, path: str, accelerator) -> None:
+    """Refuse, before training, when output.dir's or the checkpoints' disk has no room for what the run will write;
+    then set the output's share aside (outdir.reserve) until the final write, so that training cannot use it up."""
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    weights, trainable = size([*model.parameters(), *model.buffers()]), size(p for p in model.parameters() if p.requires_grad)
+    source = Path(path)
+    processor = sum(f.stat().st_size for f in source.iterdir() if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES)) \
+        if source.is_dir() else 0
+    # The card, plots, results.json (and the adapter): 10% and 16 MB more.
+    output = int(1.1 * (weights + processor + trainable * cfg.adapt.save_adapter)) + 16 * outdir.MB
+    out, root = outdir.real(cfg.output.dir), checkpoint.root(cfg)
+    needs = [("output.dir", out, output)]
+    if cfg.train.save_every:
+        # Each holds the model, AdamW's two moments of every trainable weight and the best evaluation's copy of them; the
+        # newest is written before the oldest of train.keep_last is deleted.
+        count = max(1, cfg.train.keep_last + 1 - len(checkpoint.complete(root)))
+        needs.append((f"{count} checkpoint(s) in", root, count * int(1.1 * (weights + 3 * trainable))))
+
+    def do():
+        outdir.check_space(needs)
+        outdir.reserve(out, output)
+
+    checkpoint._on_main(accelerator, do)
+
+
+def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     hub.check_hub_config(cfg.hub)
     if cfg.hub.push and accelerator.is_main_process:  # no token, no permission: fail now, not after training
         hub.prepare_repo(cfg.hub)
@@ -83,6 +149,7 @@ def run(cfg: Config, modality: Modality) -> dict:
     hooks = adapt.build_hooks(model, mode, ctx)
     trainable, total = adapt.count_parameters(model)
     accelerator.print(f"mode={mode.name} head={head} trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    check_space(cfg, model, path, accelerator)
 
     if mode.fit:  # a mode with stages of its own (lpft)
         result = mode.fit(model, ctx, hooks)
@@ -132,6 +199,7 @@ def run(cfg: Config, modality: Modality) -> dict:
     inputs, expected = reload_check(cfg, modality, splits[checked], predicted)
     tie = hub.MIXED_PRECISION_TIE if accelerator.mixed_precision != "no" else 0.0
     verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, inputs, expected, tie)) if expected else None
+    outdir.unreserve(outdir.real(cfg.output.dir))  # the space set aside for this write
     out = hub.save_output(
         cfg.output.dir,
         result["model"],
@@ -156,6 +224,7 @@ def run(cfg: Config, modality: Modality) -> dict:
         export=mode.export,
         save_adapter=cfg.adapt.save_adapter and mode.name in adapt.lora.PEFT_MODES,
         release=True,  # the run is done with it; the reload check loads the saved copy
+        if_disk_full=_finish_later(result.get("checkpoint")),
     )
     agree = "agree (near-ties allowed: mixed precision)" if tie else "identical"
     accelerator.print(f"Saved {out} (pipeline reload check: {len(expected)} validation predictions {agree})")
@@ -163,6 +232,16 @@ def run(cfg: Config, modality: Modality) -> dict:
         url = hub.publish(out, cfg.hub, modality.pipeline_tag, inputs, expected, tie)
         accelerator.print(f"Pushed {url} (round trip: files identical, {len(expected)} validation predictions {agree})")
     return results
+
+
+def _finish_later(kept: Path | None) -> str:
+    """What a failed final write's error adds: where the trained model is, and how to finish the run without training."""
+    if kept:
+        return (f"The trained model is kept in checkpoint '{kept}', this run's last step: free some space and run the same "
+                "command with train.resume=auto, which trains no further and writes output.dir from it.")
+    return ("This run kept no checkpoint of its last step (train.save_every is null), so its trained weights are lost: free "
+            "some space and train again (with train.save_every set, a failed final write is finished from the last checkpoint "
+            "by train.resume=auto).")
 
 
 def reported_split(splits) -> str:

@@ -6,6 +6,7 @@ CPU, one GPU or many processes under `accelerate launch`.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import os
 import sys
@@ -180,6 +181,28 @@ def train_dataloader(ds, collator, t: TrainConfig) -> DataLoader:
     return DataLoader(ds, batch_size=t.batch_size, sampler=sampler, collate_fn=collator, generator=generator)
 
 
+def schedule(train_dl, t: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps an epoch, optimizer steps in all) over the prepared training loader `train_dl`."""
+    steps_per_epoch = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps))
+    return steps_per_epoch, t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+
+
+def rows_read(ds, t: TrainConfig, accelerator: Accelerator) -> list[int]:
+    """The rows of `ds` that `fit` reads on this process, in its order: the batches its prepared training loader yields,
+    epoch by epoch (each drawn from seed + epoch), up to the last optimizer step, and the one batch after it that
+    Accelerate's loader reads ahead (to know whether the epoch ends there). Only indices are drawn, no row is read, and
+    nothing draws from the global RNG (the seedable sampler has its own generator)."""
+    train_dl = accelerator.prepare(train_dataloader(ds, None, t))
+    steps_per_epoch, total_steps = schedule(train_dl, t)
+    rows = []
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        train_dl.set_epoch(epoch)
+        # An epoch's last step may take fewer batches than the accumulation (the loader's end syncs the gradients).
+        batches = min(len(train_dl), (total_steps - epoch * steps_per_epoch) * t.gradient_accumulation_steps + 1)
+        rows += [row for batch in itertools.islice(train_dl.batch_sampler, batches) for row in batch]
+    return rows
+
+
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """transformers' LengthGroupedSampler whose order depends only on (seed, epoch), like Accelerate's
     SeedableRandomSampler: Accelerate's dataloader calls set_epoch, and a resumed run replays an epoch's order."""
@@ -308,8 +331,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, prepared))
 
-    steps_per_epoch = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps))
-    total_steps = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    steps_per_epoch, total_steps = schedule(train_dl, t)
     # Not prepared: Accelerate's scheduler wrapper steps once per process, and our steps are already per process.
     scheduler = make_scheduler(optimizer, t, total_steps)
     for h in hooks:
@@ -326,10 +348,12 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
            "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.group_by_length": t.group_by_length,
            "training rows": len(encoded["train"]), "total optimizer steps (train.epochs, train.max_steps)": total_steps}
     ckpt_dir = checkpoint.root(cfg)
-    resume = checkpoint.find_resume(cfg, run, accelerator)
+    # What loop.json's step, epoch and batch must fit.
+    bounds = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "batches_per_epoch": len(train_dl),
+              "accumulation": t.gradient_accumulation_steps}
+    resume = checkpoint.find_resume(cfg, run, accelerator, bounds)
     if resume is not None:
-        accelerator.load_state(str(resume))
-        checkpoint.load_states(resume, scheduler, loop)
+        checkpoint.load(accelerator, resume, scheduler, loop)
         accelerator.print(f"Resumed from {resume}: step {loop.step} of {total_steps}, epoch {loop.epoch}, batch {loop.batches}")
     eval_every = max(1, steps_per_epoch // max(1, t.evals_per_epoch))
     # Without a validation split (data.validation_fraction=0: few labels, all of them for training) nothing is
@@ -405,7 +429,10 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                 if validating and loop.step % eval_every == 0 and loop.step < total_steps:
                     _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch,
                                               held)
-                if (t.save_every and loop.step % t.save_every == 0) or stop_asked:
+                # With checkpoints on, the last step gets one too (as Trainer's): if the final write fails (a full
+                # disk), train.resume=auto finishes the run from it without training again.
+                last = loop.step >= total_steps or loop.stopped
+                if (t.save_every and (loop.step % t.save_every == 0 or last)) or stop_asked:
                     loop.seconds = time.perf_counter() - start
                     path = checkpoint.save(accelerator, ckpt_dir, loop.step, t.keep_last, run,
                                            publish=lambda folder: hub.push_checkpoint(folder, cfg.hub),
@@ -438,8 +465,11 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
              for split, dl in eval_dls.items()}
     if t.report_to:
         accelerator.end_training()
+    last_checkpoint = ckpt_dir / f"step-{loop.step}"
     return {
         "model": unwrapped,
+        # The complete checkpoint of the state these results come from, if any (the final write's failure names it).
+        "checkpoint": last_checkpoint if (last_checkpoint / checkpoint.MARKER).is_file() else None,
         "history": loop.history,
         "step_log": loop.log,
         "best_step": loop.best["step"] if loop.best else loop.step,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import shutil
 
 import datasets
 import pytest
@@ -213,3 +214,66 @@ def test_length_grouping_keeps_every_example_exactly_once(column):
     assert grouped < 0.7 * shuffled  # padded length per batch: grouping must save a lot of it
     order = sorted_order(ds)
     assert sorted(order) == list(range(len(ds))) and [_lengths(ds)[i] for i in order] == sorted(_lengths(ds))
+
+
+def test_head_mode_runs_the_backbone_only_over_the_training_rows_its_steps_read(toy, tmp_path, monkeypatch):
+    """200 training rows and 3 optimizer steps of 8: the backbone runs over the 24 rows those steps read (and
+    validation, and the probe batch), and the head comes out as it would from the whole split's cache."""
+    write_rows(tmp_path / "train200.csv", toy_rows(200, seed=7))
+    forward_rows = []
+    forward = BertModel.forward
+
+    def counting(self, *args, **kwargs):
+        forward_rows.append(len(args[0] if args else kwargs["input_ids"]))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BertModel, "forward", counting)
+    data = [f"data.train_file={tmp_path / 'train200.csv'}", f"train.feature_cache_dir={tmp_path / 'features'}",
+            "train.group_by_length=false"]  # for the uncached run below: the same shuffled batches as the cached path
+    probe = 2 * 8  # replay_head runs the model twice on 8 rows, in every run
+
+    def head_run(out, *overrides):
+        forward_rows.clear()
+        results, preds = train(toy, tmp_path / out, *data, *overrides)
+        head = AutoModelForSequenceClassification.from_pretrained(tmp_path / out).classifier
+        return results, preds, head, sum(forward_rows) - probe
+
+    few, few_preds, few_head, rows = head_run("few", "train.max_steps=3")
+    assert rows == (3 + 1) * 8 + 24  # the rows 3 steps read, the batch the loader reads ahead, the 24 validation rows
+    assert few["feature_cache"]["splits"]["train"] == {**few["feature_cache"]["splits"]["train"], "hit": False, "rows": 32}
+    assert [s["step"] for s in few["step_log"]] == [1, 2, 3]
+
+    again, again_preds, _, rows = head_run("again", "train.max_steps=3")  # the same run: both caches reused
+    assert rows == 0 and hits(again) == {"train": True, "validation": True}
+    assert again_preds == few_preds and again["step_log"] == few["step_log"]
+
+    # Training the head on the whole split's cache (written by a run that reads every row) for the same 3 steps.
+    assert head_run("all-rows", "train.epochs=1")[3] == 200
+    whole, whole_preds, whole_head, rows = head_run("whole", "train.max_steps=3")
+    assert rows == 0 and whole["feature_cache"]["splits"]["train"]["rows"] == 200
+    assert whole_preds == few_preds
+    # The same head: features of a row computed in other batches may differ in the last bits (padding, GEMM shapes).
+    assert [s["step"] for s in whole["step_log"]] == [1, 2, 3]
+    assert [s["loss"] for s in whole["step_log"]] == pytest.approx([s["loss"] for s in few["step_log"]], abs=1e-6)
+    torch.testing.assert_close(whole_head.weight, few_head.weight, atol=1e-6, rtol=1e-5)
+
+    # And as training through the whole model (no dropout in this backbone) for those steps.
+    plain, plain_preds, plain_head, _ = head_run("plain", "train.max_steps=3", "train.cache_features=false")
+    assert plain["feature_cache"] is None and plain_preds == few_preds
+    torch.testing.assert_close(plain_head.weight, few_head.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_head_mode_on_the_rows_its_steps_read_resumes_exactly(toy, tmp_path):
+    """A resumed run draws the same rows (from step 0), reads the same cache file and continues the same batches."""
+    write_rows(tmp_path / "train200.csv", toy_rows(200, seed=7))
+    data = [f"data.train_file={tmp_path / 'train200.csv'}", f"train.feature_cache_dir={tmp_path / 'features'}",
+            "train.max_steps=5", "train.save_every=2"]
+    straight, straight_preds = train(toy, tmp_path / "straight", *data)
+    assert straight["feature_cache"]["splits"]["train"]["rows"] == (5 + 1) * 8
+    shutil.copytree(tmp_path / "straight.checkpoints" / "step-2", tmp_path / "kept" / "step-2")
+    resumed, resumed_preds = train(toy, tmp_path / "resumed", *data, f"train.resume={tmp_path / 'kept' / 'step-2'}")
+    assert hits(resumed) == {"train": True, "validation": True}
+    assert resumed["step_log"] == straight["step_log"] and resumed["history"] == straight["history"] and resumed_preds == straight_preds
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight").classifier.weight
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "resumed").classifier.weight
+    assert torch.equal(a, b)

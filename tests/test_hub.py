@@ -161,7 +161,7 @@ def test_push_checkpoint_follows_strategy(fake_hub, tmp_path):
 def pushed_run(tiny_bert, toy_data, tmp_path_factory):
     """`hftl train ... hub.push=true` in a subprocess with HF_TOKEN=<canary> and HF_ENDPOINT=<fake Hub>.
 
-    32 optimizer steps, a checkpoint every 12 (steps 12 and 24), each pushed to last-checkpoint/."""
+    32 optimizer steps, a checkpoint every 12 and at the last step (steps 12, 24 and 32), each pushed to last-checkpoint/."""
     tmp = tmp_path_factory.mktemp("pushed_run")
     canary = f"hf_canary{uuid.uuid4().hex}"
     config = tmp / "run.yaml"
@@ -189,7 +189,7 @@ def test_train_push_round_trip_and_token_canary(pushed_run):
     assert hub.repos["hftl-tester/toy-sentiment"]["private"] is True
     # hub.strategy=checkpoint: the newest checkpoint is in last-checkpoint/, nothing of the older one is left.
     checkpoint = {k.removeprefix("last-checkpoint/"): v for k, v in pushed.items() if k.startswith("last-checkpoint/")}
-    assert checkpoint == local_files(Path(f"{out}.checkpoints") / "step-24")
+    assert checkpoint == local_files(Path(f"{out}.checkpoints") / "step-32")
     # The token was used for every write ...
     writes = [r for r in hub.requests if r["method"] == "POST"]
     assert writes and all(r["headers"]["authorization"] == f"Bearer {canary}" for r in writes)

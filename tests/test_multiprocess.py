@@ -2,14 +2,18 @@
 
 `accelerate launch --cpu --num_processes 2` starts one process, so these use
 `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m hftl train ...`. Run under torchrun as a
-script, this file is the child of the NaN test: `hftl train` with a NaN loss injected on process 1.
+script, this file is the child of the NaN test: `hftl train` with a NaN loss injected on process 1;
+and of the SIGTERM test: with HFTL_TEST_SIGNAL_GATE=FOLDER, each process says when it trains (a
+file in FOLDER) and waits there until it has received SIGTERM.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +123,87 @@ def test_nan_on_one_process_stops_every_process_at_the_same_step_and_the_rerun_r
     assert got["step_log"] == want["step_log"] and got["history"] == want["history"] and got["results"] == want["results"]
 
 
+def launched(command: list[str], folder: Path, **env) -> subprocess.Popen:
+    """`command` on two CPU processes, its output in `folder`/stdout and stderr (a pipe nobody reads could fill up)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **env}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=err, text=True)
+
+
+def test_sigterm_to_hftl_torchrun_saves_exits_143_and_the_rerun_finishes(nine_rows_cfg, two_process_run, tmp_path):
+    """A scheduler signals the launcher (srun, Kubernetes, `kill PID`); it must exit 143 so the job is requeued.
+    Plain torchrun exits 1 with a SignalException traceback, though its workers saved and exited 143."""
+    from conftest import read_json
+    from hftl import checkpoint
+
+    cfg = nine_rows_cfg(**{"train.save_every": None})
+    hftl = [sys.executable, "-m", "hftl", "torchrun", "--standalone", "--nproc_per_node", "2"]
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    run = launched([*hftl, __file__, "0", *cli_overrides(cfg)], tmp_path / "stopped", HFTL_TEST_SIGNAL_GATE=str(gate))
+    while len(list(gate.iterdir())) < 2 and run.poll() is None:  # both processes are training
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=300) == 143, (tmp_path / "stopped" / "stderr").read_text()[-4000:]
+    stderr = (tmp_path / "stopped" / "stderr").read_text()
+    assert "Traceback" not in stderr and "received SIGTERM and passed it to the workers; exit code 143" in stderr, stderr[-4000:]
+    folder = Path(f"{cfg.output.dir}.checkpoints")
+    assert [p.name for p in folder.iterdir()] == ["step-1"]  # no periodic checkpoints: the one the signal asked for
+    checkpoint.verify(folder / "step-1", recorded_run(folder / "step-1"))  # complete
+    assert not Path(cfg.output.dir).exists()
+
+    cfg.train.resume = "auto"
+    rerun = launched([*hftl, "-m", "hftl", "train", *cli_overrides(cfg)], tmp_path / "resumed")
+    assert rerun.wait(timeout=300) == 0, (tmp_path / "resumed" / "stderr").read_text()[-4000:]
+    assert f"Resumed from {folder / 'step-1'}: step 1 of 4" in (tmp_path / "resumed" / "stdout").read_text()
+    got, want = read_json(Path(cfg.output.dir) / "results.json"), read_json(Path(two_process_run.output.dir) / "results.json")
+    assert got["step_log"] == want["step_log"] and got["history"] == want["history"] and got["results"] == want["results"]
+
+
+# A worker without hftl's imports (seconds, not a training run): `stop` waits for SIGTERM, saves nothing and exits 143
+# as hftl's workers do; `exit N` exits N at once.
+WORKER = """
+import os, pathlib, signal, sys, time
+if sys.argv[1] == "exit":
+    sys.exit(int(sys.argv[2]))
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+pathlib.Path(sys.argv[2], "started-" + os.environ["RANK"]).touch()
+deadline = time.monotonic() + 300
+while not got and time.monotonic() < deadline:
+    time.sleep(0.01)
+sys.exit(143 if got else 1)
+"""
+LAUNCHERS = {"torchrun": ["torchrun", "--standalone", "--nproc_per_node", "2"],
+             # accelerate launch --multi_gpu runs torchrun's agent in its own process
+             "accelerate-launch": ["launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_hftl_launchers_exit_143_when_the_signal_reaches_them(launcher, tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    run = launched([sys.executable, "-m", "hftl", *LAUNCHERS[launcher], str(tmp_path / "worker.py"), "stop", str(gate)], tmp_path)
+    while len(list(gate.iterdir())) < 2 and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143, (tmp_path / "stderr").read_text()[-4000:]
+    assert "Traceback" not in (tmp_path / "stderr").read_text()
+
+
+@pytest.mark.parametrize("code", [143, 2])
+def test_hftl_torchrun_exits_with_its_workers_code_without_a_traceback(code, tmp_path):
+    """Workers stopped by their own signal (143: requeue), or failed (an hftl error: 2); plain torchrun exits 1 for both."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    run = launched([sys.executable, "-m", "hftl", *LAUNCHERS["torchrun"], str(tmp_path / "worker.py"), "exit", str(code)], tmp_path)
+    assert run.wait(timeout=120) == code
+    stderr = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in stderr
+    assert (f"exitcode  : {code}" in stderr) == (code != 143), stderr[-4000:]  # a failure: torchrun's table of failed workers
+
+
 def test_torchrun_on_cpu_without_accelerate_use_cpu_is_refused(nine_rows_cfg):
     """Without ACCELERATE_USE_CPU=1, a CPU torchrun starts two single-process runs that would both write."""
     cfg = nine_rows_cfg()
@@ -142,12 +227,39 @@ def nan_at(load_classifier, forward: int):
     return load
 
 
+def wait_for_sigterm(load_classifier, folder: Path):
+    """Wrap models.load_classifier so that in its first training forward the model writes `folder`/started-RANK and
+    waits until this process has received SIGTERM (hftl's stop handler, installed before training, has run too): the
+    signal lands in the middle of training however fast the steps are."""
+
+    def load(*args, **kwargs):
+        model, new_keys = load_classifier(*args, **kwargs)
+        calls = itertools.count(1)
+
+        def hook(module, inputs):
+            if not module.training or next(calls) != 1:
+                return
+            got, stop = [], signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, lambda signum, frame: (got.append(signum), stop(signum, frame)))
+            (folder / f"started-{os.environ['RANK']}").touch()
+            deadline = time.monotonic() + 300  # a guard, not a measurement: the test fails on the exit code then
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        model.register_forward_pre_hook(hook)
+        return model, new_keys
+
+    return load
+
+
 if __name__ == "__main__":
     from hftl.cli import main
 
     step, *args = sys.argv[1:]  # step 0: no NaN
     if int(os.environ["RANK"]) == 1 and int(step):
         models.load_classifier = nan_at(models.load_classifier, int(step))
+    if os.environ.get("HFTL_TEST_SIGNAL_GATE"):
+        models.load_classifier = wait_for_sigterm(models.load_classifier, Path(os.environ["HFTL_TEST_SIGNAL_GATE"]))
     raise SystemExit(main(["train", *args]))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -254,6 +255,175 @@ def test_checkpoint_of_another_setup_or_an_earlier_run_is_refused(checkpoints, m
     cfg = make_cfg(tmp_path, extra={"train.checkpoint_dir": str(checkpoints), "output.overwrite": False})
     with pytest.raises(checkpoint.CheckpointError, match="earlier run .*train.resume=auto"):
         checkpoint.find_resume(cfg, run, Accelerator())
+
+
+# ---------------------------------------------------------------- checkpoints whose marker was rewritten to match
+# The sha256 check above catches a file changed after it was written. These checkpoints were changed and their marker
+# then rewritten consistently (by another tool, or by hand): what the files hold must be checked too.
+
+# The no-dropout run: 8 optimizer steps, 4 an epoch, of 2 accumulated batches each (8 batches an epoch).
+BOUNDS = {"total_steps": 8, "steps_per_epoch": 4, "batches_per_epoch": 8, "accumulation": 2}
+
+
+def reseal(step: Path) -> None:
+    """Rewrite the completion marker to match the files as they are now."""
+    from hftl import checkpoint
+
+    info = json.loads((step / checkpoint.MARKER).read_text())
+    info["files"] = {p.relative_to(step).as_posix(): {"bytes": p.stat().st_size, "sha256": checkpoint._sha256(p)}
+                     for p in sorted(step.rglob("*")) if p.is_file() and p.name != checkpoint.MARKER}
+    (step / checkpoint.MARKER).write_text(json.dumps(info))
+
+
+def set_json(name: str, **values):
+    def edit(step: Path):
+        state = json.loads((step / name).read_text())
+        state.update(values)
+        (step / name).write_text(json.dumps(state))
+
+    return edit
+
+
+def write(name: str, data):
+    def edit(step: Path):
+        (step / name).write_bytes(data() if callable(data) else data)
+
+    return edit
+
+
+class RunsCode:
+    """Unpickling this calls print: a file torch.load(weights_only=True) must refuse."""
+
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def pickled(obj) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def rng_state_with_a_bad_torch_state(step: Path) -> bytes:
+    """Loads (weights_only), holds every key, but torch.set_rng_state refuses the value: load_state logs and goes on."""
+    from accelerate.utils import load
+
+    states = load(step / "random_states_0.pkl")
+    import torch
+
+    states["torch_manual_seed"] = torch.zeros(3, dtype=torch.uint8)
+    return pickled(states)
+
+
+# (edit of step-8, resealed unless the case says not, file named in the error, what the error says)
+RESEALED = {
+    "step-1e9": (set_json("loop.json", step=10**9), "loop.json", "step=1000000000; this run has 8 optimizer steps"),
+    "batch-minus-5": (set_json("loop.json", batches=-5), "loop.json", "batches=-5; expected a finite number >= 0"),
+    "batch-mid-accumulation": (set_json("loop.json", batches=3), "loop.json", "multiple of train.gradient_accumulation_steps=2"),
+    "batch-past-the-epoch": (set_json("loop.json", batches=8), "loop.json", "an epoch of this run has 8 batches"),
+    "epoch-disagrees": (set_json("loop.json", epoch=1), "loop.json", "step=8, epoch=1, batches=0, which disagree"),
+    "step-disagrees-with-marker": (set_json("loop.json", step=4, epoch=1), "loop.json", "records step 8"),
+    "log-short": (lambda step: set_json("loop.json", log=json.loads((step / "loop.json").read_text())["log"][:5])(step),
+                  "loop.json", "log of 5 entries"),
+    "history-not-a-list": (set_json("loop.json", history={"step": 2}), "loop.json", "history={'step': 2}; expected list"),
+    "stopped-not-a-bool": (set_json("loop.json", stopped="no"), "loop.json", "stopped='no'; expected bool"),
+    "running-nan": (set_json("loop.json", running=float("nan")), "loop.json", "running=nan; expected a finite number"),
+    "unknown-key": (set_json("loop.json", extra=1), "loop.json", "has the keys"),
+    "loop-not-a-dict": (write("loop.json", b"[8, 2, 0]"), "loop.json", "holds a JSON list, not an object"),
+    "loop-not-json": (write("loop.json", b"{step: 8"), "loop.json", "cannot be loaded \\(JSONDecodeError"),
+    "scheduler-behind": (set_json("scheduler.json", last_epoch=3), "scheduler.json", "not the state of a scheduler stepped 8 times"),
+    "custom-state-recorded": (write("custom_checkpoint_0.pkl", pickled({"x": 1})), "custom_checkpoint_0.pkl",
+                              "register_for_checkpointing state, which hftl never writes"),
+    "optimizer-weights-only-refuses": (write("optimizer.bin", pickled({"state": RunsCode()})), "optimizer.bin",
+                                       "cannot be loaded \\(torch.load\\(weights_only=True\\) refuses it: Unsupported global"),
+    "rng-not-a-pickle": (write("random_states_0.pkl", b"not a pickle"), "random_states_0.pkl", "cannot be loaded"),
+    "best-weights-not-safetensors": (write("loop_best.safetensors", b"\x08" + b"\x00" * 7 + b"{}garbage"), "loop_best.safetensors",
+                                     "cannot be loaded"),
+    "rng-unrecorded": (lambda step: None, "random_states_0.pkl", "which every hftl checkpoint holds"),
+}
+
+
+@pytest.mark.parametrize("case", RESEALED)
+def test_resealed_checkpoint_with_bad_contents_is_refused_in_one_line_naming_the_file(case, checkpoints, capsys):
+    from hftl import checkpoint
+
+    edit, name, message = RESEALED[case]
+    step = checkpoints / "step-8"
+    run = recorded_run(step)
+    assert checkpoint.verify(step, run, BOUNDS)["step"] == 8  # intact: accepted
+    edit(step)
+    reseal(step)
+    if case == "rng-unrecorded":  # a marker that leaves out a file load_state would read if it were there
+        info = json.loads((step / checkpoint.MARKER).read_text())
+        del info["files"][name]
+        (step / checkpoint.MARKER).write_text(json.dumps(info))
+        (step / name).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=f"'{name}' \\(.*{message}") as refused:
+        checkpoint.verify(step, run, BOUNDS)
+    assert "\n" not in str(refused.value)
+    assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_files_the_marker_does_not_list_are_refused_by_name(checkpoints):
+    from hftl import checkpoint
+
+    step = checkpoints / "step-8"
+    (step / "custom_checkpoint_0.pkl").write_bytes(pickled({"x": 1}))  # Accelerate's load_state would read it
+    (step / "notes").mkdir()
+    (step / "notes" / "todo.txt").write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not list: \['custom_checkpoint_0.pkl', 'notes/todo.txt'\]"):
+        checkpoint.verify(step, recorded_run(step), BOUNDS)
+
+
+RESUMED_REFUSED = {
+    # Accelerate's load_state would log "Could not load random states" at info level and train on with other draws.
+    "rng-not-a-pickle": (write("random_states_0.pkl", b"not a pickle"), "random_states_0.pkl", "cannot be loaded"),
+    "rng-not-restorable": (lambda step: write("random_states_0.pkl", rng_state_with_a_bad_torch_state(step))(step),
+                           "random_states_0.pkl", "could not restore"),
+    "batch-minus-5": RESEALED["batch-minus-5"],
+    "loop-not-a-dict": RESEALED["loop-not-a-dict"],
+    "optimizer-weights-only-refuses": RESEALED["optimizer-weights-only-refuses"],
+}
+
+
+@pytest.mark.parametrize("case", RESUMED_REFUSED)
+def test_hftl_train_refuses_to_resume_a_resealed_bad_checkpoint_with_one_line(case, checkpoints, variant_cfg, tmp_path, capsys):
+    """Through the CLI: exit 2, `hftl: error:` naming the file, no traceback, no model written. The RNG cases resumed
+    silently before (and trained with other dropout draws than the run they continue)."""
+    from hftl.cli import main
+
+    edit, name, message = RESUMED_REFUSED[case]
+    step = checkpoints / "step-4"
+    edit(step)
+    reseal(step)
+    cfg = variant_cfg(tmp_path, "no-dropout", **{"train.resume": str(step)})
+    assert main(["train", *cli_overrides(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hftl: error: checkpoint ") and f"'{name}'" in err[-1], err
+    assert re.search(message, err[-1]) and not any("Traceback" in line for line in err)
+    assert not Path(cfg.output.dir).exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoints, variant_cfg, tiny_bert, tmp_path):
+    """Weights whose shapes do not fit the model: load_state's error becomes a CheckpointError."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hftl import checkpoint
+
+    step = checkpoints / "step-4"
+    config = BertConfig.from_pretrained(tiny_bert, hidden_size=16, intermediate_size=8, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "other", safe_serialization=True)
+    shutil.copy(tmp_path / "other" / "model.safetensors", step / "model.safetensors")
+    reseal(step)
+    from recipes.text_classification import main
+
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not load into this run \(RuntimeError: Error\(s\) in loading") as refused:
+        main(variant_cfg(tmp_path, "no-dropout", **{"train.resume": str(step)}))
+    assert "\n" not in str(refused.value)
 
 
 if __name__ == "__main__":
