@@ -99,10 +99,12 @@ def save_output(out_dir: str, model, processor, card, extra: dict[str, object], 
             model.save_pretrained(tmp / "adapter")
         exported = export(model)
         exported.save_pretrained(tmp)
+        # A sentence-transformers-layout model (hftl/pooling.py) keeps its tokenizer beside its backbone.
+        processor_folder = tmp / getattr(exported, "processor_subfolder", "")
         if release:
             exported.to("meta")
             del model, exported
-        processor.save_pretrained(tmp)
+        processor.save_pretrained(processor_folder)
         card.save(tmp / "README.md")
         for name, content in extra.items():
             if callable(content):  # writes the file itself at the path it is given (a PNG from hftl.plots)

@@ -37,12 +37,13 @@ def _no_safetensors(path: str) -> str:
             "model.allow_pickle=true (read with torch.load(weights_only=True)).")
 
 
-def representation(path: str, cfg: ModelConfig, adapt_cfg, task: str) -> Representation:
-    """What the head reads (adapt.pooling, adapt.layer) for the checkpoint at `path` (hftl/pooling.py)."""
+def representation(path: str, cfg: ModelConfig, adapt_cfg, task: str, frozen: bool = True) -> Representation:
+    """What the head reads (adapt.pooling, adapt.layer) for the checkpoint at `path` (hftl/pooling.py); `frozen`: the
+    head is fitted on frozen features."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    return pooling.resolve(adapt_cfg.pooling, adapt_cfg.layer, path, config, task)
+    return pooling.resolve(adapt_cfg.pooling, adapt_cfg.layer, path, config, task, frozen)
 
 
 def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfig, reads: Representation | None = None):

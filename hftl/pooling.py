@@ -21,8 +21,9 @@ representation here is choosing it everywhere. Two ways to build it:
   classifies with one linear layer. It is saved in the sentence-transformers layout (`modules.json`: Transformer,
   Pooling, [Normalize], Dense with one output per label; safetensors only), which
   `sentence_transformers.SentenceTransformer(folder)` loads as it is, without any code of ours or of the checkpoint's:
-  `encode()` gives one score (logit) per label, and the label names are in the folder's `config.json`.
-  The reload check goes through that loader.
+  `encode()` gives one score (logit) per label, and the label names are in `0_Transformer/config.json`. The folder
+  has no top-level config.json, so `transformers.pipeline` refuses it instead of loading the backbone with a random
+  head. The reload check goes through sentence-transformers' loader.
 """
 from __future__ import annotations
 
@@ -85,15 +86,17 @@ def sentence_transformers_pooling(path: str | Path) -> tuple[str, bool] | None:
     return mode, normalized
 
 
-def resolve(pooling: str, layer: int | None, path: str, config, task: str) -> Representation:
-    """The representation a run reads, from adapt.pooling / adapt.layer and the checkpoint at `path`."""
+def resolve(pooling: str, layer: int | None, path: str, config, task: str, frozen: bool = True) -> Representation:
+    """The representation a run reads, from adapt.pooling / adapt.layer and the checkpoint at `path`. `frozen`: the
+    head is fitted on frozen features (head, lpft, contrastive, hftl rank); only then does `auto` read the checkpoint's
+    sentence-transformers pooling, while fine-tuning from a fresh head keeps the architecture's own."""
     if pooling not in POOLINGS:
         raise ConfigError(f"adapt.pooling='{pooling}'; expected one of {', '.join(POOLINGS)}.")
     native_name = NATIVE.get(task, "pooler")
     found = sentence_transformers_pooling(path)
     normalize = False
     if pooling == "auto":
-        if found and task == "text-classification":
+        if found and task == "text-classification" and frozen:
             pooling, normalize = found
             why = "the checkpoint's sentence-transformers pooling config"
         else:
@@ -172,14 +175,19 @@ class PooledClassifier(nn.Module):
         loss = None if labels is None else F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
+    # The processor (tokenizer) goes beside the backbone, where sentence-transformers' Transformer module reads it.
+    processor_subfolder = "0_Transformer"
+
     def save_pretrained(self, folder: str | Path) -> None:
-        """The sentence-transformers layout: the backbone in the folder itself (module 0, Transformer), then Pooling,
-        Normalize where the checkpoint had it, and Dense (the classifier, no activation). Weights as safetensors."""
+        """The sentence-transformers layout: the backbone in 0_Transformer/ (module 0, Transformer), then Pooling,
+        Normalize where the checkpoint had it, and Dense (the classifier, no activation). Weights as safetensors.
+        There is deliberately no config.json at the top: transformers' pipeline() would otherwise load the backbone with
+        a random classifier and predict nonsense without an error."""
         folder = Path(folder)
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
-        self.backbone.save_pretrained(folder, state_dict={**state, **self.unused}, safe_serialization=True)
+        self.backbone.save_pretrained(folder / self.processor_subfolder, state_dict={**state, **self.unused}, safe_serialization=True)
         r, dim = self.representation, self.config.hidden_size
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        modules = [{"idx": 0, "name": "0", "path": self.processor_subfolder, "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
         _write_json(folder / "1_Pooling" / "config.json", {
             "word_embedding_dimension": dim, "pooling_mode_cls_token": r.pooling == "cls",
@@ -198,7 +206,7 @@ class PooledClassifier(nn.Module):
                    "linear.bias": self.classifier.bias.detach().cpu().contiguous()}, str(folder / dense / "model.safetensors"))
         _write_json(folder / "modules.json", modules)
         max_length = getattr(self, "max_seq_length", None) or getattr(self.config, "max_position_embeddings", 512)
-        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
+        _write_json(folder / self.processor_subfolder / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
         _write_json(folder / "config_sentence_transformers.json", {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine"})
 
 
@@ -220,9 +228,9 @@ def load_sentence_transformers(folder: str | Path):
 
 def predict_sentence_transformers(folder: str | Path, texts: list, batch_size: int = 32) -> tuple[list[str], torch.Tensor]:
     """(label names in id order, logits per text) for `texts` (strings, or {'text', 'text_pair'} dicts) from a saved
-    sentence-transformers classifier; the names come from the folder's config.json."""
+    sentence-transformers classifier; the names come from its Transformer module's config.json."""
     model = load_sentence_transformers(folder)
-    id2label = json.loads((Path(folder) / "config.json").read_text())["id2label"]
+    id2label = json.loads((Path(folder) / PooledClassifier.processor_subfolder / "config.json").read_text())["id2label"]
     if texts and isinstance(texts[0], dict):
         texts = [[t["text"], t["text_pair"]] for t in texts]
     logits = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
@@ -230,13 +238,11 @@ def predict_sentence_transformers(folder: str | Path, texts: list, batch_size: i
 
 
 def is_sentence_transformers_classifier(folder: str | Path) -> bool:
-    """A folder PooledClassifier.save_pretrained wrote (its last module a Dense with one output per label)."""
+    """A folder PooledClassifier.save_pretrained wrote: modules.json ending in a Dense layer, labels in 0_Transformer."""
     folder = Path(folder)
     try:
         modules = json.loads((folder / "modules.json").read_text())
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / PooledClassifier.processor_subfolder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return bool(modules) and modules[-1].get("type", "").endswith("Dense") and "id2label" in config \
-        and not any(a.endswith(("ForSequenceClassification", "ForAudioClassification", "ForImageClassification"))
-                    for a in config.get("architectures") or [])
+    return bool(modules) and modules[-1].get("type", "").endswith("Dense") and "id2label" in config

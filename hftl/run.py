@@ -115,7 +115,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     path, base_model = models.resolve(cfg.model)
     processor = modality.load_processor(path, cfg)
     # Read from the checkpoint as given (its sentence-transformers pooling config), also when MLM pretraining continues it.
-    reads = models.representation(path, cfg.model, cfg.adapt, cfg.task)
+    reads = models.representation(path, cfg.model, cfg.adapt, cfg.task, frozen=mode.frozen_features)
     accelerator.print(f"the head reads: {reads.describe()}")
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
         splits, source, skipped = load_checked(cfg, modality)
