@@ -20,10 +20,11 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, fi
 from transformers import pipeline
 
 from .config import ConfigError, HubConfig
+from .errors import UserError
 
 
-class OutputError(RuntimeError):
-    pass
+class OutputError(UserError, RuntimeError):
+    """An output folder in the way, or a saved model that does not reload as trained."""
 
 
 class HubError(OutputError):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import adapt, cache, cards, domain, hub, models, plots, pretrain
-from .config import Config, to_dict, to_yaml
+from .config import Config, ConfigError, to_dict, to_yaml
 from .data import DataError, load_splits, load_target
 from .train import fit, make_accelerator, tensor_core_padding
 
@@ -47,7 +47,13 @@ def run(cfg: Config, modality: Modality) -> dict:
     accelerator.print("Resolved config:\n" + to_yaml(cfg))
 
     path, base_model = models.resolve(cfg.model)
-    processor = modality.load_processor(path, cfg)
+    try:
+        processor = modality.load_processor(path, cfg)
+    except OSError as e:  # transformers: no such Hub repo, not cached offline, or no processor files in it
+        raise ConfigError(f"model.name_or_path='{cfg.model.name_or_path}': cannot load it ({(str(e).splitlines() or [type(e).__name__])[0]}). "
+                          "Give a local model folder or a Hub id (downloads need network; with HF_HUB_OFFLINE=1 only what "
+                          "is cached).") from e
+    models.check_code(path, cfg.model)  # a Hub checkpoint's files are here now
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
         splits, source, skipped = load_checked(cfg, modality)
         encoded, collator = modality.prepare(splits, processor, cfg)
