@@ -373,6 +373,13 @@ def _validate_combinations(cfg: Config) -> None:
             what = "audio does" if cfg.task == "audio-classification" else "images do"
             raise ConfigError(f"data.augment has {unknown}, which {what} not know; choose from {', '.join(allowed)}.")
     t = cfg.train
+    if t.report_to:
+        from accelerate.utils import LoggerType
+
+        unknown = [r for r in t.report_to if r not in LoggerType.list()]
+        if unknown:
+            raise ConfigError(f"train.report_to has {unknown}, which Accelerate does not know; choose from "
+                              f"{', '.join(LoggerType.list())}.")
     # The shipped metrics each report one score under their own name (and evaluation adds 'loss'); a Hub metric may
     # report others, which only its first evaluation shows.
     if t.metric_for_best != "loss" and t.metric_for_best not in t.metrics and all(m in SHIPPED_METRICS for m in t.metrics):

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import adapt, cache, cards, domain, hub, models, plots, pretrain
+from . import metrics as metrics_lib
 from .config import Config, ConfigError, to_dict, to_yaml
+from .errors import UserError
 from .data import DataError, load_splits, load_target
 from .train import fit, make_accelerator, tensor_core_padding
 
@@ -40,6 +42,7 @@ def run(cfg: Config, modality: Modality) -> dict:
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
     cache.check_settings(cfg)  # before minutes of loading and preprocessing
+    metrics_lib.load_metrics(cfg.train.metrics)  # a metric that cannot load fails now, not at the first evaluation
     hub.check_output_dir(cfg.output.dir, cfg.output.overwrite)
     hub.check_hub_config(cfg.hub)
     if cfg.hub.push and accelerator.is_main_process:  # no token, no permission: fail now, not after training
@@ -49,10 +52,13 @@ def run(cfg: Config, modality: Modality) -> dict:
     path, base_model = models.resolve(cfg.model)
     try:
         processor = modality.load_processor(path, cfg)
-    except OSError as e:  # transformers: no such Hub repo, not cached offline, or no processor files in it
-        raise ConfigError(f"model.name_or_path='{cfg.model.name_or_path}': cannot load it ({(str(e).splitlines() or [type(e).__name__])[0]}). "
-                          "Give a local model folder or a Hub id (downloads need network; with HF_HUB_OFFLINE=1 only what "
-                          "is cached).") from e
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # transformers: no such Hub repo, not cached offline, no processor files for the task
+        raise ConfigError(f"model.name_or_path='{cfg.model.name_or_path}': cannot load it for task={cfg.task} "
+                          f"({(str(e).strip().splitlines() or [type(e).__name__])[0].strip()}). Give a local model folder or a "
+                          "Hub id of a checkpoint for this task (downloads need network; with HF_HUB_OFFLINE=1 only what is "
+                          "cached).") from e
     models.check_code(path, cfg.model)  # a Hub checkpoint's files are here now
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
         splits, source, skipped = load_checked(cfg, modality)

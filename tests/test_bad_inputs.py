@@ -24,6 +24,7 @@ from typing import Callable
 import pytest
 
 from conftest import toy_rows, write_rows
+from test_image import tiny_vit
 from hftl import cli, config, models
 
 STAGES = ("config", "model", "data", "load")
@@ -170,6 +171,7 @@ CASES = [
     Case("audio augment for images", lambda c: c.base("task=image-classification", "data.augment=[speed]"),
          r"data\.augment has \['speed'\], which images do not know; choose from crop, flip\."),
     one("train.metric_for_best=auc", r"train\.metric_for_best='auc' is not computed: validation reports accuracy, f1, precision, recall, loss"),
+    one("train.report_to=[nosuchtracker]", r"train\.report_to has \['nosuchtracker'\], which Accelerate does not know; choose from .*tensorboard"),
     Case("metric_for_best not among train.metrics", lambda c: c.base("train.metrics=[accuracy]", "train.metric_for_best=f1"),
          r"train\.metric_for_best='f1' is not computed: validation reports accuracy, loss"),
     # ---------------------------------------------------------------- model: its files checked before any data or weights
@@ -195,6 +197,10 @@ CASES = [
          r"which hftl runs only with model\.trust_remote_code=true", "model"),
     Case("config.json with auto_map", lambda c: c.base(f"model.name_or_path={c.model_copy(json_edit('config.json', auto_map={'AutoModel': 'm.M'}))}"),
          r"'.*/model/config\.json' has auto_map \(AutoModel\), which hftl runs only with model\.trust_remote_code=true", "model"),
+    Case("metric that does not load", lambda c: c.base("train.metrics=[nosuchmetric]", "train.metric_for_best=nosuchmetric"),
+         r"train\.metrics: cannot load the metric 'nosuchmetric' \(FileNotFoundError: .*hftl ships accuracy, f1, precision, recall", "model"),
+    Case("an image checkpoint for a text task", lambda c: c.base(f"model.name_or_path={tiny_vit(c.tmp / 'vit')}"),
+         r"model\.name_or_path='.*/vit': cannot load it for task=text-classification", "model"),
     Case("data.max_length above the model's positions", lambda c: c.base("data.max_length=100"),
          r"data\.max_length=100, but model '.*' has 64 positions \(max_position_embeddings in its config\.json\).*data\.max_length=64", "model"),
     # ---------------------------------------------------------------- data: read and refused, before the model loads
@@ -246,6 +252,12 @@ CASES = [
          r"data\.validation_file: could not read '.*lists\.jsonl' as json: line 7 \(byte offset 263\) is a JSON list, not an object", "data"),
     Case("broken json document", data("train_file", "broken.json"),
          r"data\.train_file: could not read '.*broken\.json' as json: line 2, column 9 \(byte offset 54\) is not valid JSON \(Expecting ':' delimiter\)", "data"),
+    Case("data.data_dir without data files", lambda c: c.base(f"data.data_dir={(c.tmp / 'nothing').mkdir() or c.tmp / 'nothing'}", data=False),
+         r"data\.data_dir: could not read '.*/nothing': EmptyDatasetError", "data"),
+    Case("Hub data set offline", lambda c: c.base("data.name=hftl-tests/no-such-data", data=False),
+         r"data\.name: could not read 'hftl-tests/no-such-data': .*needs network", "data"),
+    Case("data.target folder without data files", lambda c: c.base("adapt.align=mmd", f"data.target={(c.tmp / 'nothing').mkdir() or c.tmp / 'nothing'}"),
+         r"data\.target: could not read '.*/nothing': EmptyDatasetError", "data"),
     Case("unparseable parquet", data("validation_file", "rows.parquet"),
          r"data\.validation_file: could not read '.*rows\.parquet' as parquet", "data"),
     # ---------------------------------------------------------------- load: the weights' files are what is wrong

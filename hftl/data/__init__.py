@@ -115,6 +115,17 @@ def _why_unreadable(p: Path, fmt: str, e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _load_dataset(key: str, *args) -> DatasetDict:
+    """`datasets.load_dataset(*args)` of a folder or a Hub data set; what it cannot read is one line naming data.<key>."""
+    try:
+        return datasets.load_dataset(*args)
+    except Exception as e:  # EmptyDatasetError, DatasetNotFoundError, ConnectionError offline, a builder's parse error
+        hint = (" (a Hub data set needs network; with HF_DATASETS_OFFLINE=1 only one already in the cache)"
+                if key == "name" and not Path(args[0]).exists() else "")
+        raise DataError(f"data.{key}: could not read '{args[0]}': {type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0]}{hint}.") from e
+
+
 def _load_file(path: str, what: str, path_columns=()) -> Dataset:
     p = Path(path)
     if p.is_dir():
@@ -172,9 +183,9 @@ def load_raw(cfg: DataConfig, path_columns=()) -> tuple[dict[str, Dataset], str]
             if not Path(cfg.data_dir).is_dir():
                 raise DataError(f"data.data_dir: folder '{cfg.data_dir}' does not exist.")
             # datasets picks the builder the files call for: audiofolder, imagefolder, csv, ...
-            ds = datasets.load_dataset(cfg.data_dir)
+            ds = _load_dataset("data_dir", cfg.data_dir)
         else:
-            ds = datasets.load_dataset(cfg.name, cfg.config_name)
+            ds = _load_dataset("name", cfg.name, cfg.config_name)
         wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
         if cfg.train_split not in ds:
             raise DataError(f"data.train_split: '{name}' has no split '{cfg.train_split}'; it has {sorted(ds)}.")
@@ -361,7 +372,7 @@ def load_target(cfg: DataConfig, names: list[str], input_keys: tuple[str, ...], 
     is the modality's media check. A file is read as data.train_file is, a folder as data.data_dir is (every split)."""
     path = Path(cfg.target)
     if path.is_dir():
-        ds = datasets.concatenate_datasets(list(datasets.load_dataset(str(path)).values()))
+        ds = datasets.concatenate_datasets(list(_load_dataset("target", str(path)).values()))
     else:
         ds = _load_file(cfg.target, "target", [getattr(cfg, k) for k in input_keys if k in PATH_KEYS])
     role = f"target (data.target '{cfg.target}')"
