@@ -145,7 +145,7 @@ def _load_file(path: str, what: str, path_columns=()) -> Dataset:
     if bad:
         raise DataError(f"data.{what}: '{path}' is not UTF-8 text: {bad} is not valid UTF-8. Save the file as UTF-8.")
     header = _header(p, fmt, kwargs.get("delimiter", ","))
-    twice = sorted({c for c in header if header.count(c) > 1})
+    twice = sorted({c for c in header if c and header.count(c) > 1})  # pandas names empty ones 'Unnamed: N' itself
     if twice:  # pandas would rename the second 'text' to 'text.1', and which one is read would be a guess
         raise DataError(f"data.{what}: '{path}' has column name(s) {twice} more than once in its header ({header}); "
                         "give every column its own name.")
