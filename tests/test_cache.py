@@ -47,7 +47,7 @@ def toy(tmp_path_factory, tiny_bert):
 def train(toy, out, *overrides):
     cfg = load_config(None, [
         f"model.name_or_path={toy / 'backbone'}", f"data.train_file={toy / 'train.csv'}", f"data.validation_file={toy / 'validation.csv'}",
-        "adapt.mode=head", "train.epochs=2", "train.batch_size=8", "train.learning_rate=0.01",
+        "adapt.mode=head", "data.max_length=32", "train.epochs=2", "train.batch_size=8", "train.learning_rate=0.01",
         "train.metrics=[accuracy]", f"train.feature_cache_dir={toy / 'features'}", f"output.dir={toy / out}", "output.overwrite=true",
         "output.verify_reload=0", *overrides,
     ])
