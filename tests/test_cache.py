@@ -267,7 +267,7 @@ def test_head_mode_on_the_rows_its_steps_read_resumes_exactly(toy, tmp_path):
     """A resumed run draws the same rows (from step 0), reads the same cache file and continues the same batches."""
     write_rows(tmp_path / "train200.csv", toy_rows(200, seed=7))
     data = [f"data.train_file={tmp_path / 'train200.csv'}", f"train.feature_cache_dir={tmp_path / 'features'}",
-            "train.max_steps=5", "train.save_every=2"]
+            "train.max_steps=5", "train.save_every=2", "train.keep_last=3"]  # step-2 survives the checkpoints of steps 4 and 5
     straight, straight_preds = train(toy, tmp_path / "straight", *data)
     assert straight["feature_cache"]["splits"]["train"]["rows"] == (5 + 1) * 8
     shutil.copytree(tmp_path / "straight.checkpoints" / "step-2", tmp_path / "kept" / "step-2")
