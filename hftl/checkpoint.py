@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from . import outdir
 from .config import Config, ConfigError
+from .errors import UserError
 
 MARKER = "hftl_checkpoint.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -58,7 +59,7 @@ ROLES = (
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a shell and batch schedulers read as "terminated, may be requeued"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from, or a checkpoint folder in the way; the message says what to do."""
 
 

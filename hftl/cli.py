@@ -60,8 +60,10 @@ def _load(config: str | None, overrides: list[str]):
 
 
 def _recipe(task: str):
-    if task not in RECIPES:
-        raise ValueError(f"task='{task}' has no recipe; choose one of {sorted(RECIPES)}.")
+    if task not in RECIPES:  # load_config refuses it first; a Config built in code reaches here
+        from hftl.config import ConfigError
+
+        raise ConfigError(f"task='{task}' has no recipe; choose one of {', '.join(RECIPES)}.")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout's recipes/ package
     return importlib.import_module(RECIPES[task])
 
@@ -176,14 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("modes", help="list the adaptation modes")
     p.set_defaults(func=_modes)
     args = parser.parse_args(argv)
-    from hftl.checkpoint import CheckpointError
-    from hftl.config import ConfigError
-    from hftl.data import DataError
-    from hftl.hub import OutputError
-    from hftl.train import LaunchError, NonFiniteLossError
+    from hftl.errors import UserError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, OutputError, CheckpointError, LaunchError, NonFiniteLossError) as e:
-        print(f"hftl: error: {e}", file=sys.stderr)
+    except UserError as e:  # anything else is a bug in hftl: its traceback is the report
+        # One line, whatever a library's text in the message holds (a YAML parser's report spans several).
+        print("hftl: error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2

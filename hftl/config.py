@@ -1,7 +1,8 @@
 """Typed run configuration: YAML preset + ``key=value`` overrides -> dataclasses.
 
 Every knob a run has is a field below, so a reader sees them all in one place.
-Unknown keys and wrong types are errors that name the key and the fix.
+Unknown keys, wrong types, values out of range and unknown choices are errors that name the key and the fix,
+raised when the config is read (`validate`).
 """
 from __future__ import annotations
 
@@ -15,9 +16,21 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message says how."""
+
+
+# Fixed choices of keys, here (not in the modules that implement them, which import torch) so that a config is checked
+# when it is read, before any model or data loading; tests/test_bad_inputs.py checks each against its implementation.
+TASKS = ("text-classification", "audio-classification", "image-classification")  # hftl/cli.py RECIPES
+BUILTIN_DATA = ("vader_lexicon", "sklearn_digits")  # hftl/data/builtin.py BUILTIN
+POOLINGS = ("auto", "pooler", "cls", "mean", "max")  # hftl/pooling.py
+AUGMENTS = {"audio-classification": ("speed", "gain", "noise"), "image-classification": ("crop", "flip")}
+# The metric modules hftl ships (hftl/metrics/<name>/<name>.py): each reports one score under its own name.
+SHIPPED_METRICS = tuple(sorted(p.name for p in (Path(__file__).parent / "metrics").iterdir() if (p / f"{p.name}.py").is_file()))
 
 
 @dataclass
@@ -32,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    builtin: Optional[str] = field(default=None, metadata={"help": "A data set shipped with an installed package: 'vader_lexicon' (text), 'sklearn_digits' (8x8 images)."})
+    builtin: Optional[str] = field(default=None, metadata={"help": "A data set shipped with an installed package: 'vader_lexicon' (text), 'sklearn_digits' (8x8 images).", "choices": BUILTIN_DATA})
     name: Optional[str] = field(default=None, metadata={"help": "Hub data set name (needs network)."})
     config_name: Optional[str] = field(default=None, metadata={"help": "Hub data set configuration."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Local csv/tsv/json/jsonl/parquet file with the training rows."})
@@ -45,89 +58,89 @@ class DataConfig:
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
     label_column: str = field(default="label", metadata={"help": "Column with the label (ClassLabel, int or string)."})
     label_names: Optional[list] = field(default=None, metadata={"help": "Names for integer labels 0..K-1, e.g. [negative, positive]."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given. 0: no validation split, every labelled row trains (few labels): nothing is selected during training (the last state is kept; a solved head cross-validates its penalty on the training rows) and results come from data.test_file / the test split, which is then required."})
-    max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row)."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed)."})
-    samples_per_class: Optional[int] = field(default=None, metadata={"help": "Keep this many training rows per label (stratified, seeded by train.seed; after validation is carved): the label budget `hftl compare --labels-per-class` varies."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N validation/test rows."})
-    min_abs_rating: float = field(default=1.0, metadata={"help": "vader_lexicon only: keep words whose mean rating is at least this far from 0."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given. 0: no validation split, every labelled row trains (few labels): nothing is selected during training (the last state is kept; a solved head cross-validates its penalty on the training rows) and results come from data.test_file / the test split, which is then required.", "range": "[0, 1)"})
+    max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row).", "range": "[1, inf)"})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed).", "range": "[1, inf)"})
+    samples_per_class: Optional[int] = field(default=None, metadata={"help": "Keep this many training rows per label (stratified, seeded by train.seed; after validation is carved): the label budget `hftl compare --labels-per-class` varies.", "range": "[1, inf)"})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N validation/test rows.", "range": "[1, inf)"})
+    min_abs_rating: float = field(default=1.0, metadata={"help": "vader_lexicon only: keep words whose mean rating is at least this far from 0.", "range": "[0, 4)"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "Local folder read by the datasets builder its files call for: audiofolder / imagefolder (class sub-folders, or files + metadata.csv), split sub-folders train/validation/test."})
     audio_column: str = field(default="audio", metadata={"help": "Audio: column with a datasets Audio feature or file paths (a relative path in a csv/json is relative to that file)."})
     image_column: str = field(default="image", metadata={"help": "Images: column with a datasets Image feature or file paths (a relative path in a csv/json is relative to that file)."})
-    max_duration: float = field(default=1.0, metadata={"help": "Audio: seconds per model input. Training crops a random window from a longer clip; a shorter clip is padded with silence to this length."})
+    max_duration: float = field(default=1.0, metadata={"help": "Audio: seconds per model input. Training crops a random window from a longer clip; a shorter clip is padded with silence to this length.", "range": "(0, inf)"})
     eval_window: bool = field(default=True, metadata={"help": "Audio: evaluate a clip longer than max_duration in windows of max_duration (half a window apart) and average their logits; false: feed it whole."})
-    audio_decoder: str = field(default="auto", metadata={"help": "Audio decoding: torchcodec (FFmpeg, as datasets does), soundfile (libsndfile: wav, flac, ogg, mp3) or auto (torchcodec when FFmpeg loads, else soundfile)."})
-    on_bad_sample: str = field(default="error", metadata={"help": "A media file that cannot be decoded (empty, truncated, not audio/image): error (stop before training, naming file and row) or skip (leave the row out; counted in the card)."})
-    augment: list = field(default_factory=list, metadata={"help": "Training augmentation, applied on the fly. Audio: speed (0.9/1.0/1.1x), gain (data.gain_db), noise (data.noise_snr_db). Images: crop (random resized, data.crop_scale), flip (horizontal)."})
-    gain_db: float = field(default=6.0, metadata={"help": "augment=gain: random gain, uniform within +-this many dB."})
+    audio_decoder: str = field(default="auto", metadata={"help": "Audio decoding: torchcodec (FFmpeg, as datasets does), soundfile (libsndfile: wav, flac, ogg, mp3) or auto (torchcodec when FFmpeg loads, else soundfile).", "choices": ("auto", "torchcodec", "soundfile")})
+    on_bad_sample: str = field(default="error", metadata={"help": "A media file that cannot be decoded (empty, truncated, not audio/image): error (stop before training, naming file and row) or skip (leave the row out; counted in the card).", "choices": ("error", "skip")})
+    augment: list = field(default_factory=list, metadata={"help": "Training augmentation, applied on the fly. Audio: speed (0.9/1.0/1.1x), gain (data.gain_db), noise (data.noise_snr_db). Images: crop (random resized, data.crop_scale), flip (horizontal).", "choices": tuple(a for task in AUGMENTS.values() for a in task)})
+    gain_db: float = field(default=6.0, metadata={"help": "augment=gain: random gain, uniform within +-this many dB.", "range": "[0, inf)"})
     noise_snr_db: float = field(default=20.0, metadata={"help": "augment=noise: add white noise at this signal-to-noise ratio (dB)."})
     target: Optional[str] = field(default=None, metadata={"help": "Unlabelled target-domain rows for adapt.align / adapt.reweight / adapt.pretrain: a csv/tsv/json/jsonl/parquet file with the input column (data.text_column, audio_column or image_column) or an audiofolder/imagefolder. Labels, if present, are not trained on; they give the 'target' evaluation."})
-    crop_scale: float = field(default=0.5, metadata={"help": "augment=crop: smallest share of the image area a random crop keeps (then resized by the image processor)."})
+    crop_scale: float = field(default=0.5, metadata={"help": "augment=crop: smallest share of the image area a random crop keeps (then resized by the image processor).", "range": "(0, 1]"})
 
 
 @dataclass
 class AdaptConfig:
     mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full, lora, partial, gradual, lpft, ia3, adalora, loha, lokr (see `hftl modes`)."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r); adalora too (alpha / its initial rank)."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch (lora, adalora)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank.", "range": "[1, inf)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r); adalora too (alpha / its initial rank).", "range": "[1, inf)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch (lora, adalora).", "range": "[0, 1)"})
     target_modules: Optional[list] = field(default=None, metadata={"help": "Module names the peft modes (lora, ia3, adalora, loha, lokr) adapt; default: peft's choice for the architecture and method, else all linear layers outside the head."})
     save_adapter: bool = field(default=False, metadata={"help": "peft modes (lora, ia3, adalora, loha, lokr): also write the unmerged peft adapter folder to OUTPUT/adapter."})
     # What the head reads (hftl/pooling.py) and how a head on frozen features is fitted (hftl/solver.py).
-    pooling: str = field(default="auto", metadata={"help": "What the head reads from the backbone: auto (where the head is fitted on frozen features, in head, lpft and contrastive modes and hftl rank, the checkpoint's own pooling: its sentence-transformers config, e.g. all-MiniLM's normalised mean; else, and in the modes that fine-tune from a fresh head, the architecture's head), pooler (the architecture's head: BERT's [CLS] + pooler, wav2vec2's mean, ViT's [CLS]), cls, mean or max (text: over a BERT-style body these are saved in the sentence-transformers layout, see README). Applies in every mode and wherever frozen features are read (feature cache, lpft's probe, hftl rank, data.target estimates)."})
+    pooling: str = field(default="auto", metadata={"help": "What the head reads from the backbone: auto (where the head is fitted on frozen features, in head, lpft and contrastive modes and hftl rank, the checkpoint's own pooling: its sentence-transformers config, e.g. all-MiniLM's normalised mean; else, and in the modes that fine-tune from a fresh head, the architecture's head), pooler (the architecture's head: BERT's [CLS] + pooler, wav2vec2's mean, ViT's [CLS]), cls, mean or max (text: over a BERT-style body these are saved in the sentence-transformers layout, see README). Applies in every mode and wherever frozen features are read (feature cache, lpft's probe, hftl rank, data.target estimates).", "choices": POOLINGS})
     layer: Optional[int] = field(default=None, metadata={"help": "Read the output of this encoder layer instead of the last: 1..L from the bottom, -1..-L from the top (the encoder is truncated there, so the saved model is smaller and stays a standard folder). null: the last layer."})
     solve_head: bool = field(default=True, metadata={"help": "Frozen-feature modes (head, lpft's probe): solve a linear head on the cached features (logistic regression, L2 penalty chosen on validation by train.metric_for_best, or cross-validated when validation is small) instead of training it for epochs with AdamW. false: AdamW for train.epochs (head) / adapt.lp_epochs (lpft)."})
     freeze_feature_encoder: bool = field(default=False, metadata={"help": "Speech models (wav2vec2, HuBERT, ...): keep the convolutional waveform encoder as pretrained, in every mode."})
     # Modes that train part of the backbone (issue 5): partial, gradual, lpft, and the other peft methods.
-    top_layers: int = field(default=2, metadata={"help": "partial: train only the top K encoder layers (plus the head); gradual: layers unfrozen per stage."})
-    layer_lr_decay: float = field(default=1.0, metadata={"help": "Layer-wise learning-rate decay (ULMFiT/BEiT/ELECTRA): the head gets train.learning_rate, each lower encoder layer that rate times this factor once more, embeddings last. 1.0: one rate for all. Every mode that trains the backbone."})
-    unfreeze_every: float = field(default=1.0, metadata={"help": "gradual: epochs between unfreezing the next adapt.top_layers encoder layers, from the top (the head trains from the start; the embeddings unfreeze last)."})
-    lp_epochs: float = field(default=5, metadata={"help": "lpft: epochs of the linear-probe stage (head on frozen features; cached where possible) before fine-tuning everything for train.epochs."})
-    lp_learning_rate: float = field(default=1e-3, metadata={"help": "lpft: learning rate of the linear-probe stage (the fine-tuning stage uses train.learning_rate)."})
-    pair_iterations: int = field(default=20, metadata={"help": "contrastive: rounds of pair sampling; each gives every labelled row one partner of its label and one of another (SetFit's num_iterations)."})
-    peft_r: int = field(default=8, metadata={"help": "adalora/loha/lokr: rank (adalora: the target average rank); lora uses adapt.lora_r."})
-    l2sp: float = field(default=0.0, metadata={"help": "L2-SP (Li et al. 2018): add l2sp * ||w - w_pretrained||^2 over the trainable backbone weights to the loss (0: off; try 0.01)."})
+    top_layers: int = field(default=2, metadata={"help": "partial: train only the top K encoder layers (plus the head); gradual: layers unfrozen per stage.", "range": "[1, inf)"})
+    layer_lr_decay: float = field(default=1.0, metadata={"help": "Layer-wise learning-rate decay (ULMFiT/BEiT/ELECTRA): the head gets train.learning_rate, each lower encoder layer that rate times this factor once more, embeddings last. 1.0: one rate for all. Every mode that trains the backbone.", "range": "(0, 1]"})
+    unfreeze_every: float = field(default=1.0, metadata={"help": "gradual: epochs between unfreezing the next adapt.top_layers encoder layers, from the top (the head trains from the start; the embeddings unfreeze last).", "range": "(0, inf)"})
+    lp_epochs: float = field(default=5, metadata={"help": "lpft: epochs of the linear-probe stage (head on frozen features; cached where possible) before fine-tuning everything for train.epochs.", "range": "(0, inf)"})
+    lp_learning_rate: float = field(default=1e-3, metadata={"help": "lpft: learning rate of the linear-probe stage (the fine-tuning stage uses train.learning_rate).", "range": "(0, inf)"})
+    pair_iterations: int = field(default=20, metadata={"help": "contrastive: rounds of pair sampling; each gives every labelled row one partner of its label and one of another (SetFit's num_iterations).", "range": "[1, inf)"})
+    peft_r: int = field(default=8, metadata={"help": "adalora/loha/lokr: rank (adalora: the target average rank); lora uses adapt.lora_r.", "range": "[1, inf)"})
+    l2sp: float = field(default=0.0, metadata={"help": "L2-SP (Li et al. 2018): add l2sp * ||w - w_pretrained||^2 over the trainable backbone weights to the loss (0: off; try 0.01).", "range": "[0, inf)"})
     # Domain adaptation with unlabelled target rows (data.target).
-    align: Optional[str] = field(default=None, metadata={"help": "Domain adaptation on data.target: dann (gradient reversal into a domain classifier, coefficient ramped 0->1), coral or mmd (feature-statistics alignment loss). null: off."})
-    align_weight: float = field(default=1.0, metadata={"help": "Weight of the adapt.align loss added to the task loss."})
+    align: Optional[str] = field(default=None, metadata={"help": "Domain adaptation on data.target: dann (gradient reversal into a domain classifier, coefficient ramped 0->1), coral or mmd (feature-statistics alignment loss). null: off.", "choices": ("dann", "coral", "mmd")})
+    align_weight: float = field(default=1.0, metadata={"help": "Weight of the adapt.align loss added to the task loss.", "range": "[0, inf)"})
     reweight: bool = field(default=False, metadata={"help": "Instance reweighting: a domain classifier on frozen features estimates p(target|x); each source row's loss is weighted by the clipped, normalised density ratio. Needs data.target."})
-    reweight_clip: float = field(default=10.0, metadata={"help": "reweight: largest weight (after normalising to mean 1)."})
+    reweight_clip: float = field(default=10.0, metadata={"help": "reweight: largest weight (after normalising to mean 1).", "range": "[1, inf)"})
     # Continued self-supervised pretraining before classification (DAPT/TAPT, Gururangan et al. 2020).
-    pretrain: Optional[str] = field(default=None, metadata={"help": "mlm: continue masked-language-model pretraining on unlabelled in-domain text first, save that checkpoint to <output.dir>.pretrained, and classify from it. null: off."})
+    pretrain: Optional[str] = field(default=None, metadata={"help": "mlm: continue masked-language-model pretraining on unlabelled in-domain text first, save that checkpoint to <output.dir>.pretrained, and classify from it. null: off.", "choices": ("mlm",)})
     pretrain_file: Optional[str] = field(default=None, metadata={"help": "pretrain: text file (one text per line) or csv/json with data.text_column; default: the training texts plus data.target's."})
-    pretrain_epochs: float = field(default=1, metadata={"help": "pretrain: epochs of masked-language modelling."})
-    pretrain_learning_rate: float = field(default=5e-5, metadata={"help": "pretrain: learning rate."})
-    mlm_probability: float = field(default=0.15, metadata={"help": "pretrain=mlm: share of tokens masked (DataCollatorForLanguageModeling)."})
+    pretrain_epochs: float = field(default=1, metadata={"help": "pretrain: epochs of masked-language modelling.", "range": "(0, inf)"})
+    pretrain_learning_rate: float = field(default=5e-5, metadata={"help": "pretrain: learning rate.", "range": "(0, inf)"})
+    mlm_probability: float = field(default=0.15, metadata={"help": "pretrain=mlm: share of tokens masked (DataCollatorForLanguageModeling).", "range": "(0, 1)"})
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = field(default=3, metadata={"help": "Passes over the training data (fractions allowed)."})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."})
-    batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
-    eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process."})
-    eval_batch_tokens: Optional[int] = field(default=4096, metadata={"help": "Text: the model sees at most this many (padded) tokens of an evaluation batch at once (its rows are run in slices); bounds the memory of batches of long rows. null: whole batches."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
-    warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps spent warming up linearly from 0."})
-    scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warmup: linear, cosine, constant, or slanted_triangular (ULMFiT: a short linear rise over train.warmup_ratio of the steps, then a long linear fall to 1/32 of the peak)."})
+    epochs: float = field(default=3, metadata={"help": "Passes over the training data (fractions allowed).", "range": "(0, inf)"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides epochs).", "range": "[1, inf)"})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size per process.", "range": "[1, inf)"})
+    eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process.", "range": "[1, inf)"})
+    eval_batch_tokens: Optional[int] = field(default=4096, metadata={"help": "Text: the model sees at most this many (padded) tokens of an evaluation batch at once (its rows are run in slices); bounds the memory of batches of long rows. null: whole batches.", "range": "[1, inf)"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW.", "range": "(0, inf)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms).", "range": "[0, inf)"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps spent warming up linearly from 0.", "range": "[0, 1]"})
+    scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warmup: linear, cosine, constant, or slanted_triangular (ULMFiT: a short linear rise over train.warmup_ratio of the steps, then a long linear fall to 1/32 of the peak).", "choices": ("linear", "cosine", "constant", "slanted_triangular")})
     cache_features: Optional[bool] = field(default=None, metadata={"help": "Frozen-backbone modes (head): run the backbone once, cache the features the head reads, train the head on them. null: when the head can be replayed exactly; true: required; false: never."})
     feature_cache_dir: Optional[str] = field(default=None, metadata={"help": "Folder for cached features (Arrow files named by checkpoint, preprocessing and data fingerprints); default: <datasets cache>/hftl_features."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off)."})
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (fp32 on every device: on an H200 bf16 was slower for MiniLM and bert-base, see scripts/results/precision_h200.md), no, bf16 or fp16 (autocast; worth it for large models: measure with scripts/bench_precision.py)."})
-    seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout."})
-    cpu_mmap_threshold_mib: Optional[float] = field(default=2.0, metadata={"help": "CPU training on Linux (glibc): memory blocks of at least this many MiB get their own mapping, returned to the system when freed, so peak memory follows the tensors alive (MiniLM full fine-tuning on SST-2, 2 CPU cores: 2,004 instead of 2,235 MiB at the same speed, BENCHMARKS.md; 1 MiB saved ~80 MiB more but trained 20% slower). null: glibc's adaptive default. The MALLOC_MMAP_THRESHOLD_ environment variable wins."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step.", "range": "[1, inf)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off).", "range": "[0, inf)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (fp32 on every device: on an H200 bf16 was slower for MiniLM and bert-base, see scripts/results/precision_h200.md), no, bf16 or fp16 (autocast; worth it for large models: measure with scripts/bench_precision.py).", "choices": ("auto", "no", "bf16", "fp16")})
+    seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout.", "range": "[0, 4294967295]"})
+    cpu_mmap_threshold_mib: Optional[float] = field(default=2.0, metadata={"help": "CPU training on Linux (glibc): memory blocks of at least this many MiB get their own mapping, returned to the system when freed, so peak memory follows the tensors alive (MiniLM full fine-tuning on SST-2, 2 CPU cores: 2,004 instead of 2,235 MiB at the same speed, BENCHMARKS.md; 1 MiB saved ~80 MiB more but trained 20% slower). null: glibc's adaptive default. The MALLOC_MMAP_THRESHOLD_ environment variable wins.", "range": "(0, 32]"})
     metrics: list = field(default_factory=lambda: ["accuracy", "f1", "precision", "recall"], metadata={"help": "evaluate metrics; shipped offline: accuracy, f1, precision, recall (macro). Any Hub metric name works online."})
     metric_for_best: str = field(default="accuracy", metadata={"help": "Validation metric that selects the best epoch."})
     greater_is_better: bool = field(default=True, metadata={"help": "Whether a larger metric_for_best is better."})
-    early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop after this many evaluations without improvement."})
-    evals_per_epoch: int = field(default=1, metadata={"help": "Evaluations per epoch."})
-    log_every: int = field(default=20, metadata={"help": "Log the training loss every N optimizer steps."})
+    early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop after this many evaluations without improvement.", "range": "[1, inf)"})
+    evals_per_epoch: int = field(default=1, metadata={"help": "Evaluations per epoch.", "range": "[1, inf)"})
+    log_every: int = field(default=20, metadata={"help": "Log the training loss every N optimizer steps.", "range": "[1, inf)"})
     report_to: Optional[list] = field(default=None, metadata={"help": "Accelerate trackers, e.g. [tensorboard] or [wandb]."})
-    save_every: Optional[int] = field(default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps and at the last one (null: only when SIGTERM/SIGUSR1 stops the run)."})
-    keep_last: int = field(default=2, metadata={"help": "Keep the newest K complete checkpoints; older ones are deleted once a new one is complete."})
+    save_every: Optional[int] = field(default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps and at the last one (null: only when SIGTERM/SIGUSR1 stops the run).", "range": "[1, inf)"})
+    keep_last: int = field(default=2, metadata={"help": "Keep the newest K complete checkpoints; older ones are deleted once a new one is complete.", "range": "[1, inf)"})
     resume: Optional[str] = field(default=None, metadata={"help": "auto: continue from the newest complete checkpoint (start afresh when there is none); a step-N folder: continue from it; null: start afresh."})
     checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "Folder for checkpoints (step-N folders); default: <output.dir>.checkpoints. Must be shared by every node."})
 
@@ -136,7 +149,7 @@ class TrainConfig:
 class OutputConfig:
     dir: str = field(default="outputs/run", metadata={"help": "Model folder to write (weights, config, tokenizer, card, metrics)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder (it is swapped only once the new one is complete); without train.resume, also delete an earlier run's checkpoints (saying so). No preset sets it."})
-    verify_reload: int = field(default=64, metadata={"help": "Reload the saved folder with transformers.pipeline and check it predicts what training evaluated on this many validation rows (0: skip)."})
+    verify_reload: int = field(default=64, metadata={"help": "Reload the saved folder with transformers.pipeline and check it predicts what training evaluated on this many validation rows (0: skip).", "range": "[0, inf)"})
 
 
 @dataclass
@@ -145,12 +158,12 @@ class HubConfig:
     model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo to push to, as namespace/name (your user or organisation), e.g. alice/minilm-sst2."})
     private: Optional[bool] = field(default=None, metadata={"help": "Create the repo private (true) or public (false); null: the namespace's default. true also refuses to push to an existing public repo."})
     revision: Optional[str] = field(default=None, metadata={"help": "Branch to push to (created from main when missing); null: main."})
-    strategy: str = field(default="end", metadata={"help": "end: push the final model once; every_save: also upload each training checkpoint to checkpoints/<name>/; checkpoint: also keep the latest checkpoint in last-checkpoint/."})
+    strategy: str = field(default="end", metadata={"help": "end: push the final model once; every_save: also upload each training checkpoint to checkpoints/<name>/; checkpoint: also keep the latest checkpoint in last-checkpoint/.", "choices": ("end", "every_save", "checkpoint")})
 
 
 @dataclass
 class Config:
-    task: str = field(default="text-classification", metadata={"help": "Recipe: text-classification, audio-classification or image-classification."})
+    task: str = field(default="text-classification", metadata={"help": "Recipe: text-classification, audio-classification or image-classification.", "choices": TASKS})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
@@ -290,7 +303,95 @@ def from_flat(values: dict[str, Any]) -> Config:
         for p in parents:
             target = getattr(target, p)
         setattr(target, leaf, _coerce(key, value, tp))
+    validate(cfg)
     return cfg
+
+
+def _bounds(spec: str) -> tuple[float, bool, float, bool]:
+    """'[1, inf)' -> (1, True, inf, False): lower bound, whether it is allowed, upper bound, whether it is allowed."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return lo, spec[0] == "[", hi, spec[-1] == "]"
+
+
+def _range_text(spec: str) -> str:
+    lo, lo_in, hi, hi_in = _bounds(spec)
+    num = lambda x: str(int(x)) if x == int(x) else str(x)  # noqa: E731
+    if hi == float("inf"):
+        return f"{'>=' if lo_in else '>'} {num(lo)}"
+    if lo_in and hi_in:
+        return f"from {num(lo)} to {num(hi)}"
+    return f"{'>=' if lo_in else '>'} {num(lo)} and {'<=' if hi_in else '<'} {num(hi)}"
+
+
+def _constraint(f: dataclasses.Field) -> str:
+    """What --help-config shows after the default: the choices or the range of a key, if it has one."""
+    if "choices" in f.metadata:
+        return f"; {'each ' if f.type in (list, 'list') else ''}one of: {', '.join(f.metadata['choices'])}"
+    if "range" in f.metadata:
+        return f"; {_range_text(f.metadata['range'])}"
+    return ""
+
+
+def _get(cfg: Config, key: str):
+    target = cfg
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse values no run can use, naming the key and what it takes: checked when the config is read, before minutes
+    of model and data loading. (Settings that depend on the model or data are checked where those are read.)"""
+    for key, (tp, f) in all_keys().items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        optional = type(None) in typing.get_args(tp)
+        if "range" in f.metadata:
+            lo, lo_in, hi, hi_in = _bounds(f.metadata["range"])
+            if not ((value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)):
+                kind = "a whole number" if tp in (int, Optional[int]) else "a number"
+                raise ConfigError(f"{key}={value!r}; expected {kind} {_range_text(f.metadata['range'])}"
+                                  f"{', or null' if optional else ''}.")
+        if "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            unknown = [v for v in (value if isinstance(value, list) else [value]) if v not in choices]
+            if unknown:
+                shown = f" has {unknown}, which are" if isinstance(value, list) else f"='{value}' is"
+                raise ConfigError(f"{key}{shown} unknown; choose {'from' if isinstance(value, list) else 'one of'} "
+                                  f"{', '.join(choices)}{', or null' if optional else ''}.")
+    _validate_combinations(cfg)
+    return cfg
+
+
+def _validate_combinations(cfg: Config) -> None:
+    from .adapt import get_mode  # the registry of modes; imports torch, so only when a config is checked
+
+    get_mode(cfg.adapt.mode)
+    if cfg.data.augment:
+        allowed = AUGMENTS.get(cfg.task, ())
+        unknown = [a for a in cfg.data.augment if a not in allowed]
+        if unknown and not allowed:
+            raise ConfigError(f"data.augment={cfg.data.augment}, but task={cfg.task} has no augmentation (audio: "
+                              f"{', '.join(AUGMENTS['audio-classification'])}; images: {', '.join(AUGMENTS['image-classification'])}); "
+                              "set data.augment=[].")
+        if unknown:
+            what = "audio does" if cfg.task == "audio-classification" else "images do"
+            raise ConfigError(f"data.augment has {unknown}, which {what} not know; choose from {', '.join(allowed)}.")
+    t = cfg.train
+    if t.report_to:
+        from accelerate.utils import LoggerType
+
+        unknown = [r for r in t.report_to if r not in LoggerType.list()]
+        if unknown:
+            raise ConfigError(f"train.report_to has {unknown}, which Accelerate does not know; choose from "
+                              f"{', '.join(LoggerType.list())}.")
+    # The shipped metrics each report one score under their own name (and evaluation adds 'loss'); a Hub metric may
+    # report others, which only its first evaluation shows.
+    if t.metric_for_best != "loss" and t.metric_for_best not in t.metrics and all(m in SHIPPED_METRICS for m in t.metrics):
+        raise ConfigError(f"train.metric_for_best='{t.metric_for_best}' is not computed: validation reports "
+                          f"{', '.join([*t.metrics, 'loss'])} (train.metrics, plus loss). Choose one of those, or add it "
+                          "to train.metrics.")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -306,5 +407,5 @@ def describe() -> str:
     lines = []
     defaults = _flatten(to_dict(Config()))
     for key, (tp, f) in all_keys().items():
-        lines.append(f"  {key} ({_type_name(tp)}, default {defaults[key]!r})\n      {f.metadata.get('help', '')}")
+        lines.append(f"  {key} ({_type_name(tp)}, default {defaults[key]!r}{_constraint(f)})\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

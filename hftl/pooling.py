@@ -36,9 +36,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .config import ConfigError
+from .config import POOLINGS, ConfigError
 
-POOLINGS = ("auto", "pooler", "cls", "mean", "max")
 # What each modality's AutoModelFor*Classification reads, when it is one of the named poolings.
 NATIVE = {"text-classification": "pooler", "audio-classification": "mean", "image-classification": "cls"}
 ST_LIBRARY = "sentence-transformers"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -141,6 +142,8 @@ def _load(auto_cls, path: str, cfg: Config):
         if m.allow_pickle or "safetensors" not in str(e):
             raise
         raise ConfigError(models._no_safetensors(path)) from e
+    except pickle.UnpicklingError as e:
+        raise ConfigError(models.pickle_refused(path, e)) from e
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import adapt, cache, cards, checkpoint, domain, hub, models, outdir, plots, pretrain
-from .config import Config, to_dict, to_yaml
+from . import metrics as metrics_lib
+from .config import Config, ConfigError, to_dict, to_yaml
+from .errors import UserError
 from .data import DataError, load_splits, load_target
 from .train import fit, make_accelerator, tensor_core_padding
 
@@ -42,6 +44,7 @@ def run(cfg: Config, modality: Modality) -> dict:
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
     cache.check_settings(cfg)  # before minutes of loading and preprocessing
+    metrics_lib.load_metrics(cfg.train.metrics)  # a metric that cannot load fails now, not at the first evaluation
     with claim(cfg, accelerator):
         return _run(cfg, modality, accelerator, mode)
 
@@ -113,7 +116,16 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     accelerator.print("Resolved config:\n" + to_yaml(cfg))
 
     path, base_model = models.resolve(cfg.model)
-    processor = modality.load_processor(path, cfg)
+    try:
+        processor = modality.load_processor(path, cfg)
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # transformers: no such Hub repo, not cached offline, no processor files for the task
+        raise ConfigError(f"model.name_or_path='{cfg.model.name_or_path}': cannot load it for task={cfg.task} "
+                          f"({(str(e).strip().splitlines() or [type(e).__name__])[0].strip()}). Give a local model folder or a "
+                          "Hub id of a checkpoint for this task (downloads need network; with HF_HUB_OFFLINE=1 only what is "
+                          "cached).") from e
+    models.check_code(path, cfg.model)  # a Hub checkpoint's files are here now
     # Read from the checkpoint as given (its sentence-transformers pooling config), also when MLM pretraining continues it.
     reads = models.representation(path, cfg.model, cfg.adapt, cfg.task, frozen=mode.frozen_features)
     accelerator.print(f"the head reads: {reads.describe()}")

@@ -26,13 +26,14 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from . import checkpoint, hub
 from . import metrics as metrics_lib
 from .config import Config, ConfigError, TrainConfig
+from .errors import UserError
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training diverged; the message names the settings to change."""
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The launcher started processes that Accelerate does not join into one run."""
 
 

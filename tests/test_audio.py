@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import read_json
-from hftl.config import ConfigError, load_config
+from hftl.config import ConfigError, DataConfig, load_config
 from hftl.data import DataError
 
 FILE_RATE = 8000  # the clips' rate; the feature extractor's is 16 kHz
@@ -324,18 +324,18 @@ def test_augmentation():
 
     torch.manual_seed(0)
     wave = torch.from_numpy(tone("high", 0.2, np.random.default_rng(0))).repeat_interleave(2)
-    plain = load_config(None, ["data.augment=[]"]).data
+    plain = load_config(None, ["task=audio-classification", "data.augment=[]"]).data
     for name in ("speed", "gain", "noise"):
-        cfg = load_config(None, [f"data.augment=[{name}]", "data.noise_snr_db=10"]).data
+        cfg = load_config(None, ["task=audio-classification", f"data.augment=[{name}]", "data.noise_snr_db=10"]).data
         outs = [audio.train_input(wave, 16000, 4000, cfg) for _ in range(6)]
         assert all(o.shape == (4000,) for o in outs)
         assert any(not torch.equal(o, audio.train_input(wave, 16000, 4000, plain)) for o in outs), name
-    cfg = load_config(None, ["data.augment=[noise]", "data.noise_snr_db=10"]).data
+    cfg = load_config(None, ["task=audio-classification", "data.augment=[noise]", "data.noise_snr_db=10"]).data
     noisy = audio.train_input(wave, 16000, len(wave), cfg)
     snr = 10 * torch.log10(wave.pow(2).sum() / (noisy - wave).pow(2).sum())
     assert float(snr) == pytest.approx(10, abs=0.01)
-    with pytest.raises(ConfigError, match=r"data.augment has \['flip'\].*speed, gain, noise"):
-        audio.prepare(None, None, load_config(None, ["data.augment=[flip]"]).data, 8)
+    with pytest.raises(ConfigError, match=r"data.augment has \['flip'\].*speed, gain, noise"):  # as load_config does
+        audio.prepare(None, None, DataConfig(augment=["flip"]), 8)
 
 
 def test_whole_clip_evaluation_needs_unpadded_batches(w2v):

@@ -48,7 +48,7 @@ def train(toy, out, *overrides):
     cfg = load_config(None, [
         f"model.name_or_path={toy / 'backbone'}", f"data.train_file={toy / 'train.csv'}", f"data.validation_file={toy / 'validation.csv'}",
         # AdamW on the cache against AdamW through the whole model (the solved head is tests/test_features.py's)
-        "adapt.mode=head", "adapt.solve_head=false", "train.epochs=2", "train.batch_size=8", "train.learning_rate=0.01",
+        "adapt.mode=head", "adapt.solve_head=false", "data.max_length=32", "train.epochs=2", "train.batch_size=8", "train.learning_rate=0.01",
         "train.metrics=[accuracy]", f"train.feature_cache_dir={toy / 'features'}", f"output.dir={toy / out}", "output.overwrite=true",
         "output.verify_reload=0", *overrides,
     ])
@@ -268,7 +268,7 @@ def test_head_mode_on_the_rows_its_steps_read_resumes_exactly(toy, tmp_path):
     """A resumed run draws the same rows (from step 0), reads the same cache file and continues the same batches."""
     write_rows(tmp_path / "train200.csv", toy_rows(200, seed=7))
     data = [f"data.train_file={tmp_path / 'train200.csv'}", f"train.feature_cache_dir={tmp_path / 'features'}",
-            "train.max_steps=5", "train.save_every=2"]
+            "train.max_steps=5", "train.save_every=2", "train.keep_last=3"]  # step-2 survives the checkpoints of steps 4 and 5
     straight, straight_preds = train(toy, tmp_path / "straight", *data)
     assert straight["feature_cache"]["splits"]["train"]["rows"] == (5 + 1) * 8
     shutil.copytree(tmp_path / "straight.checkpoints" / "step-2", tmp_path / "kept" / "step-2")

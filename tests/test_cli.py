@@ -13,23 +13,7 @@ from hftl import cli
 from hftl.config import all_keys
 
 
-def test_unknown_key_exits_2_with_message(capsys):
-    assert cli.main(["train", "train.lr=0.1"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("hftl: error:")
-    assert "unknown config key 'train.lr'" in err
-    assert "train.learning_rate" in err
-
-
-def test_wrong_type_exits_2(capsys):
-    assert cli.main(["train", "train.batch_size=many"]) == 2
-    err = capsys.readouterr().err
-    assert "'train.batch_size'" in err and "int" in err
-
-
-def test_missing_preset_exits_2(tmp_path, capsys):
-    assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+# Bad input (unknown key, wrong type, missing preset, ...): one table in test_bad_inputs.py.
 
 
 def test_modes_lists_modes(capsys):

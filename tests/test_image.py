@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import read_json
-from hftl.config import ConfigError, load_config
+from hftl.config import ConfigError, DataConfig, load_config
 from hftl.data import DataError
 
 MODES = ("L", "P", "RGB", "RGBA")
@@ -176,6 +176,32 @@ def test_every_mode_becomes_rgb_as_the_pipeline_sees_it(mode, tmp_path):
     assert np.array_equal(np.asarray(image.decode({"path": None, "bytes": (tmp_path / "a.png").read_bytes()})), np.asarray(got))
 
 
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(vit, tmp_path):
+    from datasets import ClassLabel, Dataset
+    from transformers import AutoImageProcessor
+    from transformers.image_utils import load_image
+
+    from hftl.data import image
+
+    deep = np.random.default_rng(0).integers(0, 65536, (16, 16)).astype(np.uint16)  # a 16-bit scan: values to 65535
+    PIL.Image.fromarray(deep).save(tmp_path / "deep.png")
+    PIL.Image.fromarray(np.round(deep / 257).astype(np.uint8)).save(tmp_path / "eight.png")  # the same picture in 8 bits
+    assert PIL.Image.open(tmp_path / "deep.png").mode == "I;16"
+    assert (np.asarray(load_image(str(tmp_path / "deep.png"))) == 255).mean() > 0.99  # PIL's RGB conversion alone: white
+    eight = np.asarray(image.decode({"path": str(tmp_path / "eight.png"), "bytes": None}))
+    for value in ({"path": str(tmp_path / "deep.png"), "bytes": None}, {"path": None, "bytes": (tmp_path / "deep.png").read_bytes()}):
+        got = image.decode(value)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), eight)
+    # What training and evaluation feed the model, and what the reload check hands pipeline(): the scaled image.
+    rows = Dataset.from_dict({"image": [str(tmp_path / "deep.png"), str(tmp_path / "eight.png")], "labels": [0, 1]},
+                             features=None).cast_column("labels", ClassLabel(names=["a", "b"]))
+    encoded, _ = image.prepare({"validation": rows}, AutoImageProcessor.from_pretrained(str(vit)), DataConfig())
+    assert torch.equal(encoded["validation"][0]["pixel_values"], encoded["validation"][1]["pixel_values"])
+    deep_in, eight_in = image.inputs_for_pipeline(rows, DataConfig())
+    assert np.array_equal(np.asarray(deep_in), eight)
+    assert np.array_equal(np.asarray(image.read(PIL.Image.open(tmp_path / "deep.png"))), eight)  # the README's serving line
+
+
 def test_training_transform_augments_evaluation_transform_does_not(vit, images):
     from datasets import Image, load_dataset
     from transformers import AutoImageProcessor
@@ -184,7 +210,7 @@ def test_training_transform_augments_evaluation_transform_does_not(vit, images):
 
     processor = AutoImageProcessor.from_pretrained(str(vit))
     splits = load_dataset(str(images)).rename_column("label", "labels")
-    cfg = load_config(None, ["data.augment=[crop, flip]", "data.crop_scale=0.3"]).data
+    cfg = load_config(None, ["task=image-classification", "data.augment=[crop, flip]", "data.crop_scale=0.3"]).data
     encoded, collator = image.prepare(splits, processor, cfg)
     torch.manual_seed(0)
     train = [encoded["train"][0]["pixel_values"] for _ in range(4)]
@@ -202,10 +228,11 @@ def test_training_transform_augments_evaluation_transform_does_not(vit, images):
 def test_augmentation_settings_checked(vit):
     from hftl.data import image
 
+    # load_config refuses both first (tests/test_bad_inputs.py); a DataConfig built in code reaches image.prepare.
     with pytest.raises(ConfigError, match=r"data.augment has \['speed'\].*crop, flip"):
-        image.prepare({}, None, load_config(None, ["data.augment=[speed]"]).data)
+        image.prepare({}, None, DataConfig(augment=["speed"]))
     with pytest.raises(ConfigError, match="data.crop_scale=0.0"):
-        image.prepare({}, None, load_config(None, ["data.augment=[crop]", "data.crop_scale=0"]).data)
+        image.prepare({}, None, DataConfig(augment=["crop"], crop_scale=0.0))
 
 
 def test_single_channel_checkpoint_refused(tmp_path):

@@ -63,7 +63,8 @@ def test_overwrite_replaces_old_output_only_after_success(make_cfg, tmp_path, mo
     before = previous_output(out)
 
     # A run that fails after training started leaves the previous output as it was.
-    failing = make_cfg(tmp_path, extra={"output.overwrite": True, "train.max_steps": 2, "train.metric_for_best": "no_such_metric"})
+    failing = make_cfg(tmp_path, extra={"output.overwrite": True, "train.max_steps": 2})
+    failing.train.metric_for_best = "no_such_metric"  # after load_config, which would refuse it before training
     with pytest.raises((ValueError, RuntimeError), match="no_such_metric"):
         main(failing)
     assert snapshot(out) == before

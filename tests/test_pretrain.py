@@ -134,7 +134,6 @@ def test_existing_folder_needs_overwrite_and_resume_reuses_it(make_cfg, tmp_path
 
 
 @pytest.mark.parametrize("extra, error, match", [
-    ({"adapt.pretrain": "xyz"}, ConfigError, r"adapt\.pretrain='xyz' is unknown"),
     ({"task": "audio-classification"}, ConfigError, r"for text; task=audio-classification"),
     ({"task": "image-classification"}, ConfigError, r"for text; task=image-classification"),
     ({"model.from_scratch": True}, ConfigError, r"model\.from_scratch"),
@@ -145,6 +144,7 @@ def test_existing_folder_needs_overwrite_and_resume_reuses_it(make_cfg, tmp_path
     ({"adapt.pretrain_file": "WRONG.md"}, DataError, r"suffix '\.md'"),
 ])
 def test_errors(make_cfg, tmp_path, extra, error, match):
+    # (An unknown adapt.pretrain is refused when the config is read: tests/test_bad_inputs.py.)
     files = {"EMPTY": tmp_path / "empty.txt", "BLANK": tmp_path / "blank.txt", "NOCOLUMN": tmp_path / "sentences.csv",
              "WRONG.md": tmp_path / "notes.md"}
     files["EMPTY"].write_text("")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -46,8 +47,9 @@ def test_pickle_that_runs_code_is_never_unpickled(tiny_bert, tmp_path):
     with pytest.raises(ConfigError, match=rf"its weights are a pickle \({folder / 'pytorch_model.bin'}\).* model\.allow_pickle=true"):
         load_classifier(AutoModelForSequenceClassification, str(folder), LABELS, ModelConfig(name_or_path=str(folder)))
     assert not canary.exists()
-    # Opting in reads the pickle with torch.load(weights_only=True), which still refuses to run code.
-    with pytest.raises(Exception, match="Weights only load failed"):
+    # Opting in reads the pickle with torch.load(weights_only=True), which still refuses to run code: one line naming the file.
+    with pytest.raises(ConfigError, match=rf"model\.allow_pickle=true, but torch\.load\(weights_only=True\) refuses "
+                                          rf"'{re.escape(str(folder / 'pytorch_model.bin'))}' \(Unsupported global: GLOBAL exec\)"):
         load_classifier(AutoModelForSequenceClassification, str(folder), LABELS, ModelConfig(name_or_path=str(folder), allow_pickle=True))
     assert not canary.exists()
     # Control: the payload is live, plain unpickling runs it.

@@ -69,7 +69,7 @@ def build_hooks(model: nn.Module, mode: Mode, ctx: Context) -> list:
 
 def get_mode(name: str) -> Mode:
     if name not in MODES:
-        raise ValueError(f"adapt.mode='{name}' is unknown; choose one of {sorted(MODES)}.")
+        raise ConfigError(f"adapt.mode='{name}' is unknown; choose one of {', '.join(sorted(MODES))} (`hftl modes` says what each trains).")
     return MODES[name]
 
 

@@ -5,19 +5,23 @@ label column is an integer ClassLabel named ``labels`` built from the training s
 """
 from __future__ import annotations
 
+import csv
+import json
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, Value
+from datasets.exceptions import DatasetGenerationError
 
 from ..config import DataConfig
+from ..errors import UserError
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file/split, the column or row, and what was expected."""
 
 
@@ -44,8 +48,89 @@ def _parquet_rows(p: Path) -> int | None:
         return None
 
 
+def _header(p: Path, fmt: str, delimiter: str) -> list[str]:
+    """The column names a csv/tsv header or a parquet schema declares (json has no header: a key appears once per row)."""
+    if fmt == "parquet":
+        try:
+            return pq.ParquetFile(p).schema_arrow.names
+        except Exception:  # not parquet at all: load_dataset below reports it with the file name
+            return []
+    if fmt == "csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f, delimiter=delimiter), [])
+    return []
+
+
+def _bad_utf8(p: Path) -> str | None:
+    """Where a text file first stops being UTF-8: 'line N (byte offset B: 0x..)', or None when it is valid throughout."""
+    offset, line, carry = 0, 1, b""
+    with open(p, "rb") as f:
+        while True:
+            block = f.read(1 << 24)
+            data, last = carry + block, not block
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data" and not last:  # a character cut by the block boundary: read on
+                    data, carry = data[:e.start], data[e.start:]
+                else:
+                    line += data.count(b"\n", 0, e.start)
+                    return f"line {line} (byte offset {offset + e.start}: 0x{data[e.start:e.start + 1].hex()})"
+            if last:
+                return None
+            line, offset = line + data.count(b"\n"), offset + len(data)
+
+
+def _bad_json(p: Path) -> str | None:
+    """The first line of a JSON Lines file (or the place in a JSON document) that does not parse, or None."""
+    text = p.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return None  # one valid document: what is wrong is not its syntax
+    except ValueError as e:
+        if not text.lstrip().startswith("{"):  # one document (a list of records), not one object per line
+            return f"line {e.lineno}, column {e.colno} (byte offset {len(text[:e.pos].encode())}) is not valid JSON ({e.msg})"
+    offset = 0
+    for n, line in enumerate(text.splitlines(keepends=True), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                return f"line {n} (byte offset {offset}) is not a JSON object ({e.msg} at column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {n} (byte offset {offset}) is a JSON {type(row).__name__}, not an object (one row: {{'column': value, ...}})"
+        offset += len(line.encode())
+    return None
+
+
+def _why_unreadable(p: Path, fmt: str, e: Exception) -> str:
+    """What is wrong with a file load_dataset could not read: the first broken JSON line, else the reason the parser
+    gave (datasets wraps it in 'An error occurred while generating the dataset')."""
+    where = _bad_json(p) if fmt == "json" else None
+    if where:
+        return where
+    while isinstance(e, DatasetGenerationError) and e.__cause__ is not None:
+        e = e.__cause__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_dataset(key: str, *args) -> DatasetDict:
+    """`datasets.load_dataset(*args)` of a folder or a Hub data set; what it cannot read is one line naming data.<key>."""
+    try:
+        return datasets.load_dataset(*args)
+    except Exception as e:  # EmptyDatasetError, DatasetNotFoundError, ConnectionError offline, a builder's parse error
+        hint = (" (a Hub data set needs network; with HF_DATASETS_OFFLINE=1 only one already in the cache)"
+                if key == "name" and not Path(args[0]).exists() else "")
+        raise DataError(f"data.{key}: could not read '{args[0]}': {type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0]}{hint}.") from e
+
+
 def _load_file(path: str, what: str, path_columns=()) -> Dataset:
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"data.{what}: '{path}' is a folder; give one csv/tsv/json/jsonl/parquet file "
+                        f"(a folder of audio or images with class sub-folders is read with data.data_dir).")
     if not p.is_file():
         raise DataError(f"data.{what}: file '{path}' does not exist.")
     fmt = FORMATS.get(p.suffix.lower())
@@ -54,13 +139,23 @@ def _load_file(path: str, what: str, path_columns=()) -> Dataset:
     kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
     if p.stat().st_size == 0 or (fmt == "parquet" and _parquet_rows(p) == 0):
         raise DataError(f"data.{what}: '{path}' is empty: it has no rows; the split needs at least one.")
+    # Before load_dataset: pandas reports a bad byte without saying where, and pyarrow's json reader stores it, to fail
+    # later when a row is read. One pass over the file (about a second per GB).
+    bad = _bad_utf8(p) if fmt in ("csv", "json") else None
+    if bad:
+        raise DataError(f"data.{what}: '{path}' is not UTF-8 text: {bad} is not valid UTF-8. Save the file as UTF-8.")
+    header = _header(p, fmt, kwargs.get("delimiter", ","))
+    twice = sorted({c for c in header if c and header.count(c) > 1})  # pandas names empty ones 'Unnamed: N' itself
+    if twice:  # pandas would rename the second 'text' to 'text.1', and which one is read would be a guess
+        raise DataError(f"data.{what}: '{path}' has column name(s) {twice} more than once in its header ({header}); "
+                        "give every column its own name.")
     try:
         # load_dataset caches the Arrow conversion keyed by the file's content.
         ds = datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
-    except Exception as e:  # pyarrow/pandas parse errors: say which file
+    except Exception as e:  # pyarrow/pandas parse errors: say which file, and where in it
         if "corresponds to no data" in str(e):  # e.g. a csv with a header and no rows
             raise DataError(f"data.{what}: '{path}' is empty: it has no rows; the split needs at least one.") from e
-        raise DataError(f"data.{what}: could not read '{path}' as {fmt}: {e}") from e
+        raise DataError(f"data.{what}: could not read '{path}' as {fmt}: {_why_unreadable(p, fmt, e)}.") from e
     return _absolute_paths(ds, path_columns, p.parent)
 
 
@@ -88,9 +183,9 @@ def load_raw(cfg: DataConfig, path_columns=()) -> tuple[dict[str, Dataset], str]
             if not Path(cfg.data_dir).is_dir():
                 raise DataError(f"data.data_dir: folder '{cfg.data_dir}' does not exist.")
             # datasets picks the builder the files call for: audiofolder, imagefolder, csv, ...
-            ds = datasets.load_dataset(cfg.data_dir)
+            ds = _load_dataset("data_dir", cfg.data_dir)
         else:
-            ds = datasets.load_dataset(cfg.name, cfg.config_name)
+            ds = _load_dataset("name", cfg.name, cfg.config_name)
         wanted = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
         if cfg.train_split not in ds:
             raise DataError(f"data.train_split: '{name}' has no split '{cfg.train_split}'; it has {sorted(ds)}.")
@@ -112,9 +207,30 @@ def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[st
             )
     if not labelled:
         return
+    feature = ds.features[cfg.label_column]
+    if not isinstance(feature, (ClassLabel, Value)):  # a list (multi-label), a record, an image, ...
+        row, value = next(((i, v) for i, v in enumerate(ds[cfg.label_column]) if v is not None), (0, None))
+        holds = "lists" if isinstance(value, (list, tuple)) else "records" if isinstance(value, dict) else f"{type(feature).__name__} values"
+        raise DataError(f"the {role} split's label column '{cfg.label_column}'{_source_of(role, cfg)} holds {holds} "
+                        f"(row {row}: {str(value)[:80]}), not one label per row. hftl trains single-label classifiers; "
+                        "multi-label classification is not supported yet. Give one label per row, or set data.label_column "
+                        "to the column that has it.")
     nulls = [i for i, v in enumerate(ds[cfg.label_column]) if v is None]
     if nulls:
         raise DataError(f"the {role} split has an empty label in column '{cfg.label_column}' at row(s) {nulls[:10]}.")
+
+
+def _source_of(role: str, cfg: DataConfig) -> str:
+    """' (file 'x.csv')' or ' of 'name'': where a split's rows come from, for messages."""
+    file = {"train": cfg.train_file, "validation": cfg.validation_file or cfg.train_file, "test": cfg.test_file}.get(role)
+    if file:
+        return f" (file '{file}')"
+    source = cfg.data_dir or cfg.name or cfg.builtin
+    return f" of '{source}'" if source and role in ("train", "validation", "test") else ""
+
+
+# A float label column with more distinct values than this is a measurement (a regression target), not classes.
+MAX_FLOAT_CLASSES = 10
 
 
 def label_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
@@ -123,6 +239,17 @@ def label_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
     if isinstance(feature, ClassLabel):
         return list(feature.names)
     values = sorted(set(train[cfg.label_column]), key=lambda v: (str(type(v)), v))
+    fractional = [v for v in values if isinstance(v, float) and not v.is_integer()]
+    if fractional:  # whole numbers stored as floats (0.0/1.0, e.g. a column with gaps read by pandas) may still be classes
+        column = f"the train split's label column '{cfg.label_column}'{_source_of('train', cfg)}"
+        shown = ", ".join(f"{v:g}" for v in fractional[:5])
+        if len(values) > MAX_FLOAT_CLASSES:
+            raise DataError(f"{column} holds {len(values)} distinct numbers with fractions ({shown}, ...): almost surely a "
+                            "regression target, not class labels, and hftl trains classifiers (one class per value would be "
+                            "meaningless). Set data.label_column to the column with the classes, or bin the values into "
+                            "classes first.")
+        raise DataError(f"{column} holds numbers with fractions ({shown}); class labels are strings or whole numbers "
+                        "0..K-1. Write the classes as such, or set data.label_column to the column that has them.")
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         k = max(values) + 1
         if min(values) < 0:
@@ -162,6 +289,28 @@ def _encode_labels(ds: Dataset, role: str, names: list[str], cfg: DataConfig) ->
     return ds.add_column("labels", ids, feature=ClassLabel(names=names))
 
 
+def _two_labels(train: Dataset, cfg: DataConfig, after: str) -> None:
+    """A classifier needs rows of two labels or more to train on (the names may list more than the rows hold)."""
+    present = set(train["labels"])
+    if len(present) < 2:
+        names = train.features["labels"].names
+        raise DataError(f"the train split{_source_of('train', cfg)} has rows of a single label{after} "
+                        f"({', '.join(repr(names[i]) for i in present)}); classification needs rows of at least two.")
+
+
+def _carved_covers(whole: Dataset, train: Dataset, validation: Dataset, cfg: DataConfig) -> None:
+    """A validation split carved from train must hold every label training has, and training every label it holds:
+    a label only in validation is never learnt, one only in training is never measured."""
+    names, counts = whole.features["labels"].names, Counter(whole["labels"])
+    in_train, in_val = set(train["labels"]), set(validation["labels"])
+    problems = [f"{where} {', '.join(f'{names[i]!r} ({counts[i]} row(s) in all)' for i in sorted(ids))}"
+                for where, ids in (("only in validation:", set(counts) - in_train), ("only in training:", set(counts) - in_val)) if ids]
+    if problems:
+        raise DataError(f"carving data.validation_fraction={cfg.validation_fraction} of the train split{_source_of('train', cfg)} "
+                        f"as validation leaves label(s) {'; '.join(problems)}. Add rows of those labels, raise "
+                        "data.validation_fraction, or give a validation split (data.validation_file / data.validation_split).")
+
+
 def per_class(train: Dataset, k: int, seed: int) -> Dataset:
     """The label budget (data.samples_per_class): k seeded-random training rows of every label, in shuffled order."""
     if k < 1:
@@ -192,6 +341,7 @@ def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text
     if len(names) < 2:
         raise DataError(f"the train split has a single label {names}; classification needs at least two.")
     splits = {role: _encode_labels(ds, role, names, cfg) for role, ds in raw.items()}
+    _two_labels(splits["train"], cfg, "")
     if "validation" not in splits and cfg.validation_fraction == 0 and "test" not in splits:
         raise DataError("data.validation_fraction=0 trains on every labelled row with no validation split, so results come from "
                         "a test split: give data.test_file (or data.test_split), or a validation split.")
@@ -203,11 +353,13 @@ def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text
             parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed, stratify_by_column="labels")
         except ValueError:  # a class too small to stratify: fall back to a plain seeded split
             parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
+        _carved_covers(splits["train"], parts["train"], parts["test"], cfg)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
     if cfg.samples_per_class is not None:
         splits["train"] = per_class(splits["train"], cfg.samples_per_class, seed)
     if cfg.max_train_samples:
         splits["train"] = splits["train"].shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(splits["train"]))))
+        _two_labels(splits["train"], cfg, f" after data.max_train_samples={cfg.max_train_samples}")
     if cfg.max_eval_samples:
         for role in ("validation", "test"):
             if role in splits:
@@ -224,7 +376,7 @@ def load_target(cfg: DataConfig, names: list[str], input_keys: tuple[str, ...], 
     is the modality's media check. A file is read as data.train_file is, a folder as data.data_dir is (every split)."""
     path = Path(cfg.target)
     if path.is_dir():
-        ds = datasets.concatenate_datasets(list(datasets.load_dataset(str(path)).values()))
+        ds = datasets.concatenate_datasets(list(_load_dataset("target", str(path)).values()))
     else:
         ds = _load_file(cfg.target, "target", [getattr(cfg, k) for k in input_keys if k in PATH_KEYS])
     role = f"target (data.target '{cfg.target}')"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import datasets
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 
 
 def vader_lexicon(cfg: DataConfig) -> dict[str, datasets.Dataset]:
@@ -18,7 +18,7 @@ def vader_lexicon(cfg: DataConfig) -> dict[str, datasets.Dataset]:
     try:
         import vaderSentiment
     except ImportError:
-        raise ImportError("data.builtin=vader_lexicon needs the package vaderSentiment: pip install vaderSentiment") from None
+        raise ConfigError("data.builtin=vader_lexicon needs the package vaderSentiment: pip install vaderSentiment") from None
     path = Path(vaderSentiment.__file__).with_name("vader_lexicon.txt")
     # QUOTE_NONE: entries such as '"' or "'" are tokens, not quotes.
     ds = datasets.load_dataset(
@@ -51,5 +51,5 @@ BUILTIN = {"vader_lexicon": vader_lexicon, "sklearn_digits": sklearn_digits}
 
 def load_builtin(cfg: DataConfig) -> dict[str, datasets.Dataset]:
     if cfg.builtin not in BUILTIN:
-        raise ValueError(f"data.builtin='{cfg.builtin}' is not shipped; choose one of {sorted(BUILTIN)}.")
+        raise ConfigError(f"data.builtin='{cfg.builtin}' is unknown; choose one of {', '.join(BUILTIN)}.")
     return BUILTIN[cfg.builtin](cfg)

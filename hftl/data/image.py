@@ -1,7 +1,8 @@
 """Image modality: decode as pipeline("image-classification") does, augment for training, the checkpoint's image processor.
 
 Every image goes through `transformers.image_utils.load_image` (EXIF rotation, then RGB: grayscale,
-palette and RGBA images become the three channels the pipeline hands the model) and then the
+palette and RGBA images become the three channels the pipeline hands the model; 16-bit grayscale is first
+scaled to 8 bits, see `read`) and then the
 checkpoint's image processor (resize, rescale, normalise), on the fly (`with_transform`). Training can
 first take a random resized crop and a horizontal flip (torchvision, data.augment); evaluation is
 deterministic and computes exactly what the pipeline computes.
@@ -11,7 +12,9 @@ from __future__ import annotations
 import functools
 import io
 
+import numpy as np
 import PIL.Image
+import PIL.ImageOps
 from datasets import DatasetDict, Image
 from torchvision.transforms import v2
 from transformers import default_data_collator
@@ -23,10 +26,26 @@ from . import DataError, media
 AUGMENTS = ("crop", "flip")
 
 
-def decode(value: dict) -> PIL.Image.Image:
-    """A row's image, fully read (a truncated file fails here), as the pipeline converts it."""
-    image = PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
+# PIL modes of 16-bit grayscale images (PNG, TIFF), whose values run to 65535.
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An opened image as the model sees it: `load_image` (EXIF rotation, then RGB), after scaling 16-bit grayscale to 8 bits.
+
+    PIL's convert("RGB") clips a 16-bit value to 255, so such an image would arrive almost white. pipeline() does not
+    scale either: pass it images read with this function (README, Images)."""
+    image = PIL.ImageOps.exif_transpose(image)  # first: the scaled copy below has no EXIF left
+    if image.mode in SIXTEEN_BIT:
+        # Mode I is 32-bit; read from a 16-bit file it holds 0..65535 (the range 65535 / 255 = 257 maps onto 0..255).
+        pixels = np.asarray(image, dtype=np.float64) / 257
+        image = PIL.Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))  # mode L
     return load_image(image)
+
+
+def decode(value: dict) -> PIL.Image.Image:
+    """A row's image, fully read (a truncated file fails here), as training, evaluation and the reload check see it."""
+    return read(PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]))
 
 
 def check(splits: DatasetDict, cfg: DataConfig) -> tuple[DatasetDict, dict[str, list[str]]]:

@@ -12,6 +12,8 @@ import datasets
 import evaluate
 import numpy as np
 
+from ..config import SHIPPED_METRICS, ConfigError
+
 SHIPPED = Path(__file__).parent
 
 
@@ -42,7 +44,12 @@ def load_metrics(names: list[str]) -> dict[str, evaluate.EvaluationModule]:
     out = {}
     for name in names:
         local = SHIPPED / name / f"{name}.py"
-        out[name] = evaluate.load(str(local) if local.is_file() else name)
+        try:
+            out[name] = evaluate.load(str(local) if local.is_file() else name)
+        except Exception as e:  # FileNotFoundError (no such metric, or offline), ImportError (its requirements missing)
+            raise ConfigError(f"train.metrics: cannot load the metric '{name}' ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0]}). hftl ships {', '.join(SHIPPED_METRICS)} "
+                              "(they work offline); other names load from the Hub (needs network).") from e
     return out
 
 
