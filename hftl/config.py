@@ -80,7 +80,7 @@ class DataConfig:
 
 @dataclass
 class AdaptConfig:
-    mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full, lora, partial, gradual, lpft, ia3, adalora, loha, lokr (see `hftl modes`)."})
+    mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full, lora, partial, gradual, lpft, contrastive, ia3, adalora, loha, lokr (see `hftl modes`)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank.", "range": "[1, inf)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r); adalora too (alpha / its initial rank).", "range": "[1, inf)"})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch (lora, adalora).", "range": "[0, 1)"})
