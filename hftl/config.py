@@ -116,6 +116,7 @@ class AdaptConfig:
 @dataclass
 class TrainConfig:
     epochs: float = field(default=3, metadata={"help": "Passes over the training data (fractions allowed).", "range": "(0, inf)"})
+    min_steps: Optional[int] = field(default=50, metadata={"help": "Train at least this many optimizer steps: when train.epochs over few labelled rows would make fewer (16 rows at batch 32 and 2 epochs: 2 steps, which leave a fine-tuned model at chance), the epochs are raised to reach it, and the run says so. Budgets for tiny data are steps, not epochs. null: exactly train.epochs. train.max_steps wins.", "range": "[1, inf)"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides epochs).", "range": "[1, inf)"})
     batch_size: int = field(default=32, metadata={"help": "Training batch size per process.", "range": "[1, inf)"})
     eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process.", "range": "[1, inf)"})

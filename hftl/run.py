@@ -239,7 +239,8 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         if_disk_full=_finish_later(result.get("checkpoint")),
     )
     agree = "agree (near-ties allowed: mixed precision)" if tie else "identical"
-    accelerator.print(f"Saved {out} (pipeline reload check: {len(expected)} validation predictions {agree})")
+    loader = "transformers.pipeline" if reads.native else "sentence-transformers"
+    accelerator.print(f"Saved {out} (reload check through {loader}: {len(expected)} {checked} predictions {agree})")
     if cfg.hub.push:
         url = hub.publish(out, cfg.hub, modality.pipeline_tag, inputs, expected, tie)
         accelerator.print(f"Pushed {url} (round trip: files identical, {len(expected)} validation predictions {agree})")

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-# Inverse L2 strengths, strongest penalty first: 1e-3 .. 1e3 in half decades.
-GRID = tuple(float(10.0 ** (k / 2)) for k in range(-6, 7))
+# Inverse L2 strengths, strongest penalty first: 1e-4 .. 1e2 in decades; the best is then refined half a decade either
+# side (features are standardised, so the useful range is about the same for every checkpoint).
+GRID = tuple(float(10.0 ** k) for k in range(-4, 3))
 MIN_VALIDATION = 20  # fewer validation rows than this (or than 2 per label) cannot rank the grid: cross-validate
 FOLDS = 5
-WIDEN = 4  # at most this many half decades beyond either end of the grid
+WIDEN = 3  # at most this many decades beyond either end of the grid
 
 
 @dataclass
@@ -42,8 +43,9 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _logistic(c: float, seed: int):
     from sklearn.linear_model import LogisticRegression
 
-    # lbfgs is multinomial for more than two labels; tol is tighter than the default so the optimum is the optimum.
-    return LogisticRegression(C=c, max_iter=5000, tol=1e-6, random_state=seed, warm_start=True)
+    # lbfgs is multinomial for more than two labels. With few rows and a weak penalty the rows are separable and the
+    # optimum lies at infinity: max_iter bounds that walk (those C lose to stronger penalties anyway).
+    return LogisticRegression(C=c, max_iter=1000, tol=1e-4, random_state=seed, warm_start=True)
 
 
 def _as_logits(clf, mean: np.ndarray, std: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,12 +102,17 @@ def solve_logistic(x: np.ndarray, y: np.ndarray, num_labels: int, x_val: np.ndar
         best = max(range(len(path)), key=lambda i: (path[i]["score"], -i))
         if best not in (0, len(path) - 1) or len(path) == 1:
             break
-        c = path[best]["C"] * (10 ** -0.5 if best == 0 else 10 ** 0.5)
-        entry = {"C": c, "score": evaluate(c)}
-        if entry["score"] <= path[best]["score"]:
-            path.insert(0 if best == 0 else len(path), entry)
+        lower = best == 0
+        c = path[best]["C"] / 10 if lower else path[best]["C"] * 10
+        entry, previous = {"C": c, "score": evaluate(c)}, path[best]["score"]
+        path.insert(0 if lower else len(path), entry)
+        if entry["score"] <= previous:
             break
-        path.insert(0 if best == 0 else len(path), entry)
+    if len(grid) > 1:  # then half a decade either side of the best
+        best = max(range(len(path)), key=lambda i: (path[i]["score"], -i))
+        for c in (path[best]["C"] / 10 ** 0.5, path[best]["C"] * 10 ** 0.5):
+            path.append({"C": c, "score": evaluate(c)})
+        path.sort(key=lambda e: e["C"])
     # The best score; among equals the strongest penalty (the first), which generalises at least as well.
     best = max(range(len(path)), key=lambda i: (path[i]["score"], -i))
     clf = _logistic(path[best]["C"], seed).fit(z, y)

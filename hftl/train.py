@@ -183,9 +183,10 @@ def train_dataloader(ds, collator, t: TrainConfig) -> DataLoader:
 
 
 def schedule(train_dl, t: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps an epoch, optimizer steps in all) over the prepared training loader `train_dl`."""
+    """(optimizer steps an epoch, optimizer steps in all) over the prepared training loader `train_dl`: train.max_steps,
+    else train.epochs' worth, but at least train.min_steps (a few labelled rows would otherwise get a handful of steps)."""
     steps_per_epoch = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps))
-    return steps_per_epoch, t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    return steps_per_epoch, t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs), t.min_steps or 0)
 
 
 def rows_read(ds, t: TrainConfig, accelerator: Accelerator) -> list[int]:
@@ -333,6 +334,10 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     eval_dls = dict(zip(eval_dls, prepared))
 
     steps_per_epoch, total_steps = schedule(train_dl, t)
+    if not t.max_steps and total_steps > math.ceil(steps_per_epoch * t.epochs):
+        accelerator.print(f"train.min_steps={t.min_steps}: {len(encoded['train']):,} training rows make {math.ceil(steps_per_epoch * t.epochs)} "
+                          f"optimizer steps in train.epochs={t.epochs:g}; training {total_steps} ({total_steps / steps_per_epoch:g} epochs) "
+                          "instead (train.min_steps=null: exactly train.epochs)")
     # Not prepared: Accelerate's scheduler wrapper steps once per process, and our steps are already per process.
     scheduler = make_scheduler(optimizer, t, total_steps)
     for h in hooks:

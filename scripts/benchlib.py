@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The real data sets beside the checkout (../shared/data); HFTL_SHARED_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("HFTL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 HFTL_PYTHON = ROOT / ".venv" / "bin" / "python"
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"  # scripts/setup_peers.sh
 

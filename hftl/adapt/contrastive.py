@@ -107,7 +107,8 @@ def fit(model, ctx, hooks) -> dict:
     if not len(pair_splits["train"]):
         raise ConfigError("adapt.mode=contrastive: the training rows give no pairs (it needs at least two rows).")
     set_trainable(model, [n for n, _ in model.named_children() if n not in ctx.head])  # the head has no gradient here
-    body_cfg = replace(cfg, train=replace(cfg.train, metric_for_best="accuracy", greater_is_better=True,
+    # The pairs set stage 1's budget (adapt.pair_iterations rounds, train.epochs passes), so no train.min_steps here.
+    body_cfg = replace(cfg, train=replace(cfg.train, min_steps=None, metric_for_best="accuracy", greater_is_better=True,
                                           metrics=["accuracy"], checkpoint_dir=str(checkpoint.root(cfg) / "contrastive")),
                        hub=replace(cfg.hub, strategy="end"))
     accelerator.print(f"contrastive stage 1: {len(pair_splits['train']):,} pairs from {len(encoded['train']):,} labelled rows "
