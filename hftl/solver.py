@@ -24,6 +24,7 @@ GRID = tuple(float(10.0 ** k) for k in range(-4, 3))
 MIN_VALIDATION = 20  # fewer validation rows than this (or than 2 per label) cannot rank the grid: cross-validate
 FOLDS = 5
 WIDEN = 3  # at most this many decades beyond either end of the grid
+FINAL_TOL = 1e-6  # the chosen C's fit: converged, not just ranked
 
 
 @dataclass
@@ -40,12 +41,13 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 1e-8, std, 1.0)
 
 
-def _logistic(c: float, seed: int):
+def _logistic(c: float, seed: int, tol: float = 1e-4, max_iter: int = 1000):
     from sklearn.linear_model import LogisticRegression
 
-    # lbfgs is multinomial for more than two labels. With few rows and a weak penalty the rows are separable and the
-    # optimum lies at infinity: max_iter bounds that walk (those C lose to stronger penalties anyway).
-    return LogisticRegression(C=c, max_iter=1000, tol=1e-4, random_state=seed, warm_start=True)
+    # lbfgs is multinomial for more than two labels. Choosing C, scikit-learn's default tolerance is enough to rank
+    # the values, and with few rows and a weak penalty (separable rows, the optimum at infinity) max_iter bounds the
+    # walk; the chosen C is then solved tightly (FINAL_TOL).
+    return LogisticRegression(C=c, max_iter=max_iter, tol=tol, random_state=seed, warm_start=True)
 
 
 def _as_logits(clf, mean: np.ndarray, std: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +80,7 @@ def solve_logistic(x: np.ndarray, y: np.ndarray, num_labels: int, x_val: np.ndar
         held_out = [(np.arange(len(y)), None)]  # fit on every training row, score on validation
         selected_on = "validation"
     elif folds < 2:  # a label with a single row and no validation: nothing to select C on
-        clf = _logistic(1.0, seed).fit(z, y)
+        clf = _logistic(1.0, seed, tol=FINAL_TOL, max_iter=5000).fit(z, y)
         weight, bias = _as_logits(clf, mean, std, num_labels)
         return Solution(weight, bias, 1.0, [], "no selection (a label has one training row and there is no validation split)")
     else:
@@ -115,7 +117,7 @@ def solve_logistic(x: np.ndarray, y: np.ndarray, num_labels: int, x_val: np.ndar
         path.sort(key=lambda e: e["C"])
     # The best score; among equals the strongest penalty (the first), which generalises at least as well.
     best = max(range(len(path)), key=lambda i: (path[i]["score"], -i))
-    clf = _logistic(path[best]["C"], seed).fit(z, y)
+    clf = _logistic(path[best]["C"], seed, tol=FINAL_TOL, max_iter=5000).fit(z, y)
     weight, bias = _as_logits(clf, mean, std, num_labels)
     return Solution(weight, bias, path[best]["C"], path, selected_on)
 
