@@ -57,8 +57,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from . import metrics as metrics_lib
+from . import solver
 from .config import Config, ConfigError
-from .train import fit, rows_read, sorted_order, token_slices
+from .train import eval_dataloader, evaluate, fit, rows_read, sorted_order, token_slices
 
 # Modes whose backbone is frozen, so its features are the same every epoch.
 FROZEN_MODES = ("head",)
@@ -339,6 +341,7 @@ def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: Datas
             if files[split]["random"]:  # a random crop of some (long) rows that the probe rows did not need
                 return _refuse(want, random_input, accelerator)
             if part is not ds:
+                read_features = splits[split]  # what the solver fits on: the rows the run's budget reads
                 splits[split] = _spread(splits[split], rows, len(ds))
     feature_seconds = time.perf_counter() - start
     accelerator.print(
@@ -346,9 +349,60 @@ def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: Datas
         f"{feature_seconds:.1f}s ({folder if base else 'in memory: the collator cannot be fingerprinted'})"
         + (f"; train: only the {len(rows)} of {len(train)} rows its optimizer steps read" if rows is not None else ""))
 
+    collate = functools.partial(collate_features, dim=cached.dim)
     with _threads(1 if accelerator.device.type == "cpu" else torch.get_num_threads()):
-        result = fit(cached, DatasetDict(splits), functools.partial(collate_features, dim=cached.dim), cfg, accelerator)
-    trained = result["model"]  # the best evaluation's head weights
+        solvable = {**splits, "train": read_features} if rows is not None else splits
+        result = (cfg.adapt.solve_head and solve_head(cached, solvable, collate, cfg, accelerator)) \
+            or fit(cached, DatasetDict(splits), collate, cfg, accelerator)
+    trained = result["model"]  # the solved head, or the best evaluation's head weights
     result.update(model=trained.copy_into(model), train_seconds=feature_seconds + result["train_seconds"],
                   feature_cache={"seconds": feature_seconds, "head": trained.names, "splits": files})
     return result
+
+
+def _row_features(ds: Dataset, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(one feature vector per row, labels): a row cut into several windows (audio) is their mean, since the head is
+    linear and evaluation averages the windows' logits."""
+    columns = ds.with_format("numpy")[:]
+    features = columns["features"]
+    if features.dtype != object and features.ndim == 2 and features.shape[1] == dim:
+        return features.astype(np.float32, copy=False), columns["labels"]
+    return np.stack([np.asarray(f, dtype=np.float32).reshape(-1, dim).mean(0) for f in features]), columns["labels"]
+
+
+def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerator) -> dict | None:
+    """`fit`'s result for the head solved on the cached features (hftl/solver.py: logistic regression, its penalty chosen
+    on validation), or None, having said why, when the head is not a chain of linear layers (then AdamW trains it)."""
+    layers, num_labels = list(cached.layers), splits["train"].features["labels"].num_classes
+    if not solver.linear_chain(layers, num_labels):
+        accelerator.print(f"adapt.solve_head: the head {cached.names} is not a chain of linear layers; training it with AdamW instead.")
+        return None
+    start = time.perf_counter()
+    t = cfg.train
+    modules = metrics_lib.load_metrics(t.metrics)
+    sign = 1 if t.greater_is_better else -1
+
+    def score(clf, z, y) -> float:
+        if t.metric_for_best == "loss":
+            from sklearn.metrics import log_loss
+
+            return sign * log_loss(y, clf.predict_proba(z), labels=clf.classes_)
+        return sign * metrics_lib.compute(modules, clf.predict(z), y)[t.metric_for_best]
+
+    x, y = _row_features(splits["train"], cached.dim)
+    # No validation split (data.validation_fraction=0): the solver cross-validates on the training rows.
+    x_val, y_val = _row_features(splits["validation"], cached.dim) if "validation" in splits else (x[:0], y[:0])
+    solution = solver.solve_logistic(x, y, num_labels, x_val, y_val, score, seed=t.seed)
+    solver.write_into(layers, solution.weight, solution.bias)
+    seconds = time.perf_counter() - start
+    accelerator.print(f"head solved: logistic regression, C={solution.c:g} chosen by {solution.selected_on} "
+                      f"{t.metric_for_best} in {seconds:.1f}s")
+    final = {}
+    for split, ds in splits.items():
+        if split != "train":
+            order, dl = eval_dataloader(ds, collate, t.eval_batch_size)
+            final[split] = evaluate(cached, accelerator.prepare(dl), accelerator, modules, order)
+    return {"model": cached, "history": [], "step_log": [], "best_step": 0, "steps": 0, "train_seconds": seconds,
+            "results": {s: r["metrics"] for s, r in final.items()}, "predictions": {s: r["predictions"] for s, r in final.items()},
+            "solver": {"method": "logistic regression (L2, lbfgs)", "C": solution.c, "selected_on": solution.selected_on,
+                       "metric": t.metric_for_best, "path": solution.path}}

@@ -27,6 +27,7 @@ class ConfigError(UserError, ValueError):
 # when it is read, before any model or data loading; tests/test_bad_inputs.py checks each against its implementation.
 TASKS = ("text-classification", "audio-classification", "image-classification")  # hftl/cli.py RECIPES
 BUILTIN_DATA = ("vader_lexicon", "sklearn_digits")  # hftl/data/builtin.py BUILTIN
+POOLINGS = ("auto", "pooler", "cls", "mean", "max")  # hftl/pooling.py
 AUGMENTS = {"audio-classification": ("speed", "gain", "noise"), "image-classification": ("crop", "flip")}
 # The metric modules hftl ships (hftl/metrics/<name>/<name>.py): each reports one score under its own name.
 SHIPPED_METRICS = tuple(sorted(p.name for p in (Path(__file__).parent / "metrics").iterdir() if (p / f"{p.name}.py").is_file()))
@@ -57,7 +58,7 @@ class DataConfig:
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
     label_column: str = field(default="label", metadata={"help": "Column with the label (ClassLabel, int or string)."})
     label_names: Optional[list] = field(default=None, metadata={"help": "Names for integer labels 0..K-1, e.g. [negative, positive]."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given.", "range": "(0, 1)"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given. 0: no validation split, every labelled row trains (few labels): nothing is selected during training (the last state is kept; a solved head cross-validates its penalty on the training rows) and results come from data.test_file / the test split, which is then required.", "range": "[0, 1)"})
     max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row).", "range": "[1, inf)"})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed).", "range": "[1, inf)"})
     samples_per_class: Optional[int] = field(default=None, metadata={"help": "Keep this many training rows per label (stratified, seeded by train.seed; after validation is carved): the label budget `hftl compare --labels-per-class` varies.", "range": "[1, inf)"})
@@ -79,12 +80,16 @@ class DataConfig:
 
 @dataclass
 class AdaptConfig:
-    mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full, lora, partial, gradual, lpft, ia3, adalora, loha, lokr (see `hftl modes`)."})
+    mode: str = field(default="full", metadata={"help": "Adaptation mode: head, full, lora, partial, gradual, lpft, contrastive, ia3, adalora, loha, lokr (see `hftl modes`)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank.", "range": "[1, inf)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r); adalora too (alpha / its initial rank).", "range": "[1, inf)"})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch (lora, adalora).", "range": "[0, 1)"})
     target_modules: Optional[list] = field(default=None, metadata={"help": "Module names the peft modes (lora, ia3, adalora, loha, lokr) adapt; default: peft's choice for the architecture and method, else all linear layers outside the head."})
     save_adapter: bool = field(default=False, metadata={"help": "peft modes (lora, ia3, adalora, loha, lokr): also write the unmerged peft adapter folder to OUTPUT/adapter."})
+    # What the head reads (hftl/pooling.py) and how a head on frozen features is fitted (hftl/solver.py).
+    pooling: str = field(default="auto", metadata={"help": "What the head reads from the backbone: auto (where the head is fitted on frozen features, in head, lpft and contrastive modes and hftl rank, the checkpoint's own pooling: its sentence-transformers config, e.g. all-MiniLM's normalised mean; else, and in the modes that fine-tune from a fresh head, the architecture's head), pooler (the architecture's head: BERT's [CLS] + pooler, wav2vec2's mean, ViT's [CLS]), cls, mean or max (text: over a BERT-style body these are saved in the sentence-transformers layout, see README). Applies in every mode and wherever frozen features are read (feature cache, lpft's probe, hftl rank, data.target estimates).", "choices": POOLINGS})
+    layer: Optional[int] = field(default=None, metadata={"help": "Read the output of this encoder layer instead of the last: 1..L from the bottom, -1..-L from the top (the encoder is truncated there, so the saved model is smaller and stays a standard folder). null: the last layer."})
+    solve_head: bool = field(default=True, metadata={"help": "Frozen-feature modes (head, lpft's probe): solve a linear head on the cached features (logistic regression, L2 penalty chosen on validation by train.metric_for_best, or cross-validated when validation is small) instead of training it for epochs with AdamW. false: AdamW for train.epochs (head) / adapt.lp_epochs (lpft)."})
     freeze_feature_encoder: bool = field(default=False, metadata={"help": "Speech models (wav2vec2, HuBERT, ...): keep the convolutional waveform encoder as pretrained, in every mode."})
     # Modes that train part of the backbone (issue 5): partial, gradual, lpft, and the other peft methods.
     top_layers: int = field(default=2, metadata={"help": "partial: train only the top K encoder layers (plus the head); gradual: layers unfrozen per stage.", "range": "[1, inf)"})
@@ -92,6 +97,7 @@ class AdaptConfig:
     unfreeze_every: float = field(default=1.0, metadata={"help": "gradual: epochs between unfreezing the next adapt.top_layers encoder layers, from the top (the head trains from the start; the embeddings unfreeze last).", "range": "(0, inf)"})
     lp_epochs: float = field(default=5, metadata={"help": "lpft: epochs of the linear-probe stage (head on frozen features; cached where possible) before fine-tuning everything for train.epochs.", "range": "(0, inf)"})
     lp_learning_rate: float = field(default=1e-3, metadata={"help": "lpft: learning rate of the linear-probe stage (the fine-tuning stage uses train.learning_rate).", "range": "(0, inf)"})
+    pair_iterations: int = field(default=20, metadata={"help": "contrastive: rounds of pair sampling; each gives every labelled row one partner of its label and one of another (SetFit's num_iterations).", "range": "[1, inf)"})
     peft_r: int = field(default=8, metadata={"help": "adalora/loha/lokr: rank (adalora: the target average rank); lora uses adapt.lora_r.", "range": "[1, inf)"})
     l2sp: float = field(default=0.0, metadata={"help": "L2-SP (Li et al. 2018): add l2sp * ||w - w_pretrained||^2 over the trainable backbone weights to the loss (0: off; try 0.01).", "range": "[0, inf)"})
     # Domain adaptation with unlabelled target rows (data.target).
@@ -110,6 +116,7 @@ class AdaptConfig:
 @dataclass
 class TrainConfig:
     epochs: float = field(default=3, metadata={"help": "Passes over the training data (fractions allowed).", "range": "(0, inf)"})
+    min_steps: Optional[int] = field(default=50, metadata={"help": "Train at least this many optimizer steps: when train.epochs over few labelled rows would make fewer (16 rows at batch 32 and 2 epochs: 2 steps, which leave a fine-tuned model at chance), the epochs are raised to reach it, and the run says so. Budgets for tiny data are steps, not epochs. null: exactly train.epochs. train.max_steps wins.", "range": "[1, inf)"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps (overrides epochs).", "range": "[1, inf)"})
     batch_size: int = field(default=32, metadata={"help": "Training batch size per process.", "range": "[1, inf)"})
     eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process.", "range": "[1, inf)"})

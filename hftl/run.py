@@ -126,6 +126,9 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
                           "Hub id of a checkpoint for this task (downloads need network; with HF_HUB_OFFLINE=1 only what is "
                           "cached).") from e
     models.check_code(path, cfg.model)  # a Hub checkpoint's files are here now
+    # Read from the checkpoint as given (its sentence-transformers pooling config), also when MLM pretraining continues it.
+    reads = models.representation(path, cfg.model, cfg.adapt, cfg.task, frozen=mode.frozen_features)
+    accelerator.print(f"the head reads: {reads.describe()}")
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
         splits, source, skipped = load_checked(cfg, modality)
         encoded, collator = modality.prepare(splits, processor, cfg)
@@ -144,7 +147,9 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
 
     if cfg.adapt.pretrain:  # continued masked-LM pretraining on in-domain text; the classifier starts from its folder
         path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, target_rows["train"] if cfg.data.target else None)
-    model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model)
+    model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model, reads)
+    if not reads.native:  # saved for sentence-transformers, which must truncate as training did
+        model.max_seq_length = cfg.data.max_length
     head = adapt.head_modules(model, new_keys)
     # Before training, on the features training starts from: how far data.target's rows lie from the training rows.
     domain_gap = None if target is None else domain.estimate(model, head, encoded["train"], target, collator,
@@ -192,14 +197,18 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             train_seconds=result["train_seconds"],
             skipped={s: len(ids) for s, ids in skipped.items()},
             greater_is_better=cfg.train.greater_is_better,
-            figures={plots.CONFUSION_PNG: "Confusion matrix on the validation split",
+            figures={plots.CONFUSION_PNG: f"Confusion matrix on the {reported_split(splits)} split",
                      plots.CURVES_PNG: "Training and validation loss, and validation " + cfg.train.metric_for_best},
             domain_gap=domain_gap,
+            library_name=reads.library,
+            representation=reads.describe(),
+            solver=result.get("solver"),
         ),
         cfg.train.metrics,
     )
-    predicted = [labels[p] for p in result["predictions"]["validation"]]
-    inputs, expected = reload_check(cfg, modality, splits["validation"], predicted)
+    checked = reported_split(splits)
+    predicted = [labels[p] for p in result["predictions"][checked]]
+    inputs, expected = reload_check(cfg, modality, splits[checked], predicted)
     tie = hub.MIXED_PRECISION_TIE if accelerator.mixed_precision != "no" else 0.0
     verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, inputs, expected, tie)) if expected else None
     outdir.unreserve(outdir.real(cfg.output.dir))  # the space set aside for this write
@@ -214,10 +223,11 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
                              "trainable_params": trainable, "total_params": total, "best_step": result["best_step"],
                              "mixed_precision": accelerator.mixed_precision,
                              "feature_cache": result.get("feature_cache"), "step_log": result.get("step_log"), "domain_gap": domain_gap,
+                             "representation": {**vars(reads), "library": reads.library}, "solver": result.get("solver"),
                              "pretrain": json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None},
-            "predictions_validation.json": predicted,
+            f"predictions_{checked}.json": predicted,
             plots.CONFUSION_PNG: lambda file: plots.confusion_matrix_png(
-                plots.confusion_counts(list(splits["validation"]["labels"]), result["predictions"]["validation"], len(labels)), labels, file),
+                plots.confusion_counts(list(splits[checked]["labels"]), result["predictions"][checked], len(labels)), labels, file),
             plots.CURVES_PNG: lambda file: plots.learning_curves_png(result.get("step_log") or [], result["history"], cfg.train.metric_for_best, file),
             **({"skipped_rows.json": skipped} if skipped else {}),
         },
@@ -229,7 +239,8 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         if_disk_full=_finish_later(result.get("checkpoint")),
     )
     agree = "agree (near-ties allowed: mixed precision)" if tie else "identical"
-    accelerator.print(f"Saved {out} (pipeline reload check: {len(expected)} validation predictions {agree})")
+    loader = "transformers.pipeline" if reads.native else "sentence-transformers"
+    accelerator.print(f"Saved {out} (reload check through {loader}: {len(expected)} {checked} predictions {agree})")
     if cfg.hub.push:
         url = hub.publish(out, cfg.hub, modality.pipeline_tag, inputs, expected, tie)
         accelerator.print(f"Pushed {url} (round trip: files identical, {len(expected)} validation predictions {agree})")
@@ -244,6 +255,12 @@ def _finish_later(kept: Path | None) -> str:
     return ("This run kept no checkpoint of its last step (train.save_every is null), so its trained weights are lost: free "
             "some space and train again (with train.save_every set, a failed final write is finished from the last checkpoint "
             "by train.resume=auto).")
+
+
+def reported_split(splits) -> str:
+    """The split the reload check, the confusion matrix and predictions_<split>.json use: validation, or the test split
+    when data.validation_fraction=0 left none."""
+    return "validation" if "validation" in splits else "test"
 
 
 def reload_check(cfg: Config, modality: Modality, validation, predicted: list[str]) -> tuple[list, list[str]]:
@@ -261,7 +278,8 @@ def push(folder: str | Path, cfg: Config, modality: Modality) -> tuple[str, int]
     The validation rows are re-read from the data its hftl_config.yaml names; the expected labels are
     its predictions_validation.json. Returns the commit URL and how many predictions were re-checked."""
     folder = Path(folder)
-    predicted = json.loads((folder / "predictions_validation.json").read_text())
+    checked = "validation" if (folder / "predictions_validation.json").is_file() else "test"
+    predicted = json.loads((folder / f"predictions_{checked}.json").read_text())
     inputs, expected = [], []
     if cfg.output.verify_reload:
         try:
@@ -270,7 +288,7 @@ def push(folder: str | Path, cfg: Config, modality: Modality) -> tuple[str, int]
             raise DataError(f"{e} (`hftl push` re-reads the validation rows named in {folder / 'hftl_config.yaml'} to re-check the "
                             "pushed model: run it where training ran, override the data.* keys, or pass output.verify_reload=0 "
                             "to compare files only.)") from e
-        inputs, expected = reload_check(cfg, modality, splits["validation"], predicted)
+        inputs, expected = reload_check(cfg, modality, splits[checked], predicted)
     results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
     tie = hub.MIXED_PRECISION_TIE if results.get("mixed_precision", "no") != "no" else 0.0
     return hub.publish(folder, cfg.hub, modality.pipeline_tag, inputs, expected, tie), len(expected)

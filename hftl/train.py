@@ -183,9 +183,10 @@ def train_dataloader(ds, collator, t: TrainConfig) -> DataLoader:
 
 
 def schedule(train_dl, t: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps an epoch, optimizer steps in all) over the prepared training loader `train_dl`."""
+    """(optimizer steps an epoch, optimizer steps in all) over the prepared training loader `train_dl`: train.max_steps,
+    else train.epochs' worth, but at least train.min_steps (a few labelled rows would otherwise get a handful of steps)."""
     steps_per_epoch = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps))
-    return steps_per_epoch, t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    return steps_per_epoch, t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs), t.min_steps or 0)
 
 
 def rows_read(ds, t: TrainConfig, accelerator: Accelerator) -> list[int]:
@@ -333,6 +334,10 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     eval_dls = dict(zip(eval_dls, prepared))
 
     steps_per_epoch, total_steps = schedule(train_dl, t)
+    if not t.max_steps and total_steps > math.ceil(steps_per_epoch * t.epochs):
+        accelerator.print(f"train.min_steps={t.min_steps}: {len(encoded['train']):,} training rows make {math.ceil(steps_per_epoch * t.epochs)} "
+                          f"optimizer steps in train.epochs={t.epochs:g}; training {total_steps} ({total_steps / steps_per_epoch:g} epochs) "
+                          "instead (train.min_steps=null: exactly train.epochs)")
     # Not prepared: Accelerate's scheduler wrapper steps once per process, and our steps are already per process.
     scheduler = make_scheduler(optimizer, t, total_steps)
     for h in hooks:
@@ -357,6 +362,9 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
         checkpoint.load(accelerator, resume, scheduler, loop)
         accelerator.print(f"Resumed from {resume}: step {loop.step} of {total_steps}, epoch {loop.epoch}, batch {loop.batches}")
     eval_every = max(1, steps_per_epoch // max(1, t.evals_per_epoch))
+    # Without a validation split (data.validation_fraction=0: few labels, all of them for training) nothing is
+    # selected during training: the last state is the result, scored on the other splits.
+    validating = "validation" in eval_dls
     metric_modules = metrics_lib.load_metrics(t.metrics)
     if t.report_to:
         accelerator.init_trackers("hftl", config={"lr": t.learning_rate, "batch_size": t.batch_size, "epochs": t.epochs})
@@ -424,7 +432,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                     if t.report_to:
                         accelerator.log({"train/loss": loop.log[-1]["loss"], "train/lr": lr}, step=loop.step)
                 # The last step's evaluation runs after the loop, once the optimizer's state is gone (see below).
-                if loop.step % eval_every == 0 and loop.step < total_steps:
+                if validating and loop.step % eval_every == 0 and loop.step < total_steps:
                     _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch,
                                               held)
                 # With checkpoints on, the last step gets one too (as Trainer's): if the final write fails (a full
@@ -451,7 +459,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
 
     unwrapped = accelerator.unwrap_model(model)
     final = {}
-    if not loop.stopped and (not loop.history or loop.history[-1]["step"] != loop.step):
+    if validating and not loop.stopped and (not loop.history or loop.history[-1]["step"] != loop.step):
         # The last step's evaluation, without the optimizer's state in memory; when these weights are the best it is
         # also the final validation result (one pass over validation, not two).
         final["validation"] = _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign,

@@ -131,7 +131,8 @@ def run_one(task: str, method: str, seed: int) -> dict:
     spec = TASKS[task]
     out = OUT / "runs" / task / f"{method}-seed{seed}"
     overrides = spec["overrides"](spec["files"](seed)) + METHODS[method] + [
-        f"train.seed={seed}", f"output.dir={out}", "output.overwrite=true", "output.verify_reload=16"]
+        f"train.seed={seed}", f"output.dir={out}", "output.overwrite=true", "output.verify_reload=16",
+        "adapt.solve_head=false", "train.min_steps=null"]  # as the committed table measured: lpft's probe trained by AdamW
     cfg = load_config(None, overrides)
     log = out.parent / f"{out.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

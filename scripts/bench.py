@@ -236,6 +236,9 @@ class Bench:
         cmd += [f"data.max_train_samples={train_samples}"] if train_samples else []
         cmd += [f"data.max_eval_samples={a.eval_samples}"] if a.eval_samples else []
         cmd += ABLATIONS[ablation][1] if ablation else []
+        # The same work as the Trainer's head-only run: BERT's pooler, the head trained by AdamW for the epochs (hftl's
+        # default reads MiniLM's mean pooling and solves the head: scripts/bench_fewshot.py measures that).
+        cmd += ["adapt.pooling=pooler", "adapt.solve_head=false", "train.min_steps=null"] if mode == "head" else []
 
         def run(folder: Path) -> dict:
             m = launch(cmd, folder / "log.txt", folder / "datasets-cache")

@@ -193,6 +193,7 @@ def overrides(task: str, mode: str, args) -> list[str]:
     """hftl's key=value overrides for this run; the Trainer reads its settings from the config they resolve to."""
     model = args.image_model if task == "image" else args.audio_model
     o = [*TASK_DATA[task], f"model.name_or_path={model}", f"train.seed={args.seed}"]
+    o += ["adapt.solve_head=false"] if mode == "head" else []  # the head trained by AdamW, as the Trainer trains it
     o += [f"train.epochs={args.epochs}"] if args.epochs else []
     o += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
     o += [f"data.max_train_samples={args.train_samples}"] if args.train_samples else []

@@ -238,7 +238,10 @@ def rank_task(task: str, candidates: list[str], data: list[str]) -> dict:
     spec = TASKS[task]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rank.json"
-        argv = ["rank", spec["preset"], *data, f"train.feature_cache_dir={tmp}", "--models", *candidates, "--out", str(out)]
+        # adapt.pooling=pooler: the features the committed table scored (every architecture's own head); today's default
+        # reads a sentence-transformers checkpoint's own pooling (hftl/pooling.py).
+        argv = ["rank", spec["preset"], *data, "adapt.pooling=pooler", f"train.feature_cache_dir={tmp}", "--models", *candidates,
+                "--out", str(out)]
         start = time.perf_counter()
         with quiet(OUT / "runs" / task / "rank.log"):
             try:

@@ -155,6 +155,7 @@ def make_cfg(tiny_bert, toy_data):
             "train.eval_batch_size": 32,
             "train.learning_rate": "0.005",
             "train.epochs": 4,
+            "train.min_steps": None,  # exactly train.epochs: tests count steps (the minimum is tests/test_features.py's)
             "train.log_every": 1000,
         }
         values.update({k.replace("__", "."): v for k, v in overrides.items()})

@@ -148,7 +148,11 @@ def run(request, w2v, clips, tmp_path_factory) -> Run:
 
 
 def test_training_loss_fell(run):
-    history = read_json(run.out / "results.json")["history"]
+    results = read_json(run.out / "results.json")
+    if run.mode == "head":  # solved, not trained (hftl/solver.py), through wav2vec2's projector and classifier
+        assert results["history"] == [] and results["solver"]["C"] > 0
+        return
+    history = results["history"]
     assert len(history) >= 2
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 

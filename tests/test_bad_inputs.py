@@ -132,8 +132,8 @@ CASES = [
     one("train.cpu_mmap_threshold_mib=64", r"train\.cpu_mmap_threshold_mib=64\.0; expected a number > 0 and <= 32, or null\."),
     one("train.max_grad_norm=-1"),
     one("train.weight_decay=-0.1"),
-    one("data.validation_fraction=1.5", r"data\.validation_fraction=1\.5; expected a number > 0 and < 1\."),
-    one("data.validation_fraction=0"),
+    one("data.validation_fraction=1.5", r"data\.validation_fraction=1\.5; expected a number >= 0 and < 1\."),
+    one("data.validation_fraction=-0.1"),
     one("data.max_train_samples=0"),
     one("data.samples_per_class=0"),
     one("data.max_eval_samples=0"),
@@ -153,7 +153,7 @@ CASES = [
     one("adapt.mlm_probability=1"),
     one("adapt.pretrain_epochs=0"),
     # choices: refused when read, listing them
-    one("adapt.mode=nope", r"adapt\.mode='nope' is unknown; choose one of adalora, full, gradual, head, .*lora"),
+    one("adapt.mode=nope", r"adapt\.mode='nope' is unknown; choose one of adalora, contrastive, full, gradual, head, .*lora"),
     one("task=nope", r"task='nope' is unknown; choose one of text-classification, audio-classification, image-classification\."),
     Case("data.builtin=nope", lambda c: c.base("data.builtin=nope", data=False),
          r"data\.builtin='nope' is unknown; choose one of vader_lexicon, sklearn_digits, or null\."),
@@ -235,6 +235,9 @@ CASES = [
          r"the train split \(file '.*train\.csv'\) has rows of a single label after data\.max_train_samples=1", "data"),
     Case("empty label", lambda c: c.base(f"data.train_file={c.rows('holes.jsonl', [*toy_rows(4, 0), {'text': 'x', 'label': None}])}"),
          r"the train split has an empty label in column 'label' at row\(s\) \[4\]", "data"),
+    Case("no validation split and no test split to report on", lambda c: c.base("data.validation_file=null", "data.validation_fraction=0"),
+         r"data\.validation_fraction=0 trains on every labelled row with no validation split, so results come from a test split: "
+         r"give data\.test_file", "data"),
     Case("carved validation leaves a class only in training", lambda c: c.base(
         "data.validation_file=null", f"data.train_file={c.rows('rare.csv', RARE)}"),
          r"carving data\.validation_fraction=0\.1 of the train split \(file '.*rare\.csv'\) as validation leaves label\(s\) only in training: "

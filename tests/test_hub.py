@@ -168,7 +168,8 @@ def pushed_run(tiny_bert, toy_data, tmp_path_factory):
     config.write_text(yaml.safe_dump({
         "model": {"name_or_path": str(tiny_bert)},
         "data": {"train_file": str(toy_data["train"]), "validation_file": str(toy_data["validation"]), "max_length": 16},
-        "train": {"epochs": 4, "batch_size": 8, "learning_rate": 0.005, "metrics": ["accuracy"], "save_every": 12},
+        "train": {"epochs": 4, "batch_size": 8, "learning_rate": 0.005, "metrics": ["accuracy"], "save_every": 12,
+                  "min_steps": None},
         "output": {"dir": str(tmp / "out")},
         "hub": {"push": True, "model_id": "hftl-tester/toy-sentiment", "private": True, "strategy": "checkpoint"},
     }))

@@ -32,6 +32,10 @@ class Mode:
     help: str
     hooks: Callable[[nn.Module, "Context"], list] | None = None  # (model, ctx) -> hooks for hftl.train.fit
     fit: Callable[[nn.Module, "Context", list], dict] | None = None  # (model, ctx, hooks) -> fit's result; replaces the default
+    # Its head is fitted on frozen features (head; lpft's probe; contrastive's head): adapt.pooling=auto then reads the
+    # checkpoint's own pooling (hftl/pooling.py), where it matters most; modes that fine-tune from a fresh head keep the
+    # architecture's, whose folder transformers.pipeline loads.
+    frozen_features: bool = False
 
 
 @dataclass
@@ -49,8 +53,8 @@ MODES: dict[str, Mode] = {}
 OPTIONS: list[Callable[[nn.Module, Context], Any]] = []
 
 
-def register_mode(name: str, apply, help: str, export=lambda model: model, hooks=None, fit=None) -> None:
-    MODES[name] = Mode(name, apply, export, help, hooks, fit)
+def register_mode(name: str, apply, help: str, export=lambda model: model, hooks=None, fit=None, frozen_features: bool = False) -> None:
+    MODES[name] = Mode(name, apply, export, help, hooks, fit, frozen_features)
 
 
 def register_option(build: Callable[[nn.Module, Context], Any]) -> None:
@@ -97,4 +101,4 @@ def set_trainable(model: nn.Module, module_names: list[str]) -> None:
         model.get_submodule(name).requires_grad_(True)
 
 
-from . import adapters, align, full, gradual, head, l2sp, layers, lora, lpft, partial, reweight  # noqa: E402,F401  (each registers itself)
+from . import adapters, align, contrastive, full, gradual, head, l2sp, layers, lora, lpft, partial, reweight  # noqa: E402,F401  (each registers itself)

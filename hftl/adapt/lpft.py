@@ -68,7 +68,7 @@ def fit(model, ctx, hooks) -> dict:
 
 
 register_mode(
-    "lpft", apply, fit=fit,
+    "lpft", apply, fit=fit, frozen_features=True,
     help="Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): train the head alone on the frozen backbone for "
          "adapt.lp_epochs at adapt.lp_learning_rate (cached features where possible), then every parameter from that head "
          "for train.epochs; keeps pretrained features closer than full. Steps and history count across both stages. "

@@ -44,6 +44,9 @@ class CardData:
     figures: dict[str, str] = field(default_factory=dict)  # PNG file in the model folder -> caption
     domain_gap: dict | None = None  # hftl.domain.estimate's result when data.target was given
     transfer_check: str | None = None  # filled by `hftl compare`: this run against a from-scratch baseline
+    library_name: str = "transformers"  # or sentence-transformers, for a pooling transformers' heads cannot express
+    representation: str | None = None  # what the head reads (hftl.pooling.Representation.describe)
+    solver: dict | None = None  # the solved head's method and penalty (hftl.cache.solve_head), when it was solved
 
 
 # The overfitting check (see `overfitting_check`).
@@ -115,7 +118,7 @@ def render(data: CardData, metric_names: list[str], template: str = "classificat
         model_name=data.model_name,
         base_model=data.base_model,
         datasets=[data.dataset_id] if data.dataset_id else None,
-        library_name="transformers",
+        library_name=data.library_name,
         pipeline_tag=data.pipeline_tag,
         tags=["hftl", f"hftl-{data.mode}", "transfer-learning", data.pipeline_tag],
         metrics=[METRIC_TYPES.get(m, m) for m in metric_names],

@@ -342,9 +342,13 @@ def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text
         raise DataError(f"the train split has a single label {names}; classification needs at least two.")
     splits = {role: _encode_labels(ds, role, names, cfg) for role, ds in raw.items()}
     _two_labels(splits["train"], cfg, "")
-    if "validation" not in splits:
+    if "validation" not in splits and cfg.validation_fraction == 0 and "test" not in splits:
+        raise DataError("data.validation_fraction=0 trains on every labelled row with no validation split, so results come from "
+                        "a test split: give data.test_file (or data.test_split), or a validation split.")
+    if "validation" not in splits and cfg.validation_fraction != 0:
         if not 0 < cfg.validation_fraction < 1:
-            raise DataError(f"no validation split and data.validation_fraction={cfg.validation_fraction}; set it in (0, 1) or give a validation split.")
+            raise DataError(f"no validation split and data.validation_fraction={cfg.validation_fraction}; set it in (0, 1), give a "
+                            "validation split, or set it to 0 to train on every row without one.")
         try:
             parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed, stratify_by_column="labels")
         except ValueError:  # a class too small to stratify: fall back to a plain seeded split

