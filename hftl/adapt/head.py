@@ -7,4 +7,4 @@ def apply(model, cfg, head):
     return model
 
 
-register_mode("head", apply, help="Frozen backbone; train only the classification head (cheapest, least accurate).")
+register_mode("head", apply)

@@ -67,11 +67,4 @@ def fit(model, ctx, hooks) -> dict:
     }
 
 
-register_mode(
-    "lpft", apply, fit=fit,
-    help="Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): train the head alone on the frozen backbone for "
-         "adapt.lp_epochs at adapt.lp_learning_rate (cached features where possible), then every parameter from that head "
-         "for train.epochs; keeps pretrained features closer than full. Steps and history count across both stages. "
-         "train.resume: the probe stage runs again (from its own checkpoints in <checkpoints>/linear-probe, if it was the "
-         "stage stopped), then fine-tuning continues from the named or newest stage-2 checkpoint.",
-)
+register_mode("lpft", apply, fit=fit)

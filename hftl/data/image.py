@@ -13,12 +13,15 @@ import io
 
 import PIL.Image
 from datasets import DatasetDict, Image
-from torchvision.transforms import v2
 from transformers import default_data_collator
 from transformers.image_utils import load_image
 
 from ..config import ConfigError, DataConfig
+from ..extras import require
 from . import DataError, media
+
+# The vision extra (pip install 'hftl[vision]'), checked against torch before it loads.
+v2 = require("torchvision.transforms.v2", "vision", "image data")
 
 AUGMENTS = ("crop", "flip")
 
