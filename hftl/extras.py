@@ -31,9 +31,15 @@ def _minor(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def matching_version(package: str, torch_version: str) -> str:
-    """The major.minor of `package` built against torch `torch_version`: torchaudio shares torch's (2.11 <-> 2.11);
+def built_for(package: str, version: str) -> str:
+    """The torch major.minor that `package` `version` is built against: torchaudio shares torch's (2.11 <-> 2.11),
     torchvision's minor is torch's + 15 (0.26 <-> 2.11, 0.21 <-> 2.6)."""
+    major, minor = _minor(version)
+    return f"{major}.{minor}" if package == "torchaudio" else f"2.{minor - 15}"
+
+
+def matching_version(package: str, torch_version: str) -> str:
+    """The major.minor of `package` built against torch `torch_version` (the inverse of built_for)."""
     major, minor = _minor(torch_version)
     return f"{major}.{minor}" if package == "torchaudio" else f"0.{minor + 15}"
 
@@ -43,12 +49,14 @@ TORCH_BUILT = ("torchaudio", "torchvision")
 
 
 def check_matches_torch(package: str) -> None:
-    """ExtraError when the installed `package` was built for another torch than the installed one."""
+    """ExtraError when the installed `package` was built for another torch than the installed one. Both ways out are
+    named: the `package` built for this torch (torchaudio has none past 2.11: 2.11.1 is its newest release), or the
+    torch this `package` was built for."""
     import torch
 
     installed = importlib.metadata.version(package)
-    want = matching_version(package, torch.__version__)
-    if _minor(installed) != _minor(want):
-        torch_release = torch.__version__.split("+")[0]
-        raise ExtraError(f"{package} {installed} does not match torch {torch.__version__} (it needs {package} {want}.x): "
-                         f"pip install 'torch=={torch_release}' '{package}=={want}.*'.")
+    wanted, torch_of_it = matching_version(package, torch.__version__), built_for(package, installed)
+    if _minor(torch_of_it) != _minor(torch.__version__):
+        raise ExtraError(f"{package} {installed} is built for torch {torch_of_it}, but torch {torch.__version__} is installed, "
+                         f"and it would fail to load: pip install '{package}=={wanted}.*' (the {package} for this torch), or "
+                         f"pip install 'torch=={torch_of_it}.*' '{package}=={installed}' (the torch it was built for).")
