@@ -58,7 +58,7 @@ def export(model_dir: str | Path, out: str | Path | None = None, int8: bool = Fa
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    inputs, expected, rows_from = _rows(folder, cfg, texts)
+    inputs, expected, truth, rows_from = _rows(folder, cfg, texts)
     feeds = [_feed(tokenizer, inputs[i:i + BATCH], cfg.data.max_length) for i in range(0, len(inputs), BATCH)]
     with torch.inference_mode():
         reference = np.concatenate([model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in feeds])
@@ -71,7 +71,9 @@ def export(model_dir: str | Path, out: str | Path | None = None, int8: bool = Fa
         _export_onnx(model, _feed(tokenizer, [inputs[0]] * 2, cfg.data.max_length, pad_to=8), tmp / FP32_FILE)
         report = {"exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}", "rows": len(inputs),
                   "rows_from": rows_from, "labels": labels, "fp32_atol": FP32_ATOL}
-        report["fp32"] = _check(tmp / FP32_FILE, feeds, reference, expected, labels)
+        if truth is not None:  # the validation labels: what each model's predictions score
+            report["pytorch_accuracy"] = _accuracy(expected, truth)
+        report["fp32"] = _check(tmp / FP32_FILE, feeds, reference, expected, labels, truth)
         worst = report["fp32"]["max_abs_logit_diff"]
         if worst > FP32_ATOL or report["fp32"]["disagree"]:
             raise OutputError(_mismatch("fp32", report["fp32"], rows_from) if report["fp32"]["disagree"] else
@@ -83,7 +85,7 @@ def export(model_dir: str | Path, out: str | Path | None = None, int8: bool = Fa
             quantize_dynamic(tmp / FP32_FILE, tmp / INT8_FILE, **INT8_SETTINGS, weight_type=QuantType.QInt8)
             report["int8_settings"] = {**INT8_SETTINGS, "weight_type": "QInt8"}
             report["int8_min_agreement"] = INT8_MIN_AGREEMENT
-            report["int8"] = _check(tmp / INT8_FILE, feeds, reference, expected, labels)
+            report["int8"] = _check(tmp / INT8_FILE, feeds, reference, expected, labels, truth)
             if report["int8"]["agreement"] < INT8_MIN_AGREEMENT:
                 raise OutputError(_mismatch("int8", report["int8"], rows_from, INT8_MIN_AGREEMENT))
         # Config and tokenizer beside the .onnx files: the folder serves on its own (optimum's ORTModel layout).
@@ -104,10 +106,10 @@ def export(model_dir: str | Path, out: str | Path | None = None, int8: bool = Fa
     return report
 
 
-def _rows(folder: Path, cfg, texts: list[str] | None) -> tuple[list, list[str] | None, str]:
-    """(pipeline-style inputs, the labels they must get or None, where they came from)."""
+def _rows(folder: Path, cfg, texts: list[str] | None) -> tuple[list, list[str] | None, list[str] | None, str]:
+    """(pipeline-style inputs, the labels they must get or None, their true labels or None, where they came from)."""
     if texts:
-        return list(texts), None, f"{len(texts)} given text(s)"
+        return list(texts), None, None, f"{len(texts)} given text(s)"
     from .data import DataError, load_splits
     from .data.text import inputs_for_pipeline
 
@@ -124,7 +126,9 @@ def _rows(folder: Path, cfg, texts: list[str] | None) -> tuple[list, list[str] |
     if len(recorded) != len(validation):
         raise OutputError(f"{predictions} has {len(recorded)} predictions but the validation split its hftl_config.yaml names has "
                           f"{len(validation)} rows: the data changed since training; pass --texts to check on given texts.")
-    return inputs_for_pipeline(validation, cfg.data), recorded, f"{len(recorded)} validation rows"
+    names = validation.features["labels"].names
+    truth = [names[i] for i in validation["labels"]]
+    return inputs_for_pipeline(validation, cfg.data), recorded, truth, f"{len(recorded)} validation rows"
 
 
 def _feed(tokenizer, inputs: list, max_length: int, pad_to: int | None = None) -> dict:
@@ -148,8 +152,13 @@ def _export_onnx(model, example: dict, path: Path) -> None:
     program.save(str(path))
 
 
-def _check(path: Path, feeds: list[dict], reference, expected: list[str], labels: list[str]) -> dict:
-    """ONNX Runtime on `feeds`: the largest logit difference to `reference` (PyTorch) and the agreement with `expected`."""
+def _accuracy(predicted: list[str], truth: list[str]) -> float:
+    return sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+
+
+def _check(path: Path, feeds: list[dict], reference, expected: list[str], labels: list[str], truth: list[str] | None) -> dict:
+    """ONNX Runtime on `feeds`: the largest logit difference to `reference` (PyTorch), the agreement with `expected`
+    and, with `truth`, the accuracy."""
     import numpy as np
     import onnxruntime
 
@@ -159,6 +168,7 @@ def _check(path: Path, feeds: list[dict], reference, expected: list[str], labels
     got = [labels[i] for i in logits.argmax(-1)]
     disagree = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
     return {"max_abs_logit_diff": float(np.abs(logits - reference).max()), "agreement": 1 - len(disagree) / len(expected),
+            **({"accuracy": _accuracy(got, truth)} if truth is not None else {}),
             "disagree": disagree[:20], "first": (disagree[0], got[disagree[0]], expected[disagree[0]]) if disagree else None}
 
 

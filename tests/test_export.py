@@ -34,6 +34,7 @@ def test_export_onnx_fp32_and_int8_predict_as_recorded(trained, capsys):
     assert report["rows"] == len(recorded) == 16
     assert report["fp32"]["agreement"] == 1.0 and report["fp32"]["max_abs_logit_diff"] <= report["fp32_atol"]
     assert report["int8"]["agreement"] >= report["int8_min_agreement"]
+    assert report["fp32"]["accuracy"] == report["pytorch_accuracy"] > 0.5  # scored against the validation labels
 
     # The folder serves on its own: its tokenizer + model.onnx in a fresh ONNX Runtime session give the recorded labels.
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -69,6 +70,10 @@ def test_export_given_texts_and_refusals(trained, tmp_path, capsys):
     assert cli.main(["export", str(audio), "--onnx"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hftl: error:") and "text-classification" in err and len(err.strip().splitlines()) == 1
+    # Given texts: checked against the PyTorch model in the folder.
+    assert cli.main(["export", str(trained), "--onnx", "--out", str(tmp_path / "texts"), "--texts", "good great", "awful"]) == 0
+    report = read_json(tmp_path / "texts" / "export.json")
+    assert report["rows_from"] == "2 given text(s)" and report["fp32"]["agreement"] == 1.0 and "int8" not in report
     # Without --onnx: a usage error.
     with pytest.raises(SystemExit) as e:
         cli.main(["export", str(trained)])

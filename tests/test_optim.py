@@ -71,3 +71,14 @@ def test_compile_trains_and_saves_a_folder_that_reloads(make_cfg, tmp_path, monk
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward did run compiled
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
     assert (tmp_path / "out" / "model.safetensors").is_file()  # and the pipeline reload check passed on it
+
+
+def test_resume_with_another_optimizer_is_refused(make_cfg, tmp_path):
+    """A checkpoint holds its optimizer's state: another train.optimizer cannot continue it exactly."""
+    from hftl.checkpoint import CheckpointError
+    from recipes.text_classification import main
+
+    main(make_cfg(tmp_path, extra={"train.max_steps": 2, "train.save_every": 1, "output.verify_reload": 0}))
+    with pytest.raises(CheckpointError, match="train.optimizer=adamw; this run has train.optimizer=sgd"):
+        main(make_cfg(tmp_path, extra={"train.max_steps": 2, "train.save_every": 1, "train.resume": "auto",
+                                       "train.optimizer": "sgd", "output.overwrite": True, "output.verify_reload": 0}))
