@@ -90,7 +90,7 @@ def start_trackers(accelerator: Accelerator, cfg: Config) -> None:
     output.dir: never inside it, since output.dir is written elsewhere and swapped in whole at the end."""
     t, out = cfg.train, Path(cfg.output.dir)
     root = Path(t.logging_dir) if t.logging_dir else out.absolute().parent / "runs"
-    run = t.run_name or f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = run_name(cfg)
     make = {
         "tensorboard": lambda: tracking.TensorBoardTracker(run, root / t.tracker_project),  # events in <root>/<project>/<run>
         "wandb": lambda: tracking.WandBTracker(t.tracker_project, name=run, dir=str(root)),
@@ -100,11 +100,19 @@ def start_trackers(accelerator: Accelerator, cfg: Config) -> None:
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
     accelerator.log_with = [make[name]() for name in t.report_to]
+    # init_trackers adds to the trackers of an earlier fit on this accelerator (lpft's two stages), and would start
+    # and feed those again: end_training finished them.
+    accelerator.trackers = []
     # TensorBoard's hparams take numbers, text and booleans only: null and lists go as their JSON text.
     hparams = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in to_flat(cfg).items()}
     accelerator.init_trackers(t.tracker_project, config=hparams)
     accelerator.print(f"Tracking run '{run}' of project '{t.tracker_project}' with {', '.join(t.report_to)}"
                       + (f" (TensorBoard: {root / t.tracker_project / run})" if "tensorboard" in t.report_to else ""))
+
+
+def run_name(cfg: Config) -> str:
+    """train.run_name, or output.dir's name and the time now."""
+    return cfg.train.run_name or f"{Path(cfg.output.dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def return_freed_blocks(threshold_mib: float | None, device: torch.device) -> bool:

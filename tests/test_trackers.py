@@ -98,3 +98,21 @@ def test_an_unknown_tracker_is_refused_at_config_load():
 
     with pytest.raises(ConfigError, match="tensorboard, wandb, mlflow, trackio"):
         load_config(None, ["train.report_to=[tensorbord]"])
+
+
+def test_lpft_stages_are_two_runs_each_started_once(make_cfg, tmp_path):
+    """lpft fits twice on one accelerator: the probe and the fine-tuning are runs of their own, and the first run's
+    tracker is not started (and fed) again by the second."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from recipes.text_classification import main
+
+    main(make_cfg(tmp_path, extra={"adapt.mode": "lpft", "adapt.lp_epochs": 1, "train.epochs": 1, "train.log_every": 1,
+                                   "train.report_to": "[tensorboard]", "train.run_name": "lp", "output.verify_reload": 0}))
+    runs = tmp_path / "runs" / "hftl"
+    assert sorted(p.name for p in runs.iterdir()) == ["lp", "lp-linear-probe"]
+    for run in runs.iterdir():
+        assert len([p for p in run.iterdir() if p.is_dir()]) == 2  # one hparams event folder + Accelerate's hparams.yml one
+        events = EventAccumulator(str(run))
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 64 // 8 + 1))  # one epoch each, once
