@@ -139,8 +139,4 @@ def fit(model, ctx, hooks) -> dict:
     }
 
 
-register_mode(
-    "contrastive", apply, fit=fit, frozen_features=True,
-    help="Few labels (SetFit-style): tune the whole backbone on pairs of labelled rows (same label: cosine similarity 1, "
-         "other label: 0; adapt.pair_iterations rounds) with train.*, then solve the head on the tuned, frozen body.",
-)
+register_mode("contrastive", apply, fit=fit, frozen_features=True)
