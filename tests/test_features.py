@@ -95,17 +95,18 @@ def blobs(n: int, dim: int, k: int, seed: int, scale: float = 1.0):
 @pytest.mark.parametrize("k", [2, 3])
 def test_solved_head_equals_scikit_learns_logistic_regression(k):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    x, y = blobs(200, 6, k, 0, scale=5.0)
-    xv, yv = blobs(100, 6, k, 1, scale=5.0)
+    (x, y), (xv, yv) = blobs(200, 6, k, 0, scale=5.0), blobs(100, 6, k, 1, scale=5.0)
+    x, xv = x.astype(np.float32), xv.astype(np.float32)  # features are float32, as the cache stores them
     sol = solver.solve_logistic(x, y, k, xv, yv, lambda clf, z, t: float((clf.predict(z) == t).mean()), grid=(0.1,))
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000, tol=1e-6)).fit(x, y)
+    # The reference: scikit-learn on the features centred and scaled by their root-mean-square deviation.
+    mean = x.mean(0)
+    scale = np.sqrt(((x - mean) ** 2).mean())
+    reference = LogisticRegression(C=0.1, max_iter=5000, tol=1e-8).fit((x - mean) / scale, y)
     logits = xv @ sol.weight.T + sol.bias
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
-    assert np.allclose(probabilities, reference.predict_proba(xv), atol=1e-4)
+    assert np.allclose(probabilities, reference.predict_proba((xv - mean) / scale), atol=1e-4)
     assert sol.c == 0.1 and sol.selected_on == "validation"
 
 
