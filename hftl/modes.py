@@ -42,8 +42,8 @@ HELP = {
         "named or newest stage-2 checkpoint."
     ),
     "contrastive": (
-        "Few labels (SetFit-style): tune the whole backbone on pairs of labelled rows (same label: cosine "
-        "similarity 1, other label: 0; adapt.pair_iterations rounds) with train.*, then solve the head on the "
-        "tuned, frozen body."
+        "Few labels (SetFit-style): tune the whole backbone on every pair of rows in each batch (same label: "
+        "cosine similarity 1, other label: 0; SetFit's step count for adapt.pair_iterations rounds) with "
+        "train.*, then solve the head on the tuned, frozen body."
     ),
 }

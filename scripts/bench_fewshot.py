@@ -39,14 +39,19 @@ from benchlib import HFTL_PYTHON, PEERS_PYTHON, ROOT, SHARED_DATA, Results, comm
 
 SST2 = SHARED_DATA / "text" / "sst2"
 UCI = SHARED_DATA / "text" / "uci_sentiment"
+# SetFit's get_templated_dataset default, with the period its docstring shows: two rows per label from its name.
+TEMPLATE = "This sentence is {}."
 # hftl's arms: preset and overrides. Every one starts from the packaged all-MiniLM-L6-v2.
 ARMS = {
     "head": ("minilm_sst2_head", []),
     "full": ("minilm_sst2_full", []),  # the preset as it is: plain full fine-tuning
     "lpft": ("minilm_sst2_full", ["adapt.mode=lpft"]),
     "contrastive": ("minilm_sst2_fewshot", []),
+    "contrastive+template": ("minilm_sst2_fewshot", [f"data.label_template={TEMPLATE}"]),
+    "head+template": ("minilm_sst2_head", [f"data.label_template={TEMPLATE}"]),
 }
-PEER_ARMS = ("setfit",)
+PEERS = {"setfit": [], "setfit+template": ["--template", TEMPLATE, "--label-names", "negative", "positive"]}
+PEER_ARMS = tuple(PEERS)
 BASELINE = Path(__file__).parent / "peers" / "embeddings_logreg.py"
 SETFIT = Path(__file__).parent / "peers" / "setfit_run.py"
 
@@ -140,7 +145,7 @@ def fewshot_part(args, results: Results) -> list[str]:
                 out = args.work / "fewshot" / f"{arm}-k{k}-s{seed}"
                 key = f"fewshot|{arm}|{k}|{seed}"
                 if arm in PEER_ARMS:
-                    job = results.get(key, lambda: peer_job(SETFIT, train, test, out, seed))
+                    job = results.get(key, lambda: peer_job(SETFIT, train, test, out, seed, PEERS[arm]))
                 else:
                     job = results.get(key, lambda: hftl_job(arm, train, test, out, seed, ["data.validation_fraction=0"]))
                 table.setdefault((arm, k), []).append(job)
@@ -209,7 +214,7 @@ def main() -> None:
     p.add_argument("--tasks", nargs="*", help="features part: only these (sst2, uci-amazon, uci-imdb, uci-yelp)")
     p.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 64])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=["full", "head", "lpft", "contrastive", "setfit"], choices=[*ARMS, *PEER_ARMS])
+    p.add_argument("--arms", nargs="+", default=["full", "head", "lpft", "contrastive", "contrastive+template", "setfit", "setfit+template"], choices=[*ARMS, *PEER_ARMS])
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_fewshot")
     p.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "fewshot.md")
     args = p.parse_args()
