@@ -142,6 +142,8 @@ def fewshot_part(args, results: Results) -> list[str]:
         for seed in args.seeds:
             train = write_csv(args.work / "data" / f"sst2_k{k}_s{seed}.csv", few(rows, k, seed))
             for arm in args.arms:
+                if arm.endswith("+template") and k > args.template_up_to:
+                    continue
                 out = args.work / "fewshot" / f"{arm}-k{k}-s{seed}"
                 key = f"fewshot|{arm}|{k}|{seed}"
                 if arm in PEER_ARMS:
@@ -153,6 +155,9 @@ def fewshot_part(args, results: Results) -> list[str]:
     for k in args.budgets:
         cells = []
         for arm in args.arms:
+            if (arm, k) not in table:
+                cells.append("not run")
+                continue
             jobs = table[(arm, k)]
             acc = [100 * j["accuracy"] for j in jobs]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
@@ -218,6 +223,8 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 64])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=["full", "head", "lpft", "contrastive", "contrastive+template", "setfit", "setfit+template"], choices=[*ARMS, *PEER_ARMS])
+    p.add_argument("--template-up-to", type=int, default=16, help="fewshot part: the +template arms run at budgets up to this "
+                   "many rows per class (two rows per label from its name weigh little beside 64 real ones)")
     p.add_argument("--time-seeds", nargs="+", type=int, help="fewshot part: the seconds shown are the mean over these seeds' "
                    "runs only (default: every seed), e.g. those run alone on the machine when the others were not")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_fewshot")
