@@ -40,7 +40,7 @@ def main():
     train, test = rows(a.train, a.text_column, a.label_column), rows(a.eval, a.text_column, a.label_column)
     if a.template:
         added = [(a.template.format(name), str(i)) for i, name in enumerate(a.label_names) for _ in range(2)]
-        train = Dataset.from_dict({"text": train["text"] + [t for t, _ in added], "label": train["label"] + [y for _, y in added]})
+        train = Dataset.from_dict({"text": list(train["text"]) + [t for t, _ in added], "label": list(train["label"]) + [y for _, y in added]})
     model = SetFitModel.from_pretrained(a.model, local_files_only=True)
     args = TrainingArguments(num_iterations=a.iterations, seed=a.seed, report_to="none", save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=train)
