@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # the presets' paths are relative to the repository root
 
-FSDD = ROOT.parent / "shared" / "data" / "speech" / "fsdd"
+SHARED_DATA = Path(os.environ.get("HFTL_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as scripts/benchlib.py
+FSDD = SHARED_DATA / "speech" / "fsdd"
 SPLITS = ROOT / "outputs" / "pretrained" / "fsdd-splits"
 SOURCE_SPEAKERS = ("george", "jackson", "lucas")
 TARGET_SPEAKER = "nicolas"
@@ -60,7 +61,7 @@ MODALITIES = {
     "image": {"preset": "recipes/configs/image/vit_usps_source.yaml", "init": "vit-tiny-init", "backbone": "vit-usps"},
     "speech": {"preset": "recipes/configs/audio/wav2vec2_fsdd3_source.yaml", "init": "wav2vec2-tiny-init", "backbone": "wav2vec2-fsdd3"},
 }
-USPS_TRAIN = ROOT.parent / "shared" / "data" / "images" / "usps" / "train"  # an imagefolder (class sub-folders; labels unused)
+USPS_TRAIN = SHARED_DATA / "images" / "usps" / "train"  # an imagefolder (class sub-folders; labels unused)
 
 
 def init_checkpoint(modality: str, folder: Path) -> Path:
@@ -198,7 +199,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value for the source run, e.g. train.epochs=2 (--self-supervised: "
                     "adapt.pretrain_epochs=2)")
     ap.add_argument("--self-supervised", action="store_true", help="pretrain without labels (see above)")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # the flag before or after the overrides
     (pretrain_unsupervised if args.self_supervised else pretrain)(args.modality, args.overrides)
 
 

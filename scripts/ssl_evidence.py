@@ -108,7 +108,7 @@ def run_one(task: str, method: str, budget: str, seed: int, files: dict[str, Pat
         f"output.dir={out}", "output.overwrite=true", "output.verify_reload=16", "adapt.solve_head=false", *extra,
         *([f"data.target={files['pool']}"] if "adapt.align" in " ".join(extra) else []),
     ]
-    if task == "speech" and start != "source":  # a waveform encoder not trained on labels: fine-tune it too
+    if task == "speech" and start == "init":  # a random waveform encoder must learn too (as transfer_evidence.py)
         overrides.append("adapt.freeze_feature_encoder=false")
     cfg = load_config(spec["preset"], overrides)
     started = time.perf_counter()
