@@ -86,7 +86,11 @@ def init_checkpoint(modality: str, folder: Path) -> Path:
         config = Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                 conv_dim=(64,) * 5, conv_kernel=(64, 3, 3, 3, 3), conv_stride=(8, 2, 2, 2, 2), conv_bias=True,
                                 feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-                                num_conv_pos_embedding_groups=4, classifier_proj_size=32, apply_spec_augment=False, layerdrop=0.0)
+                                num_conv_pos_embedding_groups=4, classifier_proj_size=32, apply_spec_augment=False, layerdrop=0.0,
+                                # The self-supervised objective's quantizer, sized to this 64-wide model (read only by
+                                # Wav2Vec2ForPreTraining: the base model's weights are the same). At wav2vec2-base's
+                                # 2 x 320 codes of 128 the quantizer materialises (frames, 640, 128) per batch: 16 s a step.
+                                num_codevectors_per_group=32, codevector_dim=64, proj_codevector_dim=64)
         Wav2Vec2Model(config).save_pretrained(folder)
         Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(folder)
     return folder
