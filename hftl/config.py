@@ -110,11 +110,13 @@ class AdaptConfig:
     reweight: bool = field(default=False, metadata={"help": "Instance reweighting: a domain classifier on frozen features estimates p(target|x); each source row's loss is weighted by the clipped, normalised density ratio. Needs data.target."})
     reweight_clip: float = field(default=10.0, metadata={"help": "reweight: largest weight (after normalising to mean 1).", "range": "[1, inf)"})
     # Continued self-supervised pretraining before classification (DAPT/TAPT, Gururangan et al. 2020).
-    pretrain: Optional[str] = field(default=None, metadata={"help": "mlm: continue masked-language-model pretraining on unlabelled in-domain text first, save that checkpoint to <output.dir>.pretrained, and classify from it. null: off.", "choices": ("mlm",)})
-    pretrain_file: Optional[str] = field(default=None, metadata={"help": "pretrain: text file (one text per line) or csv/json with data.text_column; default: the training texts plus data.target's."})
-    pretrain_epochs: float = field(default=1, metadata={"help": "pretrain: epochs of masked-language modelling.", "range": "(0, inf)"})
+    pretrain: Optional[str] = field(default=None, metadata={"help": "Continue the checkpoint's self-supervised pretraining on unlabelled in-domain inputs first, save that checkpoint to <output.dir>.pretrained, and classify from it: mlm (text: masked-language modelling), wav2vec2 (speech: wav2vec2's masked contrastive + diversity loss, Wav2Vec2ForPreTraining; wav2vec2 checkpoints only, HuBERT/WavLM are refused), mim (images: SimMIM masked image modelling; ViT, DeiT, Swin), auto (the one for the task and checkpoint). null: off.", "choices": ("auto", "mlm", "wav2vec2", "mim")})
+    pretrain_file: Optional[str] = field(default=None, metadata={"help": "pretrain: the unlabelled inputs. Text: a file (one text per line) or csv/json with data.text_column; speech/images: a csv/tsv/json/jsonl/parquet file with data.audio_column / image_column, or an audiofolder/imagefolder. Default: the training inputs plus data.target's."})
+    pretrain_epochs: float = field(default=1, metadata={"help": "pretrain: epochs of the self-supervised objective.", "range": "(0, inf)"})
     pretrain_learning_rate: float = field(default=5e-5, metadata={"help": "pretrain: learning rate.", "range": "(0, inf)"})
     mlm_probability: float = field(default=0.15, metadata={"help": "pretrain=mlm: share of tokens masked (DataCollatorForLanguageModeling).", "range": "(0, 1)"})
+    mask_probability: Optional[float] = field(default=None, metadata={"help": "pretrain=wav2vec2: mask_time_prob, the share of frames that start a masked span (null: 0.65, transformers' wav2vec2 pretraining example); pretrain=mim: share of mask squares masked (null: 0.6, SimMIM / run_mim.py).", "range": "(0, 1)"})
+    mask_span: Optional[int] = field(default=None, metadata={"help": "pretrain=wav2vec2: frames per masked span (null: 10); pretrain=mim: side in pixels of a masked square, a multiple of the patch size that divides the image size (null: 32 where it fits, else the patch size).", "range": "[1, inf)"})
 
 
 @dataclass

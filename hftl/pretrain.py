@@ -25,22 +25,26 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
-from . import hub, models
+from . import hub, models, pretrain_media
 from .config import Config, ConfigError
 from .data import FORMATS, DataError, _load_file, load_target
 from .train import NonFiniteLossError, _lengths, make_scheduler, param_groups, return_freed_blocks, train_dataloader
 
-OBJECTIVES = ("mlm",)
+OBJECTIVES = ("auto", "mlm", "wav2vec2", "mim")  # speech and images: hftl/pretrain_media.py
 HELDOUT = 0.05  # share of the texts that only measure the masked-LM loss
 MASKED_TOKENS, MAX_PASSES = 2000, 20  # held-out masked tokens to aim for, and at most this many maskings of each text
 TEXT_KEYS = ("text_column", "text_pair_column")  # DataConfig keys of the columns whose texts are pretrained on
 
 
-def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator, target: Dataset | None = None) -> str:
-    """Train `path` as a masked LM on in-domain text and return the folder the classifier should load."""
+def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator, target: Dataset | None = None, modality=None) -> str:
+    """Train `path` as a masked LM on in-domain text and return the folder the classifier should load; speech and image
+    checkpoints go to their own objectives (hftl/pretrain_media.py), which need the recipe's `modality`."""
     a, t = cfg.adapt, cfg.train
     if a.pretrain not in OBJECTIVES:
         raise ConfigError(f"adapt.pretrain='{a.pretrain}' is unknown; choose one of {list(OBJECTIVES)} or null (no pretraining stage).")
+    objective = pretrain_media.objective_for(cfg, path)
+    if objective in pretrain_media.OBJECTIVES:
+        return pretrain_media.continue_pretraining(cfg, objective, path, splits, tokenizer, accelerator, target, modality)
     if cfg.task != "text-classification":
         raise ConfigError(f"adapt.pretrain=mlm continues masked-language-model pretraining, which is for text; task={cfg.task} "
                           "has no masked-token objective here. Set adapt.pretrain=null.")
@@ -111,7 +115,7 @@ def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator,
     if after is not None and not math.isfinite(after):
         raise NonFiniteLossError(f"adapt.pretrain: the held-out masked-LM loss is {after} after {step} steps; lower "
                                  "adapt.pretrain_learning_rate or set train.max_grad_norm.")
-    info = {"objective": a.pretrain, "source": source, "texts": len(parts["train"]), "rows": len(encoded["train"]),
+    info = {"objective": "mlm", "source": source, "texts": len(parts["train"]), "rows": len(encoded["train"]),
             "heldout_texts": len(parts["test"]), "heldout_masked_tokens": sum(int((b["labels"] != -100).sum()) for b in heldout),
             "steps": step, "heldout_loss_before": before, "heldout_loss_after": after,
             "heldout_perplexity_before": _perplexity(before), "heldout_perplexity_after": _perplexity(after),

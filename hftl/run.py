@@ -145,8 +145,9 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
                           + (f"; ... (all in {Path(cfg.output.dir) / 'skipped_rows.json'})" if len(ids) > 20 else ""))
     labels = splits["train"].features["labels"].names
 
-    if cfg.adapt.pretrain:  # continued masked-LM pretraining on in-domain text; the classifier starts from its folder
-        path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, target_rows["train"] if cfg.data.target else None)
+    if cfg.adapt.pretrain:  # continued self-supervised pretraining on unlabelled in-domain inputs; the classifier starts from its folder
+        path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, target_rows["train"] if cfg.data.target else None,
+                                            modality)
     model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model, reads)
     if not reads.native:  # saved for sentence-transformers, which must truncate as training did
         model.max_seq_length = cfg.data.max_length
@@ -203,6 +204,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             library_name=reads.library,
             representation=reads.describe(),
             solver=result.get("solver"),
+            pretrain=json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None,
         ),
         cfg.train.metrics,
     )

@@ -6,6 +6,15 @@ to a different target (see scripts/transfer_evidence.py).
 
     .venv/bin/python scripts/pretrain_source.py image     # ViT on USPS (~5 min on 2 CPU cores)
     .venv/bin/python scripts/pretrain_source.py speech    # wav2vec2 on FSDD speakers george, jackson, lucas (~10 min)
+    .venv/bin/python scripts/pretrain_source.py image --self-supervised    # the same source without its labels
+    .venv/bin/python scripts/pretrain_source.py speech --self-supervised
+
+--self-supervised trains the same from-config checkpoint on the same source inputs with no labels at all: hftl's
+continued-pretraining stage alone (adapt.pretrain=auto: SimMIM for the ViT on USPS's training images, wav2vec2's
+masked contrastive objective for the wav2vec2 on the three source speakers' clips, takes 0-49), as many epochs at the
+batch size and learning rate of the supervised preset. Its backbone is the unsupervised source checkpoint,
+vit-usps-ssl/ or wav2vec2-fsdd3-ssl/, beside the supervised one. (Debian's espeak-ng is not installed on this
+machine, so no synthesised voices are added.)
 
 Writes, under outputs/pretrained/ (git-ignored; every folder is an ordinary save_pretrained folder):
 
@@ -14,6 +23,9 @@ Writes, under outputs/pretrained/ (git-ignored; every folder is an ordinary save
     <source run>/       the hftl run on the source task (recipes/configs/<modality>/*_source.yaml)
     vit-usps/, wav2vec2-fsdd3/
                         that run's backbone without its classification head: the checkpoint to transfer
+    <source run>-ssl.pretrained/, vit-usps-ssl/, wav2vec2-fsdd3-ssl/
+                        (--self-supervised) the stage's folder (with its objective's head and pretrain.json), and
+                        its backbone: the unsupervised source checkpoint
     fsdd-splits/*.csv   (speech) FSDD file lists by speaker and take: source_{train,validation} for
                         george, jackson, lucas; target_{pool,validation,test} for nicolas. They list
                         paths into ../shared/data; no audio is copied.
@@ -23,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -35,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # the presets' paths are relative to the repository root
 
-FSDD = ROOT.parent / "shared" / "data" / "speech" / "fsdd"
+SHARED_DATA = Path(os.environ.get("HFTL_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as scripts/benchlib.py
+FSDD = SHARED_DATA / "speech" / "fsdd"
 SPLITS = ROOT / "outputs" / "pretrained" / "fsdd-splits"
 SOURCE_SPEAKERS = ("george", "jackson", "lucas")
 TARGET_SPEAKER = "nicolas"
@@ -47,6 +61,7 @@ MODALITIES = {
     "image": {"preset": "recipes/configs/image/vit_usps_source.yaml", "init": "vit-tiny-init", "backbone": "vit-usps"},
     "speech": {"preset": "recipes/configs/audio/wav2vec2_fsdd3_source.yaml", "init": "wav2vec2-tiny-init", "backbone": "wav2vec2-fsdd3"},
 }
+USPS_TRAIN = SHARED_DATA / "images" / "usps" / "train"  # an imagefolder (class sub-folders; labels unused)
 
 
 def init_checkpoint(modality: str, folder: Path) -> Path:
@@ -71,7 +86,11 @@ def init_checkpoint(modality: str, folder: Path) -> Path:
         config = Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                 conv_dim=(64,) * 5, conv_kernel=(64, 3, 3, 3, 3), conv_stride=(8, 2, 2, 2, 2), conv_bias=True,
                                 feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-                                num_conv_pos_embedding_groups=4, classifier_proj_size=32, apply_spec_augment=False, layerdrop=0.0)
+                                num_conv_pos_embedding_groups=4, classifier_proj_size=32, apply_spec_augment=False, layerdrop=0.0,
+                                # The self-supervised objective's quantizer, sized to this 64-wide model (read only by
+                                # Wav2Vec2ForPreTraining: the base model's weights are the same). At wav2vec2-base's
+                                # 2 x 320 codes of 128 the quantizer materialises (frames, 640, 128) per batch: 16 s a step.
+                                num_codevectors_per_group=32, codevector_dim=64, proj_codevector_dim=64)
         Wav2Vec2Model(config).save_pretrained(folder)
         Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(folder)
     return folder
@@ -132,12 +151,60 @@ def pretrain(modality: str, overrides: list[str]) -> Path:
     return out
 
 
+def self_supervised(task: str, model: Path, inputs: Path, out: Path, overrides: list[str]) -> Path:
+    """hftl's continued-pretraining stage alone (adapt.pretrain=auto) on the unlabelled `inputs` (a csv with a `path`
+    column or a media folder), as `hftl train` runs it before classifying; returns its folder, `<out>.pretrained`."""
+    from hftl.cli import RECIPES
+    from hftl.config import load_config
+    from hftl.pretrain import continue_pretraining
+    from hftl.train import make_accelerator
+
+    modality = {"audio-classification": "AUDIO", "image-classification": "IMAGE"}[task]
+    modality = getattr(importlib.import_module(RECIPES[task]), modality)
+    # A csv names the files in its `path` column; an imagefolder's column is `image`.
+    column = [f"data.{'audio' if task == 'audio-classification' else 'image'}_column=path"] if inputs.suffix == ".csv" else []
+    cfg = load_config(None, [f"task={task}", f"model.name_or_path={model}", "adapt.pretrain=auto", f"adapt.pretrain_file={inputs}",
+                             *column, f"output.dir={out}", "output.overwrite=true", *overrides])
+    accelerator = make_accelerator(cfg.train)
+    processor = modality.load_processor(str(model), cfg)
+    return Path(continue_pretraining(cfg, str(model), None, processor, accelerator, None, modality))
+
+
+def pretrain_unsupervised(modality: str, overrides: list[str]) -> Path:
+    """The source checkpoint without labels: the stage on the source inputs, from the same from-config checkpoint."""
+    import yaml
+
+    spec = MODALITIES[modality]
+    init = init_checkpoint(modality, ROOT / "outputs" / "pretrained" / spec["init"])
+    preset = yaml.safe_load(Path(spec["preset"]).read_text())
+    t = preset["train"]
+    budget = [f"adapt.pretrain_epochs={t['epochs']}", f"adapt.pretrain_learning_rate={t['learning_rate']}",
+              f"train.batch_size={t['batch_size']}", f"train.eval_batch_size={t['eval_batch_size']}",
+              f"train.weight_decay={t['weight_decay']}"]
+    if modality == "speech":
+        splits = fsdd_splits()
+        rows = [r for name in ("source_train", "source_validation") for r in csv.DictReader(open(splits[name], newline=""))]
+        inputs = write_csv(SPLITS / "source_all.csv", rows)  # every take of the three source speakers; labels unused
+        task, budget = "audio-classification", budget + [f"data.max_duration={preset['data']['max_duration']}"]
+    else:
+        inputs, task = USPS_TRAIN, "image-classification"
+    folder = self_supervised(task, init, inputs, ROOT / "outputs" / "pretrained" / f"{spec['backbone']}-ssl-run", budget + overrides)
+    info = json.loads((folder / "pretrain.json").read_text())
+    print(f"self-supervised ({info['objective']}): held-out loss {info['heldout_loss_before']:.4f} -> {info['heldout_loss_after']:.4f}, "
+          f"{info['steps']} steps, {info['seconds']:.0f} s")
+    out = backbone(folder, ROOT / "outputs" / "pretrained" / f"{spec['backbone']}-ssl")
+    print(f"unsupervised source checkpoint (backbone, no head, no labels seen): {out}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("modality", choices=sorted(MODALITIES))
-    ap.add_argument("overrides", nargs="*", help="key=value for the source run, e.g. train.epochs=2")
-    args = ap.parse_args()
-    pretrain(args.modality, args.overrides)
+    ap.add_argument("overrides", nargs="*", help="key=value for the source run, e.g. train.epochs=2 (--self-supervised: "
+                    "adapt.pretrain_epochs=2)")
+    ap.add_argument("--self-supervised", action="store_true", help="pretrain without labels (see above)")
+    args = ap.parse_intermixed_args()  # the flag before or after the overrides
+    (pretrain_unsupervised if args.self_supervised else pretrain)(args.modality, args.overrides)
 
 
 if __name__ == "__main__":

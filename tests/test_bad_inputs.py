@@ -161,7 +161,7 @@ CASES = [
     one("train.mixed_precision=fp8", r"train\.mixed_precision='fp8' is unknown; choose one of auto, no, bf16, fp16\."),
     one("hub.strategy=sometimes", r"hub\.strategy='sometimes' is unknown; choose one of end, every_save, checkpoint\."),
     one("adapt.align=cmd", r"adapt\.align='cmd' is unknown; choose one of dann, coral, mmd, or null\."),
-    one("adapt.pretrain=xyz", r"adapt\.pretrain='xyz' is unknown; choose one of mlm, or null\."),
+    one("adapt.pretrain=xyz", r"adapt\.pretrain='xyz' is unknown; choose one of auto, mlm, wav2vec2, mim, or null\."),
     one("data.on_bad_sample=maybe", r"data\.on_bad_sample='maybe' is unknown; choose one of error, skip\."),
     one("data.audio_decoder=ffmpeg", r"data\.audio_decoder='ffmpeg' is unknown; choose one of auto, torchcodec, soundfile\."),
     one("data.augment=[blur]", r"data\.augment has \['blur'\], which are unknown; choose from speed, gain, noise, crop, flip\."),

@@ -47,6 +47,7 @@ class CardData:
     library_name: str = "transformers"  # or sentence-transformers, for a pooling transformers' heads cannot express
     representation: str | None = None  # what the head reads (hftl.pooling.Representation.describe)
     solver: dict | None = None  # the solved head's method and penalty (hftl.cache.solve_head), when it was solved
+    pretrain: dict | None = None  # adapt.pretrain's pretrain.json: objective, inputs, steps, held-out loss before/after
 
 
 # The overfitting check (see `overfitting_check`).
