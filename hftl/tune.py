@@ -292,6 +292,7 @@ def _write(path: Path, text: str) -> None:
 
 def _plots(study, out: Path) -> dict[str, str]:
     """optuna.visualization.matplotlib's figures as PNG files; {file: why not drawn} for those it cannot draw yet."""
+    import matplotlib
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
     from optuna.exceptions import ExperimentalWarning
@@ -308,13 +309,13 @@ def _plots(study, out: Path) -> dict[str, str]:
         if png == "intermediate_values.png" and not any(t.intermediate_values for t in study.trials):
             drawn[png] = "no trial reported an evaluation during training"
             continue
-        with warnings.catch_warnings():
+        # rc_context: Optuna switches matplotlib's global style; the pictures hftl draws afterwards keep theirs.
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            ax = draw(study)
-        fig = ax.figure
-        tmp = out / f".{png}.{os.getpid()}.tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+            fig = draw(study).figure
+            tmp = out / f".{png}.{os.getpid()}.tmp.png"
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+            plt.close(fig)
         os.replace(tmp, out / png)
         drawn[png] = "drawn"
     return drawn

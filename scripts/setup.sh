@@ -20,6 +20,6 @@ fi
 stamp=.venv/.hftl-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,tune]"
   touch "$stamp"
 fi

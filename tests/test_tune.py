@@ -15,9 +15,13 @@ from conftest import REPO_ROOT, read_json
 from hftl.config import ConfigError, _flatten as flat, load_config, to_dict, to_yaml
 from hftl.tune import Param, check_space, parse_param, split_args, tune
 
-optuna = pytest.importorskip("optuna")
-
 SPACE = ["train.learning_rate=log:0.003:0.03", "adapt.lora_r=int:2:8:2", "train.epochs=choice:1,2"]
+
+
+@pytest.fixture(scope="module")
+def optuna():
+    """The tests that run a study need hftl[tune] (scripts/setup.sh installs it); the others run without it."""
+    return pytest.importorskip("optuna")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def test_bad_range_is_refused(arg, message):
         parse_param(arg)
 
 
-def test_range_the_config_cannot_take_is_refused_before_training(overrides, monkeypatch, capsys, tmp_path):
+def test_range_the_config_cannot_take_is_refused_before_training(overrides, monkeypatch, capsys, tmp_path, optuna):
     import hftl.compare
     from hftl.cli import main
 
@@ -90,7 +94,7 @@ def test_missing_optuna_is_one_line(overrides, monkeypatch, capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def study(preset, tmp_path_factory):
+def study(preset, tmp_path_factory, optuna):
     """Four trials through the CLI, the study in an RDB (SQLite) file."""
     from hftl.cli import main
 
@@ -101,7 +105,7 @@ def study(preset, tmp_path_factory):
     return out, url
 
 
-def test_trials_are_ordinary_runs_scored_on_validation(study):
+def test_trials_are_ordinary_runs_scored_on_validation(study, optuna):
     out, url = study
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     assert [t.number for t in trials] == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in trials)
@@ -118,7 +122,7 @@ def test_trials_are_ordinary_runs_scored_on_validation(study):
         assert len(t.intermediate_values) == 2 * t.params["train.epochs"]
 
 
-def test_best_trial_is_a_preset_hftl_train_loads(study, capsys):
+def test_best_trial_is_a_preset_hftl_train_loads(study, optuna, capsys):
     from hftl.cli import main
 
     out, url = study
@@ -151,7 +155,7 @@ def test_report_and_plots(study):
             assert image.size[0] > 100 and image.size[1] > 100
 
 
-def test_rerun_continues_the_study(study, preset):
+def test_rerun_continues_the_study(study, preset, optuna):
     from hftl.cli import main
 
     out, url = study
@@ -165,14 +169,13 @@ def test_rerun_continues_the_study(study, preset):
                  "train.learning_rate=log:0.001:0.01"]) == 2
 
 
-class PruneAfterFirstTrial(optuna.pruners.BasePruner):
-    """Prunes every trial but the first at its first evaluation."""
+def test_pruned_trial_stops_at_its_first_evaluation(overrides, tmp_path, optuna):
+    class PruneAfterFirstTrial(optuna.pruners.BasePruner):
+        """Prunes every trial but the first at its first evaluation."""
 
-    def prune(self, study, trial) -> bool:
-        return trial.number > 0
+        def prune(self, study, trial) -> bool:
+            return trial.number > 0
 
-
-def test_pruned_trial_stops_at_its_first_evaluation(overrides, tmp_path):
     base = load_config(None, overrides)
     out = tmp_path / "report"
     report = tune(base, [parse_param("train.learning_rate=log:0.003:0.03")], 2, out, study_name="p", pruner=PruneAfterFirstTrial(),
@@ -185,12 +188,13 @@ def test_pruned_trial_stops_at_its_first_evaluation(overrides, tmp_path):
     assert report["counts"] == {"COMPLETE": 1, "PRUNED": 1} and "| 1 | pruned |" in (out / "report.md").read_text()
 
 
-def test_two_workers_share_one_study(preset, tmp_path):
+def test_two_workers_share_one_study(preset, tmp_path, optuna):
     """Two `hftl tune` processes, as on two machines sharing a filesystem: one journal file, one study."""
     journal, out = tmp_path / "shared" / "study.journal", tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     workers = [subprocess.Popen([sys.executable, "-m", "hftl", "tune", str(preset), "--trials", "2", "--study-name", "shared",
-                                 "--storage", f"journal:{journal}", "--sampler-seed", str(i), "--out", str(out), *SPACE],
+                                 "--storage", f"journal:{journal}", "--sampler-seed", str(i), "--out", str(out), *SPACE[:2],
+                                 "train.epochs=1"],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     for w in workers:
         _, err = w.communicate(timeout=600)
