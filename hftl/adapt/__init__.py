@@ -18,6 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..config import AdaptConfig, Config, ConfigError
+from ..modes import HELP
 
 # Layers that classification heads in transformers are called by (BERT/ViT 'classifier',
 # decoder models 'score', wav2vec2/HuBERT 'projector' + 'classifier', DistilBERT 'pre_classifier').
@@ -53,8 +54,11 @@ MODES: dict[str, Mode] = {}
 OPTIONS: list[Callable[[nn.Module, Context], Any]] = []
 
 
-def register_mode(name: str, apply, help: str, export=lambda model: model, hooks=None, fit=None, frozen_features: bool = False) -> None:
-    MODES[name] = Mode(name, apply, export, help, hooks, fit, frozen_features)
+def register_mode(name: str, apply, export=lambda model: model, hooks=None, fit=None, frozen_features: bool = False) -> None:
+    """A mode's name and help are declared in hftl/modes.py (read without torch by `hftl modes`)."""
+    if name not in HELP:
+        raise KeyError(f"adaptation mode '{name}' has no entry in hftl/modes.py HELP; add its one-line help there.")
+    MODES[name] = Mode(name, apply, export, HELP[name], hooks, fit, frozen_features)
 
 
 def register_option(build: Callable[[nn.Module, Context], Any]) -> None:

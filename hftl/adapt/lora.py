@@ -52,9 +52,9 @@ def export(model):
     return model.merge_and_unload()
 
 
-def register_peft_mode(name: str, apply, help: str, hooks=None) -> None:
+def register_peft_mode(name: str, apply, hooks=None) -> None:
     PEFT_MODES.add(name)
-    register_mode(name, apply, export=export, help=help, hooks=hooks)
+    register_mode(name, apply, export=export, hooks=hooks)
 
 
 def apply(model, cfg, head):
@@ -69,4 +69,4 @@ def apply(model, cfg, head):
     return wrap(model, config, cfg)
 
 
-register_peft_mode("lora", apply, help="peft LoRA adapters + full head; saved merged (adapt.save_adapter=true keeps the adapter too).")
+register_peft_mode("lora", apply)
