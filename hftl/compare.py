@@ -233,7 +233,7 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     if lr_trials is not None:
         from .tune import require_optuna
 
-        require_optuna()  # now, not after the first mode's runs
+        require_optuna("hftl compare --lr-trials")  # now, not after the first mode's runs
     base_lr = base.train.learning_rate
     grid = [float(f"{base_lr * s:.6g}") for s in scales]
     # The process group the runs' Accelerators join; ACCELERATE_USE_CPU read as AcceleratorState reads it (CPU torchrun).

@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, ConfigError, _flatten as flat, all_keys, from_flat, to_dict, to_yaml
-from .errors import UserError
+from .extras import require
 
 KINDS = ("float", "log", "int", "choice")
 PRUNERS = ("median", "halving", "none")
@@ -42,13 +42,9 @@ PNGS = {"optimization_history.png": "optimisation history", "param_importances.p
         "intermediate_values.png": "validation score at each evaluation, per trial"}
 
 
-def require_optuna():
+def require_optuna(needed_for: str = "hftl tune"):
     """optuna, or a one-line error naming the extra that installs it."""
-    try:
-        import optuna
-    except ImportError:
-        raise UserError("this needs Optuna, which is not installed: pip install 'hftl[tune]' (or pip install optuna).") from None
-    return optuna
+    return require("optuna", "tune", needed_for)
 
 
 @dataclass

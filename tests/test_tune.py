@@ -90,7 +90,7 @@ def test_missing_optuna_is_one_line(overrides, monkeypatch, capsys, tmp_path):
 
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
     assert main(["tune", "--trials", "1", "--out", str(tmp_path), *overrides, *SPACE]) == 2
-    assert capsys.readouterr().err == "hftl: error: this needs Optuna, which is not installed: pip install 'hftl[tune]' (or pip install optuna).\n"
+    assert capsys.readouterr().err == "hftl: error: hftl tune needs optuna, which is not installed: pip install 'hftl[tune]'.\n"
 
 
 @pytest.fixture(scope="module")
