@@ -226,7 +226,9 @@ def run_sst2(args, out: Path) -> list[str]:
                   "train.epochs=1"]
     trials = 2 if args.smoke else args.trials
     space = SST2_SPACE[:2] if args.smoke else SST2_SPACE
-    preset_dir = out / "sst2" / "preset"
+    # Runs on other rows per label keep folders of their own, so a rerun never reads one setting's runs as another's.
+    suffix = f"-{args.sst2_per_class}-per-class" if args.sst2_per_class else ""
+    preset_dir = out / "sst2" / f"preset{suffix}"
     start = time.perf_counter()
     if not (preset_dir / "results.json").is_file():
         with quiet(out / "sst2" / "preset.log"):
@@ -235,13 +237,16 @@ def run_sst2(args, out: Path) -> list[str]:
             sys.exit(f"the preset run failed; see {out / 'sst2' / 'preset.log'}")
     preset_s = time.perf_counter() - start
     preset = json.loads((preset_dir / "results.json").read_text())
-    tune_dir = out / "sst2" / "tune"
+    tune_dir = out / "sst2" / f"tune{suffix}"
+    # The study is kept in tune_dir: a rerun (after an interruption) runs only the trials it still lacks.
+    done = sum(json.loads((tune_dir / "report.json").read_text())["counts"].values()) if (tune_dir / "report.json").is_file() else 0
     argv = ["tune", SST2_PRESET, "--trials", str(trials), "--study-name", "sst2-lora", "--out", str(tune_dir), *fixed, *space]
     start = time.perf_counter()
-    with quiet(out / "sst2" / "tune.log"):
-        rc = hftl(argv)
-    if rc:
-        sys.exit(f"hftl tune failed; see {out / 'sst2' / 'tune.log'}")
+    if done < trials:
+        with quiet(out / "sst2" / "tune.log"):
+            rc = hftl([*argv[:2], "--trials", str(trials - done), *argv[4:]])
+        if rc:
+            sys.exit(f"hftl tune failed; see {out / 'sst2' / 'tune.log'}")
     tune_s = time.perf_counter() - start
     report = json.loads((tune_dir / "report.json").read_text())
     best, base = report["best"], preset["results"]
@@ -251,7 +256,8 @@ def run_sst2(args, out: Path) -> list[str]:
             "Validation: 10% of SST-2's training rows, carved with the preset's seed (the same rows for every trial), what the "
             "trials were chosen on; test: SST-2's own validation split (872 sentences), which nothing was chosen on. Training rows: "
             + (f"{args.sst2_per_class} per label (data.samples_per_class, to bound the time), for the preset and every trial."
-               if args.sst2_per_class else "the other 90% (no data.samples_per_class)."), "",
+               if args.sst2_per_class else "the other 90% (no data.samples_per_class).")
+            + (" Smoke: data.max_train_samples=200, data.max_eval_samples=100, 1 epoch." if args.smoke else ""), "",
             "| | validation accuracy (chosen on) | test accuracy (held out) | wall s |", "|---|---|---|---|",
             f"| the preset (`hftl train {SST2_PRESET}`) | {100 * base['validation']['accuracy']:.2f} | {100 * base['test']['accuracy']:.2f} | "
             f"{preset_s:.0f} (training {preset['train_seconds']:.0f}) |",
