@@ -1,6 +1,7 @@
 """Command line: `hftl train [CONFIG] [key=value ...]`, `hftl push OUT_DIR [key=value ...]`, `hftl modes`,
 `hftl rank [CONFIG] --models NAME ... [--out FILE.json] [key=value ...]`,
-`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] --out REPORT_DIR [key=value ...]`,
+`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] [--lr-scales X ...] --out REPORT_DIR [key=value ...]`,
+`hftl tune [CONFIG] --trials N [--study-name S] [--storage URL] [--out DIR] key=range ... [key=value ...]`,
 `hftl export MODEL_DIR --onnx [--int8] [--out DIR]`, `hftl --version`.
 
 Nothing heavy (torch, transformers, datasets) is imported here: `--help`, `--version`, `hftl modes` and
@@ -40,7 +41,25 @@ EPILOG = """examples:
                                                # which checkpoint to train: LogME / H-score of their features, no training
   hftl compare CONFIG --modes lora full --seeds 0 1 2 --labels-per-class 5 20 all --out reports/cmp train.epochs=3
                                                # modes x label budgets x seeds against training from scratch: report + plots
+  hftl tune recipes/configs/text/minilm_sst2_lora.yaml --trials 20 train.learning_rate=log:1e-4:3e-3 adapt.lora_r=int:4:32:4 \\
+      train.epochs=choice:1,2,3 --out outputs/tune/sst2    # Optuna search; best config as a preset (pip install 'hftl[tune]')
   hftl export outputs/sst2 --onnx --int8       # ONNX (fp32 and int8) in outputs/sst2/onnx, checked against its predictions
+"""
+
+
+TUNE_EPILOG = """ranges (anything else is key=value for every trial):
+  float:LO:HI        uniform                adapt.lora_dropout=float:0:0.3
+  log:LO:HI          log-uniform            train.learning_rate=log:1e-5:1e-3
+  int:LO:HI[:STEP]   whole numbers          adapt.lora_r=int:4:32:4
+  choice:A,B,...     one of these (YAML)    train.epochs=choice:1,2,3
+
+Each trial is scored by its validation train.metric_for_best; every evaluation during training is reported to the
+pruner (raise train.evals_per_epoch for more). Several workers share one study through --storage, e.g. on two machines:
+  hftl tune CONFIG --trials 10 --study-name sst2 --storage sqlite:////shared/sst2.db train.learning_rate=log:1e-5:1e-3
+examples:
+  hftl tune recipes/configs/text/minilm_sst2_lora.yaml --trials 20 train.learning_rate=log:1e-4:3e-3 \\
+      adapt.lora_r=int:4:32:4 train.epochs=choice:1,2,3 --out outputs/tune/sst2
+  hftl train outputs/tune/sst2/best.yaml      # the best trial's configuration, as a preset
 """
 
 
@@ -110,13 +129,36 @@ def _rank(args) -> int:
 
 def _compare(args) -> int:
     from hftl.compare import compare
+    from hftl.config import ConfigError
 
-    # `--modes a b key=value`: argparse hands the overrides after a list option to it; a mode, seed or budget has no '='.
-    lists = {k: [v for v in getattr(args, k) if "=" not in v] for k in ("modes", "seeds", "labels_per_class")}
+    # `--modes a b key=value`: argparse hands the overrides after a list option to it; a mode, seed, budget or scale has no '='.
+    lists = {k: [v for v in getattr(args, k) if "=" not in v] for k in ("modes", "seeds", "labels_per_class", "lr_scales")}
     overrides = [*args.overrides, *(v for k in lists for v in getattr(args, k) if "=" in v)]
+    try:
+        scales = [float(v) for v in lists["lr_scales"]]
+    except ValueError:
+        raise ConfigError(f"--lr-scales {' '.join(lists['lr_scales'])}: give positive numbers, e.g. --lr-scales 0.3 1 3 10.") from None
     command = shlex.join(["hftl", "compare", *([args.config] if args.config else []), "--modes", *lists["modes"], "--seeds",
-                          *lists["seeds"], "--labels-per-class", *lists["labels_per_class"], "--out", args.out, *overrides])
-    compare(_load(args.config, overrides), lists["modes"], lists["seeds"], lists["labels_per_class"], args.out, command)
+                          *lists["seeds"], "--labels-per-class", *lists["labels_per_class"], "--lr-scales", *lists["lr_scales"],
+                          *(["--lr-trials", str(args.lr_trials)] if args.lr_trials is not None else []), "--out", args.out, *overrides])
+    compare(_load(args.config, overrides), lists["modes"], lists["seeds"], lists["labels_per_class"], args.out, command,
+            lr_scales=scales, lr_trials=args.lr_trials)
+    return 0
+
+
+def _tune(args) -> int:
+    from hftl import tune
+
+    config, rest = args.config, list(args.args)
+    if config is not None and "=" in config and not Path(config).exists():  # no config: the default preset
+        config, rest = None, [config, *rest]
+    space, overrides = tune.split_args(rest)
+    study = args.study_name or (Path(config).stem if config else "hftl")
+    out = args.out or str(Path("outputs") / "tune" / study)
+    command = shlex.join(["hftl", "tune", *([config] if config else []), "--trials", str(args.trials), "--study-name", study,
+                          *(["--storage", tune.redact(args.storage)] if args.storage else []), "--pruner", args.pruner,
+                          *(["--sampler-seed", str(args.sampler_seed)] if args.sampler_seed is not None else []), "--out", out, *rest])
+    tune.tune(_load(config, overrides), space, args.trials, out, study, args.storage, args.pruner, args.sampler_seed, command)
     return 0
 
 
@@ -184,10 +226,37 @@ def main(argv: list[str] | None = None) -> int:
                    help="label budgets: training rows kept per label (data.samples_per_class), or all")
     p.add_argument("--out", required=True, metavar="REPORT_DIR",
                    help="report folder: report.md, report.json, PNG plots, runs/<mode>-<budget>-s<seed> (finished runs are reused)")
+    p.add_argument("--lr-scales", nargs="+", default=["0.3", "1", "3", "10"], metavar="X",
+                   help="each mode's (and scratch's) learning rate is chosen on validation from train.learning_rate times each of "
+                        "these, per label budget, the grid widened once when the best is at its edge (default: 0.3 1 3 10; "
+                        "1 alone: the config's rate for every mode). A solved head (adapt.solve_head) has no rate")
+    p.add_argument("--lr-trials", type=int, metavar="N",
+                   help="choose each rate with N Optuna TPE trials over the --lr-scales range (log scale) instead of the grid "
+                        "(pip install 'hftl[tune]')")
     p.set_defaults(func=_compare)
     # key=value may also follow the options (`--out R train.epochs=3`), which argparse reads only when it parses
     # arguments intermixed: the subcommand hands its arguments to this parser of its own, which does.
     compare.parse_known_args = p.parse_known_intermixed_args
+    what = "search hyperparameters with Optuna (TPE, pruning), every trial an ordinary run; write the best as a preset"
+    tune = sub.add_parser("tune", help=what)
+    p = argparse.ArgumentParser(prog="hftl tune", description=what, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=TUNE_EPILOG)
+    p.add_argument("config", nargs="?", help=f"YAML preset (default: the embedded {DEFAULT_CONFIG.name}); output.dir is set per trial")
+    p.add_argument("args", nargs="*", metavar="key=range|key=value",
+                   help="a key to search (float:LO:HI, log:LO:HI, int:LO:HI[:STEP], choice:A,B,...), or a value for every trial")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials this worker runs (several workers of one study add up)")
+    p.add_argument("--study-name", metavar="S", help="the study's name in the storage (default: the config file's name)")
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage the workers share: an RDB URL (sqlite:///study.db, postgresql://user@host/db) or "
+                        "journal:PATH (a file on storage every worker sees); default: journal:OUT/study.journal")
+    p.add_argument("--out", metavar="DIR", help="report folder: report.md, report.json, PNG plots, best.yaml, trials/trial-NNNN "
+                                                "(default: outputs/tune/<study name>)")
+    p.add_argument("--pruner", choices=("median", "halving", "none"), default="median",
+                   help="stop trials that trail at the same evaluation step: median (Optuna's MedianPruner), halving "
+                        "(asynchronous successive halving), none (default: median)")
+    p.add_argument("--sampler-seed", type=int, metavar="N", help="seed of the TPE sampler (give each worker its own, or none)")
+    p.set_defaults(func=_tune)
+    tune.parse_known_args = p.parse_known_intermixed_args
     for name, what in (("torchrun", "torchrun"), ("launch", "accelerate launch")):  # listed here, run above
         sub.add_parser(name, add_help=False, help=f"`{what}` with its own arguments (`hftl {name} --help`), exiting 143 when "
                                                   "SIGTERM/SIGUSR1 preempted the run, so a scheduler requeues it")

