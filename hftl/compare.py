@@ -234,6 +234,12 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
         from .tune import require_optuna
 
         require_optuna("hftl compare --lr-trials")  # now, not after the first mode's runs
+    no_validation = ("--lr-scales 1 (every mode at the config's train.learning_rate) or keep a validation split "
+                     "(data.validation_file, or data.validation_fraction > 0)")
+    if (len(scales) > 1 or lr_trials is not None) and base.data.validation_fraction == 0 and not base.data.validation_file \
+            and base.data.name is None:
+        raise ConfigError("data.validation_fraction=0 and no data.validation_file: there is no validation split to choose each "
+                          f"mode's learning rate on; give {no_validation}.")
     base_lr = base.train.learning_rate
     grid = [float(f"{base_lr * s:.6g}") for s in scales]
     # The process group the runs' Accelerators join; ACCELERATE_USE_CPU read as AcceleratorState reads it (CPU torchrun).
@@ -249,6 +255,10 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
                     tried[lr] = [_one(base, mode, budget, seed, lr, out, state) for seed in seeds]
                 if any(r["diverged"] for r in tried[lr]):
                     return None
+                if len(grid) == 1 and lr_trials is None:  # nothing to choose between: validation is not needed
+                    return 0.0
+                if not all("validation" in r["results"] for r in tried[lr]):
+                    raise ConfigError(f"the runs have no validation split to choose each mode's learning rate on; give {no_validation}.")
                 return statistics.fmean(r["results"]["validation"][metric] for r in tried[lr])
 
             search = {"mode": mode, "labels_per_class": budget_name(budget)}
@@ -401,7 +411,10 @@ def _markdown(report: dict) -> str:
               "every weight trainable. Options that presume pretrained weights run at their defaults: "
               + ", ".join(f"`{k}`" for k in PRETRAINED_ONLY) + ".", "",
               "## Learning rates (chosen on validation)", ""]
-    if lr["trials"]:
+    if len(lr["scales"]) == 1 and not lr["trials"]:
+        lines.append(f"One rate for every mode and budget (--lr-scales {lr['scales'][0]:g}): the config's {lr['base']:g} times "
+                     f"{lr['scales'][0]:g}; nothing was chosen.")
+    elif lr["trials"]:
         lines.append(f"Per mode and budget, {lr['trials']} Optuna TPE trials over {lr['base'] * lr['scales'][0]:g} to "
                      f"{lr['base'] * lr['scales'][-1]:g} (log scale; the config's {lr['base']:g} times {lr['scales'][0]:g} to "
                      f"{lr['scales'][-1]:g}), each scored by its mean validation {metric} over the seeds.")
@@ -412,6 +425,8 @@ def _markdown(report: dict) -> str:
     lines.append("")
     for g in report["groups"]:
         search = g["lr_search"]
+        if len(lr["scales"]) == 1 and not lr["trials"] and search["how"] != "solved":
+            continue
         if search["how"] == "solved":
             lines.append(f"- {g['mode']}, {g['labels_per_class']}: the head was solved on the frozen features (adapt.solve_head): no "
                          "learning rate.")

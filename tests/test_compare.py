@@ -302,3 +302,21 @@ def test_samples_per_class(toy_data):
     assert Counter(load(samples_per_class=28)["train"]["labels"]) == {0: 28, 1: 28}
     with pytest.raises(DataError, match=r"samples_per_class=29, .*label 'negative' has 28 row\(s\); lower data.samples_per_class to at most 28"):
         load(samples_per_class=29)
+
+
+def test_few_shot_without_validation(overrides, tmp_path, monkeypatch):
+    """data.validation_fraction=0 (every labelled row trains): one rate runs and the verdict reads test; a rate grid, which
+    would need validation to choose on, is refused before any run."""
+    import hftl.compare
+
+    test = write_rows(tmp_path / "test.csv", toy_rows(24, seed=2))
+    base = load_config(None, [*overrides, "data.validation_file=null", "data.validation_fraction=0", f"data.test_file={test}"])
+    with monkeypatch.context() as m:
+        m.setattr(hftl.compare, "train", lambda cfg: pytest.fail("a run started"))
+        with pytest.raises(ConfigError, match=r"no validation split to choose each mode's learning rate on; give --lr-scales 1"):
+            compare(base, ["lora"], [0, 1], ["4"], tmp_path / "grid", lr_scales=[0.3, 1, 3])
+    rep = compare(base, [], [0, 1], ["4"], tmp_path / "one", lr_scales=[1])
+    assert rep["verdict_split"] == "test" and rep["splits"] == ["test"]
+    assert {g["mode"] for g in rep["groups"]} == {"scratch", "head"}
+    assert all("validation" not in r["results"] for r in rep["runs"])
+    assert "nothing was chosen" in (tmp_path / "one" / "report.md").read_text()
