@@ -21,8 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from huggingface_hub import ModelCard
 
-from . import adapt, cards, plots
-from .cli import _recipe
+from . import adapt, cards, plots, recipe
 from .config import Config, ConfigError, _flatten as flat, load_config, to_dict
 
 SCRATCH = "scratch"
@@ -155,7 +154,7 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
                 if (folder / "results.json").is_file():
                     check_reusable(folder, cfg)
                 else:
-                    _recipe(cfg.task).main(cfg)
+                    recipe.train(cfg)
                 # Under `accelerate launch` every process trains; the main one writes results.json after the others return.
                 state.wait_for_everyone()
                 saved = json.loads((folder / "results.json").read_text())

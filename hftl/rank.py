@@ -1,6 +1,6 @@
 """`hftl rank`: order candidate checkpoints for a task by transferability estimates, before training any.
 
-Each candidate is loaded the way `hftl train` loads it (hftl/run.py: its processor, the same rows and
+Each candidate is loaded the way `hftl train` loads it (hftl/recipe.py: its processor, the same rows and
 preparation, a classifier for the task's labels); the features its classification head would read for
 each training row are extracted once (hftl/cache.py: head modules swapped for nn.Identity) and scored
 with LogME and H-score (hftl/estimates.py). The features are stored under the same cache file name a
@@ -21,7 +21,8 @@ from datasets import DatasetDict
 
 from . import adapt, cache, estimates, models
 from .config import Config, ConfigError
-from .run import Modality, load_checked
+from .modalities import Modality
+from .recipe import load_checked
 from .train import make_accelerator, tensor_core_padding
 
 SCRATCH = "scratch:"

@@ -1,6 +1,6 @@
 """Feature cache (hftl/cache.py) and length-aware batching (hftl/train.py).
 
-Text runs go through the real `hftl.run.run` path with conftest's tiny BERT, re-saved without dropout
+Text runs go through the real `hftl.recipe.train` path with conftest's tiny BERT, re-saved without dropout
 (so cached and uncached head training see the same features); audio-style inputs use a tiny wav2vec2
 built from config and hftl's audio collator.
 """
@@ -22,9 +22,9 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Ber
 from hftl import adapt, cache, metrics
 from hftl.config import ConfigError, load_config
 from hftl.data import audio, text
-from hftl.run import run
+from hftl.recipe import train as run
 from hftl.train import _lengths, evaluate, make_accelerator, sorted_order, train_dataloader
-from recipes.text_classification import TEXT
+from hftl.modalities.text import TEXT
 
 
 def save_backbone(tiny_bert, folder, seed):

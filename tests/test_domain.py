@@ -42,7 +42,7 @@ def train(make_cfg, folder, **overrides) -> tuple[dict, Path, SimpleNamespace]:
     """A run of cfg.task's recipe (make_cfg's tiny BERT and toy data unless overridden); also returns what
     build_hooks saw: the context, the hooks, and the DANN discriminator's weights before training."""
     import hftl.adapt
-    from hftl.cli import _recipe
+    from hftl.recipe import train as run_recipe
 
     seen = SimpleNamespace(ctx=None, hooks=[], initial={})
     original = hftl.adapt.build_hooks
@@ -57,7 +57,7 @@ def train(make_cfg, folder, **overrides) -> tuple[dict, Path, SimpleNamespace]:
     cfg = make_cfg(folder, extra={"train.epochs": 2, "output.verify_reload": 8, **overrides})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hftl.adapt, "build_hooks", build_hooks)
-        results = _recipe(cfg.task).main(cfg)
+        results = run_recipe(cfg)
     return results, Path(cfg.output.dir), seen
 
 

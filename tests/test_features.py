@@ -142,7 +142,7 @@ def test_a_chain_of_linear_layers_carries_the_solution():
 
 
 def run(make_cfg, tmp_path, **overrides):
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path, **overrides)
     main(cfg)
@@ -215,7 +215,7 @@ def test_contrastive_few_shot_leaves_chance(make_cfg, tiny_bert, tmp_path):
 
 def test_rank_scores_the_pooling_the_checkpoint_was_trained_for(make_cfg, tiny_bert, tmp_path):
     from hftl import rank
-    from recipes.text_classification import TEXT
+    from hftl.modalities.text import TEXT
 
     folder = st_folder(tiny_bert, tmp_path / "st", "max")
     cfg = make_cfg(tmp_path, train__feature_cache_dir=str(tmp_path / "cache"))

@@ -32,7 +32,7 @@ def run(make_cfg, tmp_path_factory):
     import hftl.cache
     import hftl.models
     import hftl.train
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path_factory.mktemp("lpft"), extra=SETTINGS)
     seen = {"fit": []}
@@ -111,7 +111,7 @@ def test_checkpoints_of_the_two_stages_stay_apart(run):
     assert load_file(str(stage2 / "model.safetensors")).keys() == seen["initial"].keys()
 
     # train.resume=auto: each stage continues from its own (here: final) checkpoint; the record is the same
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     first = read_json(Path(cfg.output.dir) / "results.json")
     assert main(replace(cfg, train=replace(cfg.train, resume="auto"), output=replace(cfg.output, overwrite=True))) == results

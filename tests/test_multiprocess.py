@@ -73,7 +73,7 @@ def test_two_processes_evaluate_every_example_once_and_only_the_main_process_wri
     from hftl.data import load_splits
     from hftl.metrics import load_metrics
     from hftl.train import eval_dataloader, evaluate
-    from recipes.text_classification import TEXT
+    from hftl.modalities.text import TEXT
 
     cfg = two_process_run
     out = Path(cfg.output.dir)

@@ -104,7 +104,7 @@ def test_last_evaluation_runs_once_and_is_the_final_result(make_cfg, tmp_path, m
     is not repeated: the final metrics are its. When an earlier one is best, its weights come back and are evaluated."""
     import hftl.train
     from conftest import read_json
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     calls, thresholds = [], []
     real = hftl.train.evaluate

@@ -1,36 +1,23 @@
-"""The one path every recipe takes: config -> data -> model -> mode -> loop -> model folder + card.
+"""The one path every run takes: config -> data -> model -> mode -> loop -> model folder + card.
 
-A recipe (recipes/<task>.py) supplies only what depends on the modality, as a `Modality`: which
-AutoModelFor*Classification to load, its processor (tokenizer, feature extractor, image
-processor), how to turn raw splits into model inputs, and what `transformers.pipeline` takes.
+What depends on the modality (text, speech, images) is a `Modality` (hftl/modalities/): which
+AutoModelFor*Classification to load, its processor, how to turn raw splits into model inputs, and what
+`transformers.pipeline` takes.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-from . import adapt, cache, cards, checkpoint, domain, hub, models, outdir, plots, pretrain
+from . import adapt, cache, cards, checkpoint, domain, hub, modalities, models, outdir, plots, pretrain
 from . import metrics as metrics_lib
 from .config import Config, ConfigError, to_dict, to_yaml
 from .errors import UserError
 from .data import DataError, load_splits, load_target
+from .modalities import Modality
 from .train import fit, make_accelerator, tensor_core_padding
-
-
-@dataclass
-class Modality:
-    pipeline_tag: str  # e.g. "text-classification"; also the pipeline() task
-    auto_class: Any  # e.g. AutoModelForSequenceClassification
-    load_processor: Callable[[str, Config], Any]  # (path, cfg) -> tokenizer / feature extractor / image processor
-    prepare: Callable  # (splits, processor, cfg) -> (encoded DatasetDict with 'labels', collator)
-    pipeline_inputs: Callable  # (raw split rows, cfg) -> list that pipeline(pipeline_tag) accepts
-    input_keys: tuple[str, ...] = ("text_column", "text_pair_column")  # DataConfig keys naming the input columns
-    # Media: (splits, cfg) -> (splits without rows whose file cannot be decoded, {split: [ids of rows left out]}).
-    check: Callable | None = None
 
 
 def load_checked(cfg: Config, modality: Modality):
@@ -40,7 +27,10 @@ def load_checked(cfg: Config, modality: Modality):
     return splits, source, skipped
 
 
-def run(cfg: Config, modality: Modality) -> dict:
+def train(cfg: Config, modality: Modality | None = None) -> dict:
+    """Train, evaluate and save one run of `cfg` (its `task` picks the modality unless `modality` is given); returns
+    the final metrics by split."""
+    modality = modality or modalities.get(cfg.task)
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
     cache.check_settings(cfg)  # before minutes of loading and preprocessing
@@ -272,11 +262,12 @@ def reload_check(cfg: Config, modality: Modality, validation, predicted: list[st
     return [inputs[i] for i in keep], [predicted[i] for i in keep]
 
 
-def push(folder: str | Path, cfg: Config, modality: Modality) -> tuple[str, int]:
+def push(folder: str | Path, cfg: Config, modality: Modality | None = None) -> tuple[str, int]:
     """`hftl push OUT_DIR`: publish a folder `hftl train` wrote, with the same round trip as a run.
 
     The validation rows are re-read from the data its hftl_config.yaml names; the expected labels are
     its predictions_validation.json. Returns the commit URL and how many predictions were re-checked."""
+    modality = modality or modalities.get(cfg.task)
     folder = Path(folder)
     checked = "validation" if (folder / "predictions_validation.json").is_file() else "test"
     predicted = json.loads((folder / f"predictions_{checked}.json").read_text())
