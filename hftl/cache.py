@@ -62,8 +62,6 @@ from . import solver
 from .config import Config, ConfigError
 from .train import eval_dataloader, evaluate, fit, rows_read, sorted_order, token_slices
 
-# Modes whose backbone is frozen, so its features are the same every epoch.
-FROZEN_MODES = ("head",)
 # Part of every cache name: bump when what is stored, or how it is computed, changes.
 FORMAT_VERSION = "2"
 
@@ -296,23 +294,22 @@ def _refuse(want: bool | None, reason: str, accelerator) -> None:
     accelerator.print(f"feature cache off: {reason}; training through the whole model.")
 
 
-# Modes with a frozen-backbone stage the cache can serve (lpft: its linear probe).
-CACHING_MODES = FROZEN_MODES + ("lpft",)
-
-
 def check_settings(cfg: Config) -> None:
-    if cfg.train.cache_features and cfg.adapt.mode not in CACHING_MODES:
-        raise ConfigError(f"train.cache_features=true needs a frozen backbone (adapt.mode one of {list(CACHING_MODES)}); "
-                          f"adapt.mode={cfg.adapt.mode} trains the backbone. Set train.cache_features=null or false.")
+    from .adapt import MODES, get_mode
+
+    if cfg.train.cache_features and not get_mode(cfg.adapt.mode).frozen_features:
+        caching = [m.name for m in MODES.values() if m.frozen_features]
+        raise ConfigError(f"train.cache_features=true needs a frozen backbone (adapt.mode one of {caching}, whose head is "
+                          f"fitted on frozen features); adapt.mode={cfg.adapt.mode} trains the backbone. Set "
+                          "train.cache_features=null or false.")
 
 
-def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: DatasetDict, collator, cfg: Config, accelerator) -> dict | None:
-    """`hftl.train.fit`'s result for a head trained on cached features, or None (having said why) to train uncached."""
+def fit_on_features(model: nn.Module, head: list[str], encoded: DatasetDict, collator, cfg: Config, accelerator) -> dict | None:
+    """`hftl.train.fit`'s result for a head trained on cached features, or None (having said why) to train uncached.
+    For a model whose backbone stays frozen throughout (a frozen-backbone mode, or the frozen stage of a staged one)."""
     want = cfg.train.cache_features
     if want is False:
         return None
-    if mode not in FROZEN_MODES:
-        return None  # check_settings refused train.cache_features=true for it before loading
     random_input = "the training rows are prepared with random draws (data.augment, or random crops of long inputs), new every epoch"
     model.to(accelerator.device)
     with rng_watch() as watch:

@@ -153,12 +153,12 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     accelerator.print(f"mode={mode.name} head={head} trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     check_space(cfg, model, path, accelerator)
 
-    if mode.fit:  # a mode with stages of its own (lpft)
+    if mode.staged:  # a mode with stages of its own (lpft, contrastive)
         result = mode.fit(model, ctx, hooks)
     else:
         # A frozen backbone runs once over the data and the head trains on the cached features (hftl/cache.py);
         # hooks (reweighting, alignment, ...) need the whole model's forward.
-        result = (not hooks and cache.fit_on_features(model, mode.name, head, encoded, collator, cfg, accelerator)) \
+        result = (mode.frozen_backbone and not hooks and cache.fit_on_features(model, head, encoded, collator, cfg, accelerator)) \
             or fit(model, encoded, collator, cfg, accelerator, hooks)
     results = result["results"]
     accelerator.print("Final: " + " ".join(f"{s}/{k}={v:.4f}" for s, r in results.items() for k, v in r.items()))
@@ -224,7 +224,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         overwrite=cfg.output.overwrite,
         verify=verify,
         export=mode.export,
-        save_adapter=cfg.adapt.save_adapter and mode.name in adapt.lora.PEFT_MODES,
+        save_adapter=cfg.adapt.save_adapter and mode.peft,
         release=True,  # the run is done with it; the reload check loads the saved copy
         if_disk_full=_finish_later(result.get("checkpoint")),
     )

@@ -126,7 +126,7 @@ def param_groups(params, weight_decay: float, **extra) -> list[dict]:
 def _optimizer(model, cfg: TrainConfig, hooks=()) -> torch.optim.Optimizer:
     # A hook may lay out the groups itself (per-layer rates; layers that become trainable later). AdamW skips a
     # parameter whose .grad is None, so a frozen one in a group stays bit-identical until it is unfrozen.
-    groups = next((g for h in hooks if hasattr(h, "param_groups") and (g := h.param_groups(model)) is not None), None)
+    groups = next((g for h in hooks if (g := h.param_groups(model)) is not None), None)
     if groups is None:
         groups = param_groups([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.weight_decay)
     # Fused, as Trainer's default: one kernel for all parameters. The per-tensor loop's temporaries raised the peak
@@ -313,14 +313,8 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     Checkpoints (hftl/checkpoint.py) every train.save_every steps and when SIGTERM/SIGUSR1 arrives (then
     exits with 143); train.resume continues from one with the same data order, RNG state and losses.
 
-    `hooks` are what the adaptation options (hftl/adapt) add to the plain loop; each is an object with any of:
-      param_groups(model) -> list[dict] | None   the optimizer's groups (the first hook that returns some wins)
-      setup(accelerator, total_steps, steps_per_epoch)   after accelerator.prepare (e.g. prepare its own dataloader)
-      on_step(model, step, epoch)                before each optimizer step's batches (e.g. unfreeze layers)
-      after_optimizer_step(model, step)          after optimizer.step(), gradients still there (AdaLoRA's rank budget)
-      batch_keys: tuple[str, ...]                batch columns the hook reads that the model must not receive
-      loss(model, batch, outputs, loss, progress) -> loss   the loss to back-propagate; progress in [0, 1]
-    They run in order; a loss hook gets the previous hook's loss."""
+    `hooks` (`hftl.hooks.Hook`) are what the adaptation modes and options (hftl/adapt) add to the plain loop; every
+    method of every hook is called, in order; a loss hook gets the previous hook's loss."""
     t = cfg.train
     checkpoint.check_settings(cfg)
     return_freed_blocks(t.cpu_mmap_threshold_mib, accelerator.device)
@@ -341,13 +335,9 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     # Not prepared: Accelerate's scheduler wrapper steps once per process, and our steps are already per process.
     scheduler = make_scheduler(optimizer, t, total_steps)
     for h in hooks:
-        if hasattr(h, "setup"):
-            h.setup(accelerator, total_steps, steps_per_epoch)
+        h.setup(accelerator, total_steps, steps_per_epoch)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    hook_keys = {k for h in hooks for k in getattr(h, "batch_keys", ())}
-    loss_hooks = [h for h in hooks if hasattr(h, "loss")]
-    step_hooks = [h for h in hooks if hasattr(h, "on_step")]
-    after_hooks = [h for h in hooks if hasattr(h, "after_optimizer_step")]
+    hook_keys = {k for h in hooks for k in h.batch_keys}
     loop = LoopState()
     # What a checkpoint must share with this run to continue it exactly.
     run = {"processes": accelerator.num_processes, "train.batch_size": t.batch_size, "train.seed": t.seed,
@@ -383,13 +373,13 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
             batches = accelerator.skip_first_batches(train_dl, loop.batches) if loop.batches else train_dl
             for batch in batches:
                 if step_batches == 0:
-                    for h in step_hooks:
+                    for h in hooks:
                         h.on_step(accelerator.unwrap_model(model), loop.step, loop.epoch)
                 with accelerator.accumulate(model):
                     extra = {k: batch.pop(k) for k in hook_keys if k in batch}
                     out = model(**batch)
                     loss = out.loss
-                    for h in loss_hooks:
+                    for h in hooks:
                         loss = h.loss(model, {**batch, **extra}, out, loss, loop.step / total_steps)
                     # One collective per batch, before backward: the loss summed over processes (non-finite when any
                     # process's is, so every process stops together and no NaN reaches the weights) and the number of
@@ -410,7 +400,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
-                        for h in after_hooks:
+                        for h in hooks:
                             h.after_optimizer_step(accelerator.unwrap_model(model), loop.step + 1)
                     optimizer.zero_grad()
                 stop_asked = stop_asked or asked > 0

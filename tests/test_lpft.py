@@ -43,9 +43,9 @@ def run(make_cfg, tmp_path_factory):
         seen["initial"] = _copy(model)
         return model, new_keys
 
-    def spy_probe(model, mode, head, encoded, collator, cfg, accelerator):
+    def spy_probe(model, head, encoded, collator, cfg, accelerator):
         seen["probe_trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
-        result = probe(model, mode, head, encoded, collator, cfg, accelerator)
+        result = probe(model, head, encoded, collator, cfg, accelerator)
         seen["probe"] = _copy(result["model"])
         return result
 

@@ -121,7 +121,7 @@ def fit(model, ctx, hooks) -> dict:
     set_trainable(model, ctx.head)
     head_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.adapt.lp_epochs, max_steps=None, learning_rate=cfg.adapt.lp_learning_rate,
                                           checkpoint_dir=str(checkpoint.root(cfg) / "head"), resume=None))
-    probe = cache.fit_on_features(model, "head", ctx.head, encoded, ctx.collator, head_cfg, accelerator) \
+    probe = cache.fit_on_features(model, ctx.head, encoded, ctx.collator, head_cfg, accelerator) \
         or train.fit(model, encoded, ctx.collator, head_cfg, accelerator)
 
     def tag(entries, stage, offset=0):

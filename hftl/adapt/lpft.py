@@ -38,7 +38,7 @@ def fit(model, ctx, hooks) -> dict:
         hub=replace(cfg.hub, strategy="end"),  # stage-1 checkpoints stay local: on the Hub their step-N names would pass for stage 2
     )
     accelerator.print(f"lpft stage 1: linear probe of {ctx.head} for {probe_cfg.train.epochs} epochs at lr {probe_cfg.train.learning_rate}")
-    probe = cache.fit_on_features(model, "head", ctx.head, ctx.encoded, ctx.collator, probe_cfg, accelerator) \
+    probe = cache.fit_on_features(model, ctx.head, ctx.encoded, ctx.collator, probe_cfg, accelerator) \
         or train.fit(model, ctx.encoded, ctx.collator, probe_cfg, accelerator)
     # Forget stage 1's prepared model and optimizer: stage 2's checkpoints then hold only its own state.
     accelerator.free_memory()

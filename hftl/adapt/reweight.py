@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from ..config import ConfigError
 from ..data import DataError
 from ..domain import FOLDS, pooled_features, target_probability
-from . import Context, register_option
+from . import Context, Hook, register_option
 
 
 def density_ratio(source: np.ndarray, target: np.ndarray, seed: int) -> np.ndarray:
@@ -42,7 +42,7 @@ def clipped_weights(ratio: np.ndarray, clip: float) -> np.ndarray:
     return np.minimum(s * ratio, clip)
 
 
-class Reweight:
+class Reweight(Hook):
     batch_keys = ("weight",)  # a training-batch column for the loss, not for the model
 
     def __init__(self, weights: np.ndarray):
@@ -76,4 +76,4 @@ def build(model: nn.Module, ctx: Context):
     return Reweight(w)
 
 
-register_option(build)
+register_option("reweight", build)
