@@ -139,7 +139,11 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     """Run (or reuse) every run of `base` (the user's config), then write report.md, report.json and the plots to `out`;
     returns report.json's content. `command` is quoted in the report."""
     out = Path(out)
-    metric, better = base.train.metric_for_best, base.train.greater_is_better
+    from .tasks.single_label import SingleLabel
+
+    # Label budgets are rows per class: compare's runs are single-label, whose task fills in what the config leaves.
+    resolved = SingleLabel([]).configure(base).train
+    metric, better = resolved.metric_for_best, resolved.greater_is_better
     modes, budgets = modes_to_run(modes), parse_budgets(budgets)
     if not seeds or not all(str(s).isdigit() for s in seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: give one or more whole numbers, e.g. --seeds 0 1 2.")

@@ -62,6 +62,7 @@ class Context:
     collator: Any
     accelerator: Any
     target: Any = None  # data.target's rows as model inputs (unlabelled), or None
+    task: Any = None  # what the labels are (hftl/tasks/): the loss, what a prediction is, the metrics
 
 
 MODES: dict[str, Mode] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
@@ -24,6 +25,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .. import cache, checkpoint, train
 from ..config import ConfigError
+from ..tasks import Task
 from . import register_mode, set_trainable
 
 
@@ -65,8 +67,8 @@ class PairCollator:
 
 
 class PairModel(nn.Module):
-    """The classifier's body as a pair scorer: cosine similarity of the two rows' pooled vectors (the head swapped out),
-    MSE to the target similarity. Its 'logits' [0.5, cos] make evaluation's argmax the pair-accuracy decision."""
+    """The classifier's body as a pair scorer: its 'logits' are the cosine similarity of the two rows' pooled vectors
+    (the head swapped out), one per pair."""
 
     def __init__(self, model: nn.Module, head: list[str]):
         super().__init__()
@@ -76,12 +78,24 @@ class PairModel(nn.Module):
         with cache.heads_removed(self.model, self.head):
             return self.model(**inputs).logits
 
-    def forward(self, labels=None, **inputs) -> SequenceClassifierOutput:
+    def forward(self, **inputs) -> SequenceClassifierOutput:
         sides = {s: {k[2:]: v for k, v in inputs.items() if k.startswith(s + "_")} for s in ("a", "b")}
         cos = F.cosine_similarity(self.embed(sides["a"]), self.embed(sides["b"]), dim=-1)
-        loss = None if labels is None else F.mse_loss(cos, labels.to(cos.dtype))
-        logits = torch.stack([torch.full_like(cos, 0.5), cos], dim=-1)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(logits=cos.unsqueeze(-1))
+
+
+class PairTask(Task):
+    """Stage 1's target: the pair's similarity (1: a shared label, 0: none), squared error on the cosine (SetFit's
+    CosineSimilarityLoss); a pair is predicted alike when the cosine is above 0.5, scored by accuracy."""
+    name = "pairs"
+    metric_names = ("accuracy",)
+    default_metric_for_best = "accuracy"
+
+    def loss(self, logits, labels, reduction="mean"):
+        return F.mse_loss(logits[:, 0].float(), labels.float(), reduction=reduction)
+
+    def predict(self, logits):
+        return (np.asarray(logits)[:, 0] > 0.5).astype(int).tolist()
 
 
 def apply(model, cfg, head):
@@ -113,7 +127,8 @@ def fit(model, ctx, hooks) -> dict:
                        hub=replace(cfg.hub, strategy="end"))
     accelerator.print(f"contrastive stage 1: {len(pair_splits['train']):,} pairs from {len(encoded['train']):,} labelled rows "
                       f"({cfg.adapt.pair_iterations} rounds), cosine-similarity loss on what the head reads")
-    body = train.fit(PairModel(model, ctx.head), pair_splits, PairCollator([encoded[s] for s in sources], ctx.collator), body_cfg, accelerator)
+    body = train.fit(PairModel(model, ctx.head), pair_splits, PairCollator([encoded[s] for s in sources], ctx.collator), body_cfg,
+                     accelerator, task=PairTask(["similar"]))
     accelerator.free_memory()
 
     model = body["model"].model
@@ -121,8 +136,8 @@ def fit(model, ctx, hooks) -> dict:
     set_trainable(model, ctx.head)
     head_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.adapt.lp_epochs, max_steps=None, learning_rate=cfg.adapt.lp_learning_rate,
                                           checkpoint_dir=str(checkpoint.root(cfg) / "head"), resume=None))
-    probe = cache.fit_on_features(model, ctx.head, encoded, ctx.collator, head_cfg, accelerator) \
-        or train.fit(model, encoded, ctx.collator, head_cfg, accelerator)
+    probe = cache.fit_on_features(model, ctx.head, encoded, ctx.collator, head_cfg, accelerator, ctx.task) \
+        or train.fit(model, encoded, ctx.collator, head_cfg, accelerator, task=ctx.task)
 
     def tag(entries, stage, offset=0):
         return [{"stage": stage, **e, "step": e["step"] + offset} for e in entries]
