@@ -120,6 +120,10 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+# Settings a checkpoint's run record holds since a later version, and what a checkpoint without one ran with.
+RECORDED_LATER = {"train.optimizer": "adamw"}
+
+
 def verify(path: Path, run: dict, bounds: dict | None = None) -> dict:
     """Check `path` is a complete checkpoint of a run like `run`; return its marker. Raises CheckpointError.
 
@@ -156,9 +160,9 @@ def verify(path: Path, run: dict, bounds: dict | None = None) -> dict:
         raise CheckpointError(f"checkpoint '{path}' holds files its {MARKER} does not list: {unlisted}. They were added after "
                               f"it was written; remove them, or {fix[0].lower()}{fix[1:]}")
     for key, value in run.items():
-        if info["run"].get(key) != value:
+        if info["run"].get(key, RECORDED_LATER.get(key)) != value:
             raise CheckpointError(
-                f"checkpoint '{path}' was written with {key}={info['run'].get(key)}; this run has {key}={value}, so it "
+                f"checkpoint '{path}' was written with {key}={info['run'].get(key, RECORDED_LATER.get(key))}; this run has {key}={value}, so it "
                 f"cannot continue exactly. Resume with the same setting, or start afresh in another train.checkpoint_dir."
             )
     needed = ["scheduler.json", "loop.json", *(f"random_states_{i}.pkl" for i in range(info["run"].get("processes", 1)))]

@@ -1,6 +1,10 @@
 """Command line: `hftl train [CONFIG] [key=value ...]`, `hftl push OUT_DIR [key=value ...]`, `hftl modes`,
 `hftl rank [CONFIG] --models NAME ... [--out FILE.json] [key=value ...]`,
-`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] --out REPORT_DIR [key=value ...]`.
+`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] --out REPORT_DIR [key=value ...]`,
+`hftl export MODEL_DIR --onnx [--int8] [--out DIR]`, `hftl --version`.
+
+Nothing heavy (torch, transformers, datasets) is imported here: `--help`, `--version`, `hftl modes` and
+`hftl train --help-config` answer at once; each command imports what it runs.
 
 Also runs as `accelerate launch -m hftl train CONFIG ...` (hftl/__main__.py). `hftl torchrun ARGS` and
 `hftl launch ARGS` are torchrun and `accelerate launch` with every argument theirs, exiting 143 when a stop signal
@@ -33,6 +37,7 @@ EPILOG = """examples:
                                                # which checkpoint to train: LogME / H-score of their features, no training
   hftl compare CONFIG --modes lora full --seeds 0 1 2 --labels-per-class 5 20 all --out reports/cmp train.epochs=3
                                                # modes x label budgets x seeds against training from scratch: report + plots
+  hftl export outputs/sst2 --onnx --int8       # ONNX (fp32 and int8) in outputs/sst2/onnx, checked against its predictions
 """
 
 
@@ -110,10 +115,18 @@ def _compare(args) -> int:
 
 
 def _modes(args) -> int:
-    from hftl.adapt import MODES
+    from hftl.modes import HELP  # the registered modes' names and help, without importing torch
 
-    for mode in MODES.values():
-        print(f"{mode.name:8s} {mode.help}")
+    for name, help in HELP.items():
+        print(f"{name:8s} {help}")
+    return 0
+
+
+def _export(args) -> int:
+    from hftl.export import export
+
+    report = export(args.model_dir, args.out, int8=args.int8, texts=args.texts, overwrite=args.overwrite)
+    print(report["summary"])
     return 0
 
 
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return launch.main(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="hftl", description="Transfer learning for Hugging Face classifiers.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    from hftl import __version__
+
+    parser.add_argument("--version", action="version", version=f"hftl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a classifier from a YAML preset and key=value overrides",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -171,10 +187,34 @@ def main(argv: list[str] | None = None) -> int:
                                                   "SIGTERM/SIGUSR1 preempted the run, so a scheduler requeues it")
     p = sub.add_parser("modes", help="list the adaptation modes")
     p.set_defaults(func=_modes)
-    args = parser.parse_args(argv)
+    what = "export a text model folder `hftl train` wrote to ONNX (torch.onnx), checked in ONNX Runtime against its predictions"
+    p = sub.add_parser("export", help=what, description=what, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  hftl export outputs/sst2 --onnx            # outputs/sst2/onnx/model.onnx\n"
+                              "  hftl export outputs/sst2 --onnx --int8 --out serve/sst2   # also model_quantized.onnx (int8 dynamic)\n"
+                              "  hftl export outputs/sst2 --onnx --texts 'a fine film' 'dull'  # check on these texts instead")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the output.dir of a finished `hftl train` run (text classification)")
+    p.add_argument("--onnx", action="store_true", help="export to ONNX (needs the extra: pip install 'hftl[onnx]')")
+    p.add_argument("--int8", action="store_true", help="also write an int8 dynamically quantised copy (onnxruntime.quantization)")
+    p.add_argument("--out", metavar="DIR", help="folder to write (default: MODEL_DIR/onnx): the .onnx files, config and tokenizer, export.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (once the new one is complete and checked)")
+    p.add_argument("--texts", nargs="+", metavar="TEXT",
+                   help="check on these texts against the PyTorch model, instead of the validation rows the folder's "
+                        "hftl_config.yaml names (compared with its predictions_validation.json)")
+    p.set_defaults(func=_export)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "export" and not args.onnx:
+        parser.error("export: name the format: --onnx (the only one so far)")
     from hftl.errors import UserError
 
     try:
+        if unknown:
+            # Trainer users type --num_train_epochs=3: say what hftl calls it rather than argparse's bare refusal.
+            from hftl.config import unknown_option
+
+            option = next((u for u in unknown if u.startswith("--")), None)
+            if option is None or args.command not in ("train", "rank", "compare", "push"):
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            raise unknown_option(option)
         return args.func(args)
     except UserError as e:  # anything else is a bug in hftl: its traceback is the report
         # One line, whatever a library's text in the message holds (a YAML parser's report spans several).

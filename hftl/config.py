@@ -28,6 +28,9 @@ class ConfigError(UserError, ValueError):
 TASKS = ("text-classification", "audio-classification", "image-classification")  # hftl/cli.py RECIPES
 BUILTIN_DATA = ("vader_lexicon", "sklearn_digits")  # hftl/data/builtin.py BUILTIN
 POOLINGS = ("auto", "pooler", "cls", "mean", "max")  # hftl/pooling.py
+# train.report_to's names: Accelerate's trackers that hftl has an extra for (pip install 'hftl[NAME]').
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
 AUGMENTS = {"audio-classification": ("speed", "gain", "noise"), "image-classification": ("crop", "flip")}
 # The metric modules hftl ships (hftl/metrics/<name>/<name>.py): each reports one score under its own name.
 SHIPPED_METRICS = tuple(sorted(p.name for p in (Path(__file__).parent / "metrics").iterdir() if (p / f"{p.name}.py").is_file()))
@@ -66,6 +69,7 @@ class DataConfig:
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given. 0: no validation split, every labelled row trains (few labels): nothing is selected during training (the last state is kept; a solved head cross-validates its penalty on the training rows) and results come from data.test_file / the test split, which is then required.", "range": "[0, 1)"})
     max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row).", "range": "[1, inf)"})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed).", "range": "[1, inf)"})
+    label_template: Optional[str] = field(default=None, metadata={"help": "Text only: add two training rows per label made from its name, e.g. 'This sentence is {}.' (SetFit's get_templated_dataset): with a few labelled rows the label names' meaning becomes training signal. Needs label names that are words (data.label_names for integer labels)."})
     samples_per_class: Optional[int] = field(default=None, metadata={"help": "Keep this many training rows per label (stratified, seeded by train.seed; after validation is carved): the label budget `hftl compare --labels-per-class` varies.", "range": "[1, inf)"})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N validation/test rows.", "range": "[1, inf)"})
     min_abs_rating: float = field(default=1.0, metadata={"help": "vader_lexicon only: keep words whose mean rating is at least this far from 0.", "range": "[0, 4)"})
@@ -102,7 +106,7 @@ class AdaptConfig:
     unfreeze_every: float = field(default=1.0, metadata={"help": "gradual: epochs between unfreezing the next adapt.top_layers encoder layers, from the top (the head trains from the start; the embeddings unfreeze last).", "range": "(0, inf)"})
     lp_epochs: float = field(default=5, metadata={"help": "lpft: epochs of the linear-probe stage (head on frozen features; cached where possible) before fine-tuning everything for train.epochs.", "range": "(0, inf)"})
     lp_learning_rate: float = field(default=1e-3, metadata={"help": "lpft: learning rate of the linear-probe stage (the fine-tuning stage uses train.learning_rate).", "range": "(0, inf)"})
-    pair_iterations: int = field(default=20, metadata={"help": "contrastive: rounds of pair sampling; each gives every labelled row one partner of its label and one of another (SetFit's num_iterations).", "range": "[1, inf)"})
+    pair_iterations: int = field(default=20, metadata={"help": "contrastive: stage 1's budget, in SetFit's terms (num_iterations): as many optimizer steps as SetFit takes for this many rounds of pairs (2 pairs per labelled row a round) at train.batch_size; each step scores every pair of rows in its batch.", "range": "[1, inf)"})
     peft_r: int = field(default=8, metadata={"help": "adalora/loha/lokr: rank (adalora: the target average rank); lora uses adapt.lora_r.", "range": "[1, inf)"})
     l2sp: float = field(default=0.0, metadata={"help": "L2-SP (Li et al. 2018): add l2sp * ||w - w_pretrained||^2 over the trainable backbone weights to the loss (0: off; try 0.01).", "range": "[0, inf)"})
     # Domain adaptation with unlabelled target rows (data.target).
@@ -126,8 +130,10 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "Training batch size per process.", "range": "[1, inf)"})
     eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per process.", "range": "[1, inf)"})
     eval_batch_tokens: Optional[int] = field(default=4096, metadata={"help": "Text: the model sees at most this many (padded) tokens of an evaluation batch at once (its rows are run in slices); bounds the memory of batches of long rows. null: whole batches.", "range": "[1, inf)"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of AdamW.", "range": "(0, inf)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms).", "range": "[0, inf)"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate of the optimizer.", "range": "(0, inf)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (torch.optim.AdamW, fused), adafactor (transformers' Adafactor at train.learning_rate: no relative step, no parameter scaling; least optimizer memory) or sgd (torch.optim.SGD with train.momentum).", "choices": OPTIMIZERS})
+    momentum: float = field(default=0.9, metadata={"help": "optimizer=sgd: momentum (0: plain SGD).", "range": "[0, 1)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (decoupled for adamw; not applied to biases and norms).", "range": "[0, inf)"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps spent warming up linearly from 0.", "range": "[0, 1]"})
     scheduler: str = field(default="linear", metadata={"help": "Learning-rate decay after warmup: linear, cosine, constant, or slanted_triangular (ULMFiT: a short linear rise over train.warmup_ratio of the steps, then a long linear fall to 1/32 of the peak).", "choices": ("linear", "cosine", "constant", "slanted_triangular")})
     cache_features: Optional[bool] = field(default=None, metadata={"help": "Frozen-backbone modes (head): run the backbone once, cache the features the head reads, train the head on them. null: when the head can be replayed exactly; true: required; false: never."})
@@ -135,6 +141,8 @@ class TrainConfig:
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step.", "range": "[1, inf)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off).", "range": "[0, inf)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each layer's activations in backward instead of keeping them (transformers' activation checkpointing; works with the peft modes): less memory, about a third more time per step."})
+    compile: bool = field(default=False, metadata={"help": "Compile the model's forward with torch.compile (in place, nn.Module.compile) before training; the first steps take longer while it compiles."})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (fp32 on every device: on an H200 bf16 was slower for MiniLM and bert-base, see scripts/results/precision_h200.md), no, bf16 or fp16 (autocast; worth it for large models: measure with scripts/bench_precision.py).", "choices": ("auto", "no", "bf16", "fp16")})
     seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout.", "range": "[0, 4294967295]"})
     cpu_mmap_threshold_mib: Optional[float] = field(default=2.0, metadata={"help": "CPU training on Linux (glibc): memory blocks of at least this many MiB get their own mapping, returned to the system when freed, so peak memory follows the tensors alive (MiniLM full fine-tuning on SST-2, 2 CPU cores: 2,004 instead of 2,235 MiB at the same speed, BENCHMARKS.md; 1 MiB saved ~80 MiB more but trained 20% slower). null: glibc's adaptive default. The MALLOC_MMAP_THRESHOLD_ environment variable wins.", "range": "(0, 32]"})
@@ -144,7 +152,10 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop after this many evaluations without improvement.", "range": "[1, inf)"})
     evals_per_epoch: int = field(default=1, metadata={"help": "Evaluations per epoch.", "range": "[1, inf)"})
     log_every: int = field(default=20, metadata={"help": "Log the training loss every N optimizer steps.", "range": "[1, inf)"})
-    report_to: Optional[list] = field(default=None, metadata={"help": "Accelerate trackers, e.g. [tensorboard] or [wandb]."})
+    report_to: Optional[list] = field(default=None, metadata={"help": "Experiment trackers (Accelerate's): any of tensorboard, wandb, mlflow, trackio, e.g. [tensorboard]; each needs its extra (pip install 'hftl[tensorboard]'). They get every logged scalar (train/loss, train/lr, eval/*, <split>/* at the end) and the resolved config.", "choices": TRACKERS})
+    tracker_project: str = field(default="hftl", metadata={"help": "report_to: the project (W&B, trackio), experiment (MLflow) or folder under train.logging_dir (TensorBoard)."})
+    run_name: Optional[str] = field(default=None, metadata={"help": "report_to: the run's name; null: output.dir's folder name and the start time (e.g. minilm_vader_full-20261126-101500)."})
+    logging_dir: Optional[str] = field(default=None, metadata={"help": "report_to: folder for local tracker files (TensorBoard events in <logging_dir>/<tracker_project>/<run_name>, W&B's offline runs, MLflow artifacts); null: 'runs' beside output.dir (outputs/runs for outputs/NAME), never inside it."})
     save_every: Optional[int] = field(default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps and at the last one (null: only when SIGTERM/SIGUSR1 stops the run).", "range": "[1, inf)"})
     keep_last: int = field(default=2, metadata={"help": "Keep the newest K complete checkpoints; older ones are deleted once a new one is complete.", "range": "[1, inf)"})
     resume: Optional[str] = field(default=None, metadata={"help": "auto: continue from the newest complete checkpoint (start afresh when there is none); a step-N folder: continue from it; null: start afresh."})
@@ -233,8 +244,73 @@ def _coerce(key: str, value: Any, tp) -> Any:
     return value
 
 
-def _unknown(key: str) -> ConfigError:
+def _as_override(value: Any) -> str:
+    """`value` as it is typed after key= (text as is: a text key takes no/off as typed, see parse_override)."""
+    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _no_eval_prefix(value: Any) -> Any:
+    return value[len("eval_"):] if isinstance(value, str) and value.startswith("eval_") else value
+
+
+# The names transformers' Trainer (TrainingArguments) and its example scripts use -> hftl's key, and how a value
+# translates (None: as is).
+TRAINER_NAMES: dict[str, tuple[str, Any]] = {
+    "num_train_epochs": ("train.epochs", None),
+    "per_device_train_batch_size": ("train.batch_size", None),
+    "per_device_eval_batch_size": ("train.eval_batch_size", None),
+    "learning_rate": ("train.learning_rate", None),
+    "lr_scheduler_type": ("train.scheduler", None),
+    "warmup_ratio": ("train.warmup_ratio", None),
+    "weight_decay": ("train.weight_decay", None),
+    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", None),
+    "max_grad_norm": ("train.max_grad_norm", None),
+    "seed": ("train.seed", None),
+    "fp16": ("train.mixed_precision", lambda v: "fp16" if v is True else "no" if v is False else v),
+    "bf16": ("train.mixed_precision", lambda v: "bf16" if v is True else "no" if v is False else v),
+    "optim": ("train.optimizer", lambda v: {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw"}.get(v, v)),
+    "gradient_checkpointing": ("train.gradient_checkpointing", None),
+    "torch_compile": ("train.compile", None),
+    "logging_steps": ("train.log_every", None),
+    "save_steps": ("train.save_every", None),
+    "save_total_limit": ("train.keep_last", None),
+    "resume_from_checkpoint": ("train.resume", None),
+    "metric_for_best_model": ("train.metric_for_best", _no_eval_prefix),
+    "greater_is_better": ("train.greater_is_better", None),
+    "early_stopping_patience": ("train.early_stopping_patience", None),
+    "report_to": ("train.report_to", lambda v: [v] if isinstance(v, str) else v),
+    "logging_dir": ("train.logging_dir", None),
+    "run_name": ("train.run_name", None),
+    "output_dir": ("output.dir", None),
+    "overwrite_output_dir": ("output.overwrite", None),
+    "push_to_hub": ("hub.push", None),
+    "hub_model_id": ("hub.model_id", None),
+    "hub_private_repo": ("hub.private", None),
+    "hub_strategy": ("hub.strategy", None),
+    "model_name_or_path": ("model.name_or_path", None),
+    "dataset_name": ("data.name", None),
+    "dataset_config_name": ("data.config_name", None),
+    "max_seq_length": ("data.max_length", None),
+    "label_column_name": ("data.label_column", None),
+}
+# A token in a config would be saved in the model folder's hftl_config.yaml and pushed with it.
+TOKEN_NAMES = {"token", "hub_token", "hf_token", "use_auth_token", "push_to_hub_token"}
+NO_TOKEN = ("hftl has no token key on purpose: a config is saved as hftl_config.yaml in the model folder (and pushed with it), "
+            "so hftl never stores a token. Set HF_TOKEN in the environment or run `hf auth login` once; huggingface_hub reads either.")
+
+
+def _hint(key: str, value: Any = dataclasses.MISSING) -> str:
+    """What to type instead of the unknown `key`: hftl's name for a Trainer key (with `value` translated), why there
+    is no token key, or the nearest keys."""
+    leaf = key.lstrip("-").rsplit(".", 1)[-1].replace("-", "_").lower()
+    if leaf in TOKEN_NAMES:
+        return NO_TOKEN
+    if leaf in TRAINER_NAMES:
+        ours, translate = TRAINER_NAMES[leaf]
+        example = "" if value is dataclasses.MISSING else f": {ours}={_as_override((translate or (lambda v: v))(value))}"
+        return f"Trainer's {leaf} is hftl's {ours}{example}."
     keys = list(all_keys())
+    key = key.lstrip("-")
     leaf = key.rsplit(".", 1)[-1]
     # Abbreviations and fragments ('lr' -> learning_rate, 'epoch' -> epochs), then spelling.
     near = [k for k in keys if leaf and (leaf == "".join(w[0] for w in k.rsplit(".", 1)[-1].split("_")) or leaf in k.rsplit(".", 1)[-1])]
@@ -242,8 +318,12 @@ def _unknown(key: str) -> ConfigError:
     near = near[:5]
     if not near:  # fall back to the section's keys, e.g. 'train.lr' -> every 'train.*'
         near = [k for k in keys if k.split(".")[0] == key.split(".")[0]][:8]
-    hint = f" Did you mean: {', '.join(near)}?" if near else ""
-    return ConfigError(f"unknown config key '{key}'.{hint} (`hftl train --help-config` lists every key.)")
+    return f"Did you mean: {', '.join(near)}?" if near else ""
+
+
+def _unknown(key: str, value: Any = dataclasses.MISSING) -> ConfigError:
+    hint = _hint(key, value)
+    return ConfigError(f"unknown config key '{key}'.{' ' + hint if hint else ''} (`hftl train --help-config` lists every key.)")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -297,18 +377,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 DATA_SOURCES = {"data.builtin", "data.train_file", "data.name", "data.data_dir"}
 
 
+def unknown_option(text: str) -> ConfigError:
+    """A `--name[=value]` command-line option hftl does not have, e.g. Trainer's `--num_train_epochs=3`."""
+    key, eq, raw = text.partition("=")
+    # A Trainer flag without a value (--fp16, --push_to_hub) means true.
+    hint = _hint(key, parse_override(f"x={raw}")[1] if eq else True)
+    return ConfigError(f"unrecognised option '{text}': hftl takes config overrides as key=value. {hint}".strip())
+
+
 def from_flat(values: dict[str, Any]) -> Config:
     keys = all_keys()
     cfg = Config()
     for key, value in values.items():
         if key not in keys:
-            raise _unknown(key)
+            raise _unknown(key, value)
         tp, _ = keys[key]
         *parents, leaf = key.split(".")
         target = cfg
         for p in parents:
             target = getattr(target, p)
         setattr(target, leaf, _coerce(key, value, tp))
+    check_choices(cfg)  # first: a Trainer-style eval_f1 gets its own hint before the generic metric check
     validate(cfg)
     return cfg
 
@@ -385,13 +474,6 @@ def _validate_combinations(cfg: Config) -> None:
             what = "audio does" if cfg.task == "audio-classification" else "images do"
             raise ConfigError(f"data.augment has {unknown}, which {what} not know; choose from {', '.join(allowed)}.")
     t = cfg.train
-    if t.report_to:
-        from accelerate.utils import LoggerType
-
-        unknown = [r for r in t.report_to if r not in LoggerType.list()]
-        if unknown:
-            raise ConfigError(f"train.report_to has {unknown}, which Accelerate does not know; choose from "
-                              f"{', '.join(LoggerType.list())}.")
     # The shipped metrics each report one score under their own name (and evaluation adds 'loss'); a Hub metric may
     # report others, which only its first evaluation shows. With train.metrics=null the task's are computed, which the
     # task checks again once the labels say which task it is (hftl/tasks/).
@@ -408,8 +490,28 @@ def _validate_combinations(cfg: Config) -> None:
                               "the task's metrics, plus loss). Choose one of those, or name it in train.metrics.")
 
 
+
+
+def check_choices(cfg: Config) -> None:
+    """Keys with a fixed set of values, checked when the config loads (nothing is imported for it)."""
+    t = cfg.train
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer='{t.optimizer}'; expected one of {', '.join(OPTIMIZERS)}.")
+    unknown = [name for name in t.report_to or () if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"train.report_to has {unknown}; choose from {', '.join(TRACKERS)} (or null for none).")
+    if (t.metric_for_best or "").startswith("eval_"):
+        raise ConfigError(f"train.metric_for_best='{t.metric_for_best}': hftl names metrics without Trainer's eval_ prefix: "
+                          f"train.metric_for_best={_no_eval_prefix(t.metric_for_best)}.")
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    """Every key with its value, e.g. {'train.epochs': 3.0, ...}."""
+    return _flatten(to_dict(cfg))
 
 
 def to_yaml(cfg: Config) -> str:
@@ -419,7 +521,7 @@ def to_yaml(cfg: Config) -> str:
 def describe() -> str:
     """Every key with its type, default and help text (for --help-config)."""
     lines = []
-    defaults = _flatten(to_dict(Config()))
+    defaults = to_flat(Config())
     for key, (tp, f) in all_keys().items():
         lines.append(f"  {key} ({_type_name(tp)}, default {defaults[key]!r}{_constraint(f)})\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

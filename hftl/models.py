@@ -1,7 +1,6 @@
 """Resolve a checkpoint name to a loadable path and load it as a classifier with our labels."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from . import pooling
 from .config import ConfigError, ModelConfig
+from .extras import require
 from .hub import PICKLE_SUFFIXES
 from .pooling import Representation
 
@@ -21,10 +21,7 @@ def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
     """(path or Hub id to load, Hub id for the card or None). Never reports a local path as a Hub id."""
     if cfg.name_or_path in PACKAGED:
         module, hub_id = PACKAGED[cfg.name_or_path]
-        try:
-            path = importlib.import_module(module).get_model_path()
-        except ImportError:
-            raise ConfigError(f"model.name_or_path={cfg.name_or_path} needs the package: pip install {cfg.name_or_path}") from None
+        path = require(module, "demo", f"model.name_or_path={cfg.name_or_path}").get_model_path()
         return str(path), cfg.base_model_id or hub_id
     name = cfg.name_or_path
     folder = Path(name).expanduser()

@@ -36,9 +36,14 @@ class Solution:
     selected_on: str  # "validation" or "cross-validation (k folds)"
 
 
-def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = x.mean(0), x.std(0)
-    return mean, np.where(std > 1e-8, std, 1.0)
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre, and scale every feature by one number (the features' root-mean-square deviation): the penalty grid then
+    means the same for any checkpoint's feature scale, and the geometry is kept. Per-feature scaling would stretch the
+    directions that vary least, which with a few rows are mostly noise (SST-2, 8 rows per class, 6 draws: 59.8% against
+    60.5% with one scale, 72.3% against 72.7% at 64 per class)."""
+    mean = x.mean(0)
+    scale = float(np.sqrt(((x - mean) ** 2).mean()))
+    return mean, scale if scale > 1e-12 else 1.0
 
 
 def _logistic(c: float, seed: int, tol: float = 1e-4, max_iter: int = 1000):

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
+import accelerate.utils
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, tracking
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, get_int_from_env, set_seed
 from datasets import DatasetDict
@@ -27,7 +29,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import checkpoint, hub
 from . import metrics as metrics_lib
-from .config import Config, ConfigError, TrainConfig
+from .config import TRACKERS, Config, ConfigError, TrainConfig, to_flat
 from .errors import UserError
 
 
@@ -50,13 +52,14 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
     if precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision='{cfg.mixed_precision}'; expected auto, no, bf16 or fp16.")
     mmap_threshold_bytes(cfg.cpu_mmap_threshold_mib)  # a bad value fails now, not after loading and preprocessing
+    check_trackers(cfg)
     # One process may hold several runs (hftl compare, a notebook); Accelerate keeps one global state and refuses a
     # second Accelerator with another precision unless it is reset. The process group (PartialState) stays.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=cfg.report_to or None,
+        # Trackers are attached in fit (start_trackers), which knows output.dir and so where their files go.
         project_dir=project_dir,
         # Plain shuffling reseeds with seed + epoch (SeedableRandomSampler), so a resumed run can replay an epoch's order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
@@ -72,6 +75,46 @@ def make_accelerator(cfg: TrainConfig, project_dir: str | None = None) -> Accele
         )
     set_seed(cfg.seed)
     return accelerator
+
+
+def check_trackers(cfg: TrainConfig) -> None:
+    """Each train.report_to tracker is installed (Accelerate's own check), before any data is read."""
+    for name in cfg.report_to or ():
+        if name not in TRACKERS:
+            raise ConfigError(f"train.report_to has '{name}'; choose from {', '.join(TRACKERS)} (or null for none).")
+        if not getattr(accelerate.utils, f"is_{name}_available")():
+            raise ConfigError(f"train.report_to has {name}, which is not installed: pip install 'hftl[{name}]'.")
+
+
+def start_trackers(accelerator: Accelerator, cfg: Config) -> None:
+    """Accelerate's trackers for train.report_to, named by train.tracker_project and train.run_name, with the
+    resolved config as the run's hyperparameters. Local files go to train.logging_dir, by default 'runs' beside
+    output.dir: never inside it, since output.dir is written elsewhere and swapped in whole at the end."""
+    t, out = cfg.train, Path(cfg.output.dir)
+    root = Path(t.logging_dir) if t.logging_dir else out.absolute().parent / "runs"
+    run = run_name(cfg)
+    make = {
+        "tensorboard": lambda: tracking.TensorBoardTracker(run, root / t.tracker_project),  # events in <root>/<project>/<run>
+        "wandb": lambda: tracking.WandBTracker(t.tracker_project, name=run, dir=str(root)),
+        "mlflow": lambda: tracking.MLflowTracker(t.tracker_project, str(root.absolute() / "mlflow"), run_name=run),
+        "trackio": lambda: tracking.TrackioTracker(t.tracker_project, name=run),
+    }
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.log_with = [make[name]() for name in t.report_to]
+    # init_trackers adds to the trackers of an earlier fit on this accelerator (lpft's two stages), and would start
+    # and feed those again: end_training finished them.
+    accelerator.trackers = []
+    # TensorBoard's hparams take numbers, text and booleans only: null and lists go as their JSON text.
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in to_flat(cfg).items()}
+    accelerator.init_trackers(t.tracker_project, config=hparams)
+    accelerator.print(f"Tracking run '{run}' of project '{t.tracker_project}' with {', '.join(t.report_to)}"
+                      + (f" (TensorBoard: {root / t.tracker_project / run})" if "tensorboard" in t.report_to else ""))
+
+
+def run_name(cfg: Config) -> str:
+    """train.run_name, or output.dir's name and the time now."""
+    return cfg.train.run_name or f"{Path(cfg.output.dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def return_freed_blocks(threshold_mib: float | None, device: torch.device) -> bool:
@@ -131,9 +174,37 @@ def _optimizer(model, cfg: TrainConfig, hooks=()) -> torch.optim.Optimizer:
     groups = next((g for h in hooks if (g := h.param_groups(model)) is not None), None)
     if groups is None:
         groups = param_groups([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.weight_decay)
-    # Fused, as Trainer's default: one kernel for all parameters. The per-tensor loop's temporaries raised the peak
-    # memory of full fine-tuning of MiniLM on 2,000 SST-2 rows from 2,211 to 2,319 MB (2 CPU cores), and it was slower.
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+    if cfg.optimizer == "adamw":
+        # Fused, as Trainer's default: one kernel for all parameters. The per-tensor loop's temporaries raised the peak
+        # memory of full fine-tuning of MiniLM on 2,000 SST-2 rows from 2,211 to 2,319 MB (2 CPU cores), and it was slower.
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed rate, as Trainer's optim=adafactor: train.learning_rate and train.scheduler then mean what they mean
+        # for the other optimizers (Adafactor's own relative step would ignore both).
+        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
+    raise ConfigError(f"train.optimizer='{cfg.optimizer}'; expected adamw, adafactor or sgd.")
+
+
+def speed_up(model, cfg: TrainConfig) -> None:
+    """train.gradient_checkpointing and train.compile, in place, before accelerator.prepare."""
+    if cfg.gradient_checkpointing:
+        # transformers' own (activation_checkpointing_enable since 5.x renamed it; use_reentrant=False, so frozen
+        # embeddings under peft need no enable_input_require_grads); a peft model forwards the call to the model it
+        # wraps. hftl's cached-feature head has no backbone to recompute: nothing to do there.
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+        if enable is not None:
+            try:
+                enable({"use_reentrant": False})
+            except ValueError as e:  # a model class that does not support it says so
+                raise ConfigError(f"train.gradient_checkpointing=true: {e} Set train.gradient_checkpointing=false.") from None
+    if cfg.compile:
+        # In place (nn.Module.compile): the module stays itself, so its state_dict keys, unwrap_model and the saved
+        # folder are as without compiling.
+        model.compile()
 
 
 def make_scheduler(optimizer, t: TrainConfig, total_steps: int):
@@ -376,7 +447,8 @@ class Selection:
         loop.running, loop.n_running = 0.0, 0
         self.accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
         if t.report_to:
-            self.accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=loop.step)
+            self.accelerator.log({**{f"eval/{k}": v for k, v in scores.items()}, "train/epoch": entry["epoch"],
+                                  "train/mean_loss": entry["train_loss"]}, step=loop.step)
         if loop.best is None or self.sign * scores[t.metric_for_best] > self.sign * loop.best["metrics"][t.metric_for_best]:
             loop.best, loop.bad_evals = {"step": loop.step, "metrics": scores}, 0
             loop.best_state = None  # the old copy goes before the new one is made: never two in memory
@@ -437,6 +509,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     for split in encoded:  # validation, and test / target (data.target's labels) when present
         if split != "train":
             orders[split], eval_dls[split] = eval_dataloader(encoded[split], collator, t.eval_batch_size)
+    speed_up(model, t)
     optimizer = _optimizer(model, t, hooks)
     model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, prepared))
@@ -455,6 +528,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     loop = LoopState()
     run = {"processes": accelerator.num_processes, "train.batch_size": t.batch_size, "train.seed": t.seed,
            "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.group_by_length": t.group_by_length,
+           "train.optimizer": t.optimizer,
            "training rows": len(encoded["train"]), "total optimizer steps (train.epochs, train.max_steps)": total_steps}
     bounds = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "batches_per_epoch": len(train_dl),
               "accumulation": t.gradient_accumulation_steps}
@@ -467,7 +541,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     metric_modules = metrics_lib.load_metrics(t.metrics)
     selection = Selection(t, accelerator, held, steps_per_epoch)
     if t.report_to:
-        accelerator.init_trackers("hftl", config={"lr": t.learning_rate, "batch_size": t.batch_size, "epochs": t.epochs})
+        start_trackers(accelerator, cfg)
 
     def validate(last: bool = False, order=None) -> dict:
         result = evaluate(model, eval_dls["validation"], accelerator, metric_modules, order, t.eval_batch_tokens, task)
@@ -553,6 +627,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     final = {split: final.get(split) or evaluate(model, dl, accelerator, metric_modules, orders[split], t.eval_batch_tokens, task)
              for split, dl in eval_dls.items()}
     if t.report_to:
+        accelerator.log({f"{split}/{k}": v for split, r in final.items() for k, v in r["metrics"].items()}, step=loop.step)
         accelerator.end_training()
     return {
         "model": unwrapped,

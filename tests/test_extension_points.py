@@ -22,7 +22,7 @@ def test_modes_declare_what_they_are():
 
 def test_a_mode_or_an_option_registered_twice_is_refused():
     with pytest.raises(ValueError, match="'full' is registered twice"):
-        adapt.register_mode("full", lambda model, cfg, head: model, help="another full")
+        adapt.register_mode("full", lambda model, cfg, head: model)
     assert adapt.MODES["full"].help.startswith("Train every parameter")
     with pytest.raises(ValueError, match="'l2sp' is registered twice"):
         adapt.register_option("l2sp", lambda model, ctx: None)

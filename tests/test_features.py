@@ -95,17 +95,18 @@ def blobs(n: int, dim: int, k: int, seed: int, scale: float = 1.0):
 @pytest.mark.parametrize("k", [2, 3])
 def test_solved_head_equals_scikit_learns_logistic_regression(k):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    x, y = blobs(200, 6, k, 0, scale=5.0)
-    xv, yv = blobs(100, 6, k, 1, scale=5.0)
+    (x, y), (xv, yv) = blobs(200, 6, k, 0, scale=5.0), blobs(100, 6, k, 1, scale=5.0)
+    x, xv = x.astype(np.float32), xv.astype(np.float32)  # features are float32, as the cache stores them
     sol = solver.solve_logistic(x, y, k, xv, yv, lambda clf, z, t: float((clf.predict(z) == t).mean()), grid=(0.1,))
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000, tol=1e-6)).fit(x, y)
+    # The reference: scikit-learn on the features centred and scaled by their root-mean-square deviation.
+    mean = x.mean(0)
+    scale = np.sqrt(((x - mean) ** 2).mean())
+    reference = LogisticRegression(C=0.1, max_iter=5000, tol=1e-8).fit((x - mean) / scale, y)
     logits = xv @ sol.weight.T + sol.bias
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
-    assert np.allclose(probabilities, reference.predict_proba(xv), atol=1e-4)
+    assert np.allclose(probabilities, reference.predict_proba((xv - mean) / scale), atol=1e-4)
     assert sol.c == 0.1 and sol.selected_on == "validation"
 
 
@@ -225,3 +226,67 @@ def test_rank_scores_the_pooling_the_checkpoint_was_trained_for(make_cfg, tiny_b
     # different features of the same weights, so different scores.
     scores = {r["model"]: r["logme"] for r in result["models"]}
     assert scores[str(folder)] != scores[str(tiny_bert)]
+
+
+# ---------------------------------------------------------------- few-shot: in-batch pairs and label templates
+
+
+def test_in_batch_pairs_loss_is_the_squared_error_over_every_pair(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from hftl.adapt.contrastive import InBatchPairs, InBatchPairsTask, stage_steps
+    from hftl.cache import heads_removed
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
+    inputs = {"input_ids": torch.randint(5, 50, (4, 6), generator=torch.Generator().manual_seed(0)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+    labels = torch.tensor([0, 1, 0, 1])
+    task = InBatchPairsTask(["similar"])
+    loss = task.loss(InBatchPairs(model, ["classifier"])(**inputs).logits, labels)
+    with heads_removed(model, ["classifier"]):
+        v = torch.nn.functional.normalize(model(**inputs).logits, dim=-1)
+    # The six pairs by hand: (0,2) and (1,3) share a label (target 1), the other four do not (target 0).
+    want = [(float(v[i] @ v[j]) - (1.0 if labels[i] == labels[j] else 0.0)) ** 2 for i in range(4) for j in range(i + 1, 4)]
+    assert float(loss) == pytest.approx(sum(want) / 6, rel=1e-5)
+    assert float(task.loss(InBatchPairs(model, ["classifier"])(**{k: x[:1] for k, x in inputs.items()}).logits, labels[:1])) == 0.0
+    # SetFit's step count for the same rounds: 16 rows, 20 rounds, 2 pairs per row a round, batch 16 -> 40 steps.
+    assert stage_steps(16, 20, 16, 1.0) == 40 and stage_steps(128, 20, 16, 1.0) == 320 and stage_steps(3, 1, 64, 1.0) == 1
+
+
+def test_label_template_adds_two_rows_per_label_to_train_only(toy_data):
+    from hftl.config import DataConfig
+    from hftl.data import load_splits
+
+    cfg = DataConfig(train_file=str(toy_data["train"]), validation_file=str(toy_data["validation"]), samples_per_class=3,
+                     label_template="This sentence is {}.")
+    splits, _ = load_splits(cfg, seed=0)
+    names = splits["train"].features["labels"].names
+    added = splits["train"].select(range(len(splits["train"]) - 2 * len(names), len(splits["train"])))
+    assert len(splits["train"]) == 3 * len(names) + 2 * len(names)
+    assert sorted(zip(added["text"], added["labels"])) == sorted((f"This sentence is {n}.", i) for i, n in enumerate(names) for _ in range(2))
+    assert not any(t.startswith("This sentence is") for t in splits["validation"]["text"])
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"label_template": "no placeholder"}, r"must hold exactly one '\{\}'"),
+    ({"label_template": "{} and {}"}, r"must hold exactly one '\{\}'"),
+    ({"label_template": "This is {}.", "text_pair_column": "text"}, r"the rows are pairs"),
+])
+def test_label_template_refusals(toy_data, change, message):
+    from hftl.config import DataConfig
+    from hftl.data import DataError, load_splits
+
+    cfg = DataConfig(train_file=str(toy_data["train"]), validation_file=str(toy_data["validation"]), **change)
+    with pytest.raises(DataError, match=message):
+        load_splits(cfg, seed=0)
+
+
+def test_label_template_refuses_numeric_label_names(tmp_path):
+    from hftl.config import DataConfig
+    from hftl.data import DataError, load_splits
+
+    rows = [{"text": f"row {i}", "label": i % 2} for i in range(20)]
+    cfg = DataConfig(train_file=str(write_rows(tmp_path / "ids.csv", rows)), label_template="This is {}.")
+    with pytest.raises(DataError, match=r"they are numbers \['0', '1'\]: name them with data\.label_names"):
+        load_splits(cfg, seed=0)
+    cfg = DataConfig(train_file=cfg.train_file, label_template="This is {}.", label_names=["negative", "positive"])
+    assert "This is positive." in load_splits(cfg, seed=0)[0]["train"]["text"]

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import AdaptConfig, Config, ConfigError
 from ..hooks import Hook  # noqa: F401  (what hooks subclass; re-exported for the mode and option files)
+from ..modes import HELP
 
 # Layers that classification heads in transformers are called by (BERT/ViT 'classifier',
 # decoder models 'score', wav2vec2/HuBERT 'projector' + 'classifier', DistilBERT 'pre_classifier').
@@ -73,11 +74,14 @@ OPTION_ORDER = ("layer_lr_decay", "l2sp", "align", "reweight")
 OPTIONS: dict[str, Callable[[nn.Module, Context], Any]] = {}
 
 
-def register_mode(name: str, apply, help: str, export=lambda model: model, hooks=None, fit=None, frozen_features: bool = False,
+def register_mode(name: str, apply, export=lambda model: model, hooks=None, fit=None, frozen_features: bool = False,
                   frozen_backbone: bool = False, peft: bool = False) -> Mode:
+    """A mode's name and help are declared in hftl/modes.py (read without torch by `hftl modes`)."""
+    if name not in HELP:
+        raise KeyError(f"adaptation mode '{name}' has no entry in hftl/modes.py HELP; add its one-line help there.")
     if name in MODES:  # two files claiming one name: whichever imported last would silently win
         raise ValueError(f"hftl bug: adaptation mode '{name}' is registered twice")
-    MODES[name] = Mode(name, apply, export, help, hooks, fit, frozen_features or frozen_backbone, frozen_backbone, peft)
+    MODES[name] = Mode(name, apply, export, HELP[name], hooks, fit, frozen_features or frozen_backbone, frozen_backbone, peft)
     return MODES[name]
 
 

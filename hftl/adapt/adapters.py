@@ -80,14 +80,7 @@ def lokr(model, cfg, head):
     return wrap(model, config, cfg)
 
 
-register_peft_mode("ia3", ia3, help="peft IA3: learned scaling vectors on attention and feed-forward activations (fewest trainable "
-                   "parameters) + full head; saved merged (adapt.save_adapter=true keeps the adapter too).")
-register_peft_mode("adalora", adalora, hooks=lambda model, ctx: [RankBudget(model)],
-                   help="peft AdaLoRA: LoRA whose rank budget is reallocated to the most important matrices during training "
-                   "(adapt.peft_r: target average rank) + full head; saved merged (adapt.save_adapter=true keeps the adapter "
-                   "too). train.resume restarts AdaLoRA's importance estimates (peft keeps them outside the checkpoint), so a resumed "
-                   "run's ranks can differ from an uninterrupted one's.")
-register_peft_mode("loha", loha, help="peft LoHa: low-rank Hadamard-product adapters (rank adapt.peft_r) + full head; saved merged "
-                   "(adapt.save_adapter=true keeps the adapter too).")
-register_peft_mode("lokr", lokr, help="peft LoKr: low-rank Kronecker-product adapters (rank adapt.peft_r) + full head; saved merged "
-                   "(adapt.save_adapter=true keeps the adapter too).")
+register_peft_mode("ia3", ia3)
+register_peft_mode("adalora", adalora, hooks=lambda model, ctx: [RankBudget(model)])
+register_peft_mode("loha", loha)
+register_peft_mode("lokr", lokr)

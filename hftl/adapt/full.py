@@ -7,4 +7,4 @@ def apply(model, cfg, head):
     return model
 
 
-register_mode("full", apply, help="Train every parameter (most accurate, most memory).")
+register_mode("full", apply)

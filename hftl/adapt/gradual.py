@@ -67,5 +67,4 @@ class GradualUnfreezing(Hook):
         self.print(f"gradual unfreezing: step {step} (epoch {step / self.steps_per_epoch:.2f}), stage {stage}: training {what}")
 
 
-register_mode("gradual", apply, hooks=lambda model, ctx: [GradualUnfreezing(model, ctx)],
-              help="ULMFiT gradual unfreezing: head first, then adapt.top_layers more layers every adapt.unfreeze_every epochs, embeddings last.")
+register_mode("gradual", apply, hooks=lambda model, ctx: [GradualUnfreezing(model, ctx)])

@@ -7,6 +7,4 @@ def apply(model, cfg, head):
     return model
 
 
-register_mode("head", apply, frozen_backbone=True,
-              help="Frozen backbone (feature extraction): the head is solved on its features (adapt.solve_head), read as the "
-                   "checkpoint was trained to give them (adapt.pooling); cheapest.")
+register_mode("head", apply, frozen_backbone=True)

@@ -48,8 +48,8 @@ def export(model):
     return model.merge_and_unload()
 
 
-def register_peft_mode(name: str, apply, help: str, hooks=None) -> None:
-    register_mode(name, apply, export=export, help=help, hooks=hooks, peft=True)
+def register_peft_mode(name: str, apply, hooks=None) -> None:
+    register_mode(name, apply, export=export, hooks=hooks, peft=True)
 
 
 def apply(model, cfg, head):
@@ -64,4 +64,4 @@ def apply(model, cfg, head):
     return wrap(model, config, cfg)
 
 
-register_peft_mode("lora", apply, help="peft LoRA adapters + full head; saved merged (adapt.save_adapter=true keeps the adapter too).")
+register_peft_mode("lora", apply)

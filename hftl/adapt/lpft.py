@@ -27,10 +27,14 @@ def apply(model, cfg, head):
 def fit(model, ctx, hooks) -> dict:
     cfg, accelerator = ctx.cfg, ctx.accelerator
     set_trainable(model, ctx.head)
+    probe_run = None
+    if cfg.train.report_to:  # two fits, two tracker runs (each counts its own steps): NAME-linear-probe, then NAME
+        cfg = replace(cfg, train=replace(cfg.train, run_name=train.run_name(cfg)))
+        probe_run = f"{cfg.train.run_name}-linear-probe"
     probe_cfg = replace(
         cfg,
         train=replace(
-            cfg.train, epochs=cfg.adapt.lp_epochs, max_steps=None, learning_rate=cfg.adapt.lp_learning_rate,
+            cfg.train, epochs=cfg.adapt.lp_epochs, max_steps=None, learning_rate=cfg.adapt.lp_learning_rate, run_name=probe_run,
             # Stage 1 checkpoints apart from stage 2's, so a resume never loads one stage's state into the other.
             # train.resume names stage 2's checkpoint; stage 1 continues from its own newest, if any.
             checkpoint_dir=str(checkpoint.root(cfg) / "linear-probe"), resume="auto" if cfg.train.resume else None,
@@ -67,11 +71,4 @@ def fit(model, ctx, hooks) -> dict:
     }
 
 
-register_mode(
-    "lpft", apply, fit=fit, frozen_features=True,
-    help="Linear probe, then fine-tune (LP-FT, Kumar et al. 2022): train the head alone on the frozen backbone for "
-         "adapt.lp_epochs at adapt.lp_learning_rate (cached features where possible), then every parameter from that head "
-         "for train.epochs; keeps pretrained features closer than full. Steps and history count across both stages. "
-         "train.resume: the probe stage runs again (from its own checkpoints in <checkpoints>/linear-probe, if it was the "
-         "stage stopped), then fine-tuning continues from the named or newest stage-2 checkpoint.",
-)
+register_mode("lpft", apply, fit=fit, frozen_features=True)

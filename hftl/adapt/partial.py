@@ -16,4 +16,4 @@ def apply(model, cfg, head):
     return model
 
 
-register_mode("partial", apply, help="Train the top adapt.top_layers encoder layers + head; lower layers and embeddings stay frozen.")
+register_mode("partial", apply)

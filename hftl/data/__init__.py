@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
-from datasets import ClassLabel, Dataset, DatasetDict, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Value, concatenate_datasets
 from datasets.exceptions import DatasetGenerationError
 
 from ..config import DataConfig
@@ -228,6 +228,32 @@ def source_of(role: str, cfg: DataConfig) -> str:
     return f" of '{source}'" if source and role in ("train", "validation", "test") else ""
 
 
+TEMPLATE_ROWS = 2  # rows per label that data.label_template adds (SetFit's get_templated_dataset: sample_size=2)
+
+
+def with_label_rows(train: Dataset, cfg: DataConfig, input_keys: tuple[str, ...]) -> Dataset:
+    """data.label_template: TEMPLATE_ROWS training rows per label whose text is the template filled with the label's
+    name ('This sentence is positive.'), appended to the train split (the budget of data.samples_per_class is drawn
+    first). Each added row copies a real row of its label for the other columns, so the features stay the same."""
+    template = cfg.label_template
+    if "text_column" not in input_keys:
+        raise DataError("data.label_template writes sentences from the label names; it is for text data only (set it to null).")
+    if cfg.text_pair_column:
+        raise DataError("data.label_template makes single sentences, but the rows are pairs (data.text_pair_column); set one of them to null.")
+    if template.count("{}") != 1:
+        raise DataError(f"data.label_template={template!r} must hold exactly one '{{}}' where the label name goes, "
+                        "e.g. 'This sentence is {}.'")
+    names = train.features["labels"].names
+    if all(n.lstrip("-").isdigit() for n in names):
+        raise DataError(f"data.label_template fills in the label names, but they are numbers {names}: name them with "
+                        "data.label_names (e.g. [negative, positive]) or set data.label_template=null.")
+    labels = train["labels"]
+    first = {y: i for i, y in reversed(list(enumerate(labels)))}
+    rows = [first[y] for y in sorted(first) for _ in range(TEMPLATE_ROWS)]
+    added = train.select(rows).map(lambda r: {cfg.text_column: template.format(names[r["labels"]])}, desc="label template rows")
+    return concatenate_datasets([train, added])
+
+
 def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text_column", "text_pair_column")) -> tuple[DatasetDict, str]:
     """`load_labelled` without its task: (splits, source)."""
     splits, source, _ = load_labelled(cfg, seed, input_keys)
@@ -268,6 +294,11 @@ def load_labelled(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("te
     if cfg.max_train_samples:
         splits["train"] = splits["train"].shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(splits["train"]))))
         task.check_train(splits["train"], cfg, f" after data.max_train_samples={cfg.max_train_samples}")
+    if cfg.label_template is not None:
+        if task.name != "single_label":
+            raise DataError(f"data.label_template writes one sentence per class name; the labels here are {task.name} "
+                            "(data.label_type), not single classes: set data.label_template=null.")
+        splits["train"] = with_label_rows(splits["train"], cfg, input_keys)
     if cfg.max_eval_samples:
         for role in ("validation", "test"):
             if role in splits:

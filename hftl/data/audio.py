@@ -27,15 +27,18 @@ import random
 import re
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio
-import torchaudio.functional as AF
 from accelerate import PartialState
 from datasets import Audio, DatasetDict
 
 from ..config import ConfigError, DataConfig
+from ..extras import require
 from . import DataError, media
+
+# The audio extra (pip install 'hftl[audio]'); torchaudio checked against torch before it loads.
+sf = require("soundfile", "audio", "audio data")
+torchaudio = require("torchaudio", "audio", "audio data")
+AF = require("torchaudio.functional", "audio", "audio data")
 
 DECODERS = ("auto", "torchcodec", "soundfile")
 AUGMENTS = ("speed", "gain", "noise")
@@ -43,7 +46,7 @@ SPEEDS = (0.9, 1.0, 1.1)  # the usual speed-perturbation factors (Ko et al. 2015
 
 
 def _torchcodec(value: dict) -> tuple[torch.Tensor, int]:
-    from torchcodec.decoders import AudioDecoder
+    AudioDecoder = require("torchcodec.decoders", "audio", "data.audio_decoder=torchcodec").AudioDecoder
 
     samples = AudioDecoder(value["bytes"] if value.get("bytes") is not None else value["path"]).get_all_samples()
     return samples.data, samples.sample_rate

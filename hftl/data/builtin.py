@@ -6,6 +6,7 @@ from pathlib import Path
 import datasets
 
 from ..config import ConfigError, DataConfig
+from ..extras import require
 
 
 def vader_lexicon(cfg: DataConfig) -> dict[str, datasets.Dataset]:
@@ -15,10 +16,7 @@ def vader_lexicon(cfg: DataConfig) -> dict[str, datasets.Dataset]:
     scores in [-4, 4]. Entries at least ``min_abs_rating`` from zero become 'positive' or
     'negative'; the ambiguous middle is left out.
     """
-    try:
-        import vaderSentiment
-    except ImportError:
-        raise ConfigError("data.builtin=vader_lexicon needs the package vaderSentiment: pip install vaderSentiment") from None
+    vaderSentiment = require("vaderSentiment", "demo", "data.builtin=vader_lexicon")
     path = Path(vaderSentiment.__file__).with_name("vader_lexicon.txt")
     # QUOTE_NONE: entries such as '"' or "'" are tokens, not quotes.
     ds = datasets.load_dataset(

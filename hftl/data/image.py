@@ -16,12 +16,15 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 from datasets import DatasetDict, Image
-from torchvision.transforms import v2
 from transformers import default_data_collator
 from transformers.image_utils import load_image
 
 from ..config import ConfigError, DataConfig
+from ..extras import require
 from . import DataError, media
+
+# The vision extra (pip install 'hftl[vision]'), checked against torch before it loads.
+v2 = require("torchvision.transforms.v2", "vision", "image data")
 
 AUGMENTS = ("crop", "flip")
 

@@ -4,7 +4,8 @@ environment: train on a csv of labelled rows, score a csv, print one JSON line.
     .venv-peers/bin/python scripts/peers/setfit_run.py --train few.csv --eval validation.csv --model DIR --seed 0
 
 SetFit's defaults (SetFit 1.2: CosineSimilarityLoss, 1 epoch, batch 16, body rate 2e-5, a LogisticRegression head),
-with num_iterations=20 as in its README's few-shot examples. The seconds are the whole process, imports included,
+with num_iterations=20 as in its README's few-shot examples. --template T --label-names A B ... adds two rows per
+label with the text T filled with its name, as setfit.get_templated_dataset does (sample_size=2), before training. The seconds are the whole process, imports included,
 as hftl's are.
 """
 import argparse
@@ -33,8 +34,13 @@ def main():
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--template")
+    p.add_argument("--label-names", nargs="+", help="--template: the name of label 0, 1, ... (the csv holds ids)")
     a = p.parse_args()
     train, test = rows(a.train, a.text_column, a.label_column), rows(a.eval, a.text_column, a.label_column)
+    if a.template:
+        added = [(a.template.format(name), str(i)) for i, name in enumerate(a.label_names) for _ in range(2)]
+        train = Dataset.from_dict({"text": train["text"] + [t for t, _ in added], "label": train["label"] + [y for _, y in added]})
     model = SetFitModel.from_pretrained(a.model, local_files_only=True)
     args = TrainingArguments(num_iterations=a.iterations, seed=a.seed, report_to="none", save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=train)
