@@ -141,6 +141,8 @@ class TrainConfig:
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step.", "range": "[1, inf)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off).", "range": "[0, inf)"})
+    class_weights: Optional[list] = field(default=None, metadata={"help": "Single-label: weigh each class's cross-entropy: balanced (n / (classes x rows of the class) over the training split, scikit-learn's) or a list of one weight per label, in label order. null: all 1."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Single-label: cross-entropy against targets smoothed by this much (torch's label_smoothing).", "range": "[0, 1)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each layer's activations in backward instead of keeping them (transformers' activation checkpointing; works with the peft modes): less memory, about a third more time per step."})
     compile: bool = field(default=False, metadata={"help": "Compile the model's forward with torch.compile (in place, nn.Module.compile) before training; the first steps take longer while it compiles."})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (fp32 on every device: on an H200 bf16 was slower for MiniLM and bert-base, see scripts/results/precision_h200.md), no, bf16 or fp16 (autocast; worth it for large models: measure with scripts/bench_precision.py).", "choices": ("auto", "no", "bf16", "fp16")})

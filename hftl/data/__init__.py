@@ -303,6 +303,7 @@ def load_labelled(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("te
         for role in ("validation", "test"):
             if role in splits:
                 splits[role] = splits[role].select(range(min(cfg.max_eval_samples, len(splits[role]))))
+    task.observe_train(splits["train"])
     return DatasetDict(splits), source, task
 
 

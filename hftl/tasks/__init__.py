@@ -53,6 +53,9 @@ class Task:
 
     # ------------------------------------------------------------ settings
 
+    def observe_train(self, train) -> None:
+        """The final training split (encoded 'labels'), for settings that depend on it (train.class_weights=balanced)."""
+
     def configure(self, cfg: Config) -> Config:
         """`cfg` with what it leaves to the task filled in (train.metrics, metric_for_best, greater_is_better), after
         refusing the settings this task cannot serve."""

@@ -13,7 +13,7 @@ from datasets import ClassLabel, Dataset
 from torch.nn import functional as F
 
 from .. import solver
-from ..config import DataConfig
+from ..config import Config, ConfigError, DataConfig
 from ..data import DataError, source_of
 from . import Task, register
 
@@ -58,6 +58,33 @@ class SingleLabel(Task):
     metric_names = ("accuracy", "f1", "precision", "recall")
     default_metric_for_best = "accuracy"
     stratify = True  # a carved validation split keeps the label shares
+
+    weight: torch.Tensor | None = None  # train.class_weights, one per class (configure)
+    smoothing = 0.0  # train.label_smoothing
+    counts: Counter | None = None  # training rows per class id (observe_train)
+
+    # ------------------------------------------------------------ settings
+
+    def observe_train(self, train: Dataset) -> None:
+        self.counts = Counter(train["labels"])
+
+    def configure(self, cfg: Config) -> Config:
+        cfg = super().configure(cfg)
+        t = cfg.train
+        self.smoothing, self.weight = t.label_smoothing, None
+        spec = t.class_weights
+        if spec == ["balanced"]:
+            if not self.counts:
+                raise ConfigError("train.class_weights=balanced weighs the classes by their training rows, which this run has not read.")
+            n, k = sum(self.counts.values()), len(self.counts)
+            # scikit-learn's 'balanced': n / (classes x rows of the class); a class without training rows weighs nothing
+            self.weight = torch.tensor([n / (k * self.counts[i]) if self.counts.get(i) else 0.0 for i in range(self.num_outputs)])
+        elif spec is not None:
+            if len(spec) != self.num_outputs or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in spec):
+                raise ConfigError(f"train.class_weights={spec}: give balanced, or {self.num_outputs} weights of at least 0, one per "
+                                  f"label in this order: {', '.join(self.names)}.")
+            self.weight = torch.tensor([float(w) for w in spec])
+        return cfg
 
     # ------------------------------------------------------------ labels
 
@@ -136,7 +163,9 @@ class SingleLabel(Task):
     # ------------------------------------------------------------ loss and predictions
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), reduction=reduction)
+        weight = None if self.weight is None else self.weight.to(logits.device)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), weight=weight,
+                               label_smoothing=self.smoothing, reduction=reduction)
 
     def predict(self, logits: np.ndarray) -> list[int]:
         return np.asarray(logits).argmax(-1).tolist()
@@ -145,6 +174,8 @@ class SingleLabel(Task):
 
     def solve(self, x, y, x_val, y_val, t, modules):
         """Multinomial logistic regression on frozen features, C chosen by train.metric_for_best (hftl/solver.py)."""
+        if self.weight is not None or self.smoothing:
+            return "train.class_weights / train.label_smoothing change the loss, which the solved logistic regression does not minimise"
         sign = 1 if t.greater_is_better else -1
 
         def score(clf, z, labels) -> float:
