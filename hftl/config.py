@@ -34,7 +34,7 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd")
 AUGMENTS = {"audio-classification": ("speed", "gain", "noise"), "image-classification": ("crop", "flip")}
 # The metric modules hftl ships (hftl/metrics/<name>/<name>.py): each reports one score under its own name.
 SHIPPED_METRICS = tuple(sorted(p.name for p in (Path(__file__).parent / "metrics").iterdir() if (p / f"{p.name}.py").is_file()))
-# What each task (hftl/tasks/, by data.label_type) reports: its shipped metrics (its train.metrics when that is null), the
+# What each task (hftl/tasks/, by its name) reports: its shipped metrics (its train.metrics when that is null), the
 # first being its train.metric_for_best when that is null. Evaluation adds 'loss'.
 TASK_METRICS = {"single_label": ("accuracy", "f1", "precision", "recall")}
 # Metrics that are better lower (train.greater_is_better=null follows this); any other is better higher.
@@ -487,7 +487,7 @@ def _validate_combinations(cfg: Config) -> None:
                               f"{', '.join([*listed, 'loss'])} (train.metrics, plus loss). Choose one of those, or add it "
                               "to train.metrics.")
         if listed is None and not any(best in names for names in TASK_METRICS.values()):
-            reports = "; ".join(f"{', '.join([*names, 'loss'])} (data.label_type={task})" for task, names in TASK_METRICS.items())
+            reports = "; ".join(f"{', '.join([*names, 'loss'])} (the {task} task)" for task, names in TASK_METRICS.items())
             raise ConfigError(f"train.metric_for_best='{best}' is not computed: validation reports {reports} (train.metrics=null: "
                               "the task's metrics, plus loss). Choose one of those, or name it in train.metrics.")
 

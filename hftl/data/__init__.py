@@ -297,7 +297,7 @@ def load_labelled(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("te
     if cfg.label_template is not None:
         if task.name != "single_label":
             raise DataError(f"data.label_template writes one sentence per class name; the labels here are {task.name} "
-                            "(data.label_type), not single classes: set data.label_template=null.")
+                            "labels, not single classes: set data.label_template=null.")
         splits["train"] = with_label_rows(splits["train"], cfg, input_keys)
     if cfg.max_eval_samples:
         for role in ("validation", "test"):

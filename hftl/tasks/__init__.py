@@ -7,7 +7,7 @@ the card and `hftl predict` / `hftl evaluate` ask the task instead of assuming c
 
 `Task` is also the interface `hftl.train.fit` trains and evaluates through, so a stage with a target of its own
 (contrastive pairs, masked-LM pretraining) passes a small task of its own. A task for labelled rows is chosen by
-`data.label_type` (`detect`); adding one means one new file that subclasses `Task` and registers itself.
+the labels of the training split (today: single-label only); adding one means one new file that subclasses `Task` and registers itself.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..config import LOWER_IS_BETTER, TASK_METRICS, Config, ConfigError
 
 
 class Task:
-    name = ""  # its data.label_type value
+    name = ""  # its name in messages and in TASK_METRICS
     problem_type: str | None = None  # what transformers' config.problem_type calls it (pipeline() reads it)
     metric_names: tuple[str, ...] = ()  # the shipped metric modules (hftl/metrics) it reports, its default train.metrics
     default_metric_for_best = "loss"
@@ -63,12 +63,12 @@ class Task:
         metrics = list(t.metrics) if t.metrics is not None else list(self.metric_names)
         foreign = [m for m in metrics if m not in self.metric_names and any(m in names for names in TASK_METRICS.values())]
         if foreign:
-            raise ConfigError(f"train.metrics has {foreign}, which data.label_type={self.name} does not report; it reports "
+            raise ConfigError(f"train.metrics has {foreign}, which the {self.name} task does not report; it reports "
                               f"{', '.join(self.metric_names)} (or a Hub metric by name).")
         best = t.metric_for_best or (self.default_metric_for_best if self.default_metric_for_best in [*metrics, "loss"] else metrics[0])
         if best != "loss" and best not in metrics and all(m in self.metric_names for m in metrics):
             raise ConfigError(f"train.metric_for_best='{best}' is not computed: validation reports {', '.join([*metrics, 'loss'])} "
-                              f"(train.metrics, plus loss, for data.label_type={self.name}). Choose one of those, or add it to "
+                              f"(train.metrics, plus loss, for the {self.name} task). Choose one of those, or add it to "
                               "train.metrics.")
         better = t.greater_is_better if t.greater_is_better is not None else best not in LOWER_IS_BETTER
         return dataclasses.replace(cfg, train=dataclasses.replace(t, metrics=metrics, metric_for_best=best, greater_is_better=better))
