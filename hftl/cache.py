@@ -54,7 +54,6 @@ from accelerate.utils import gather_object
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from datasets.fingerprint import Hasher, generate_random_fingerprint
 from torch import nn
-from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import metrics as metrics_lib
@@ -62,8 +61,6 @@ from . import solver
 from .config import Config, ConfigError
 from .train import eval_dataloader, evaluate, fit, rows_read, sorted_order, token_slices
 
-# Modes whose backbone is frozen, so its features are the same every epoch.
-FROZEN_MODES = ("head",)
 # Part of every cache name: bump when what is stored, or how it is computed, changes.
 FORMAT_VERSION = "2"
 
@@ -100,7 +97,8 @@ def rng_watch():
 
 
 class CachedHead(nn.Module):
-    """The task head on cached features, called like a transformers classifier: forward(features, labels)."""
+    """The task head on cached features, called like a transformers classifier: forward(features) -> .logits (the loop
+    computes the task's loss on them)."""
 
     def __init__(self, names: list[str], layers: list[nn.Module], dim: int):
         super().__init__()
@@ -108,11 +106,8 @@ class CachedHead(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.dim = dim  # size of one feature vector
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        logits = self.layers(features)
-        # The loss transformers' classifiers use for single-label classification.
-        loss = None if labels is None else F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+    def forward(self, features: torch.Tensor) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(logits=self.layers(features))
 
     def copy_into(self, model: nn.Module) -> nn.Module:
         for name, layer in zip(self.names, self.layers):
@@ -129,8 +124,9 @@ def collate_features(rows: list[dict], dim: int) -> dict:
     if 0 in counts:  # a training row outside rows_read (see _spread): its features were never computed
         raise RuntimeError("hftl bug: a training row without cached features was read; the feature pass covers only "
                            "the rows the training loader draws")
+    # A label is whatever the task encoded: a class id, a 0/1 vector of labels, a vector of targets.
     batch = {"features": torch.cat([r["features"].view(-1, dim) for r in rows]),
-             "labels": torch.tensor([int(r["labels"]) for r, n in zip(rows, counts) for _ in range(n)])}
+             "labels": torch.stack([torch.as_tensor(r["labels"]) for r, n in zip(rows, counts) for _ in range(n)])}
     if max(counts) > 1:
         batch["num_windows"] = torch.tensor(counts)
     return batch
@@ -148,8 +144,6 @@ def _model_inputs(batch: dict, device) -> dict:
 
 def replay_head(model: nn.Module, head: list[str], rows: list[dict], collator, device) -> CachedHead | str:
     """The head as a module over cached features, or the reason it cannot reproduce the model's logits."""
-    if getattr(model.config, "problem_type", None) not in (None, "single_label_classification"):
-        return f"the model's problem_type is {model.config.problem_type!r}, not single-label classification"
     calls = []
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: calls.append(n)) for n in head]
     model.eval()  # features are computed without dropout, as evaluation sees them
@@ -296,23 +290,28 @@ def _refuse(want: bool | None, reason: str, accelerator) -> None:
     accelerator.print(f"feature cache off: {reason}; training through the whole model.")
 
 
-# Modes with a frozen-backbone stage the cache can serve (lpft: its linear probe).
-CACHING_MODES = FROZEN_MODES + ("lpft",)
-
-
 def check_settings(cfg: Config) -> None:
-    if cfg.train.cache_features and cfg.adapt.mode not in CACHING_MODES:
-        raise ConfigError(f"train.cache_features=true needs a frozen backbone (adapt.mode one of {list(CACHING_MODES)}); "
-                          f"adapt.mode={cfg.adapt.mode} trains the backbone. Set train.cache_features=null or false.")
+    from .adapt import MODES, get_mode
+
+    if cfg.train.cache_features and not get_mode(cfg.adapt.mode).frozen_features:
+        caching = [m.name for m in MODES.values() if m.frozen_features]
+        raise ConfigError(f"train.cache_features=true needs a frozen backbone (adapt.mode one of {caching}, whose head is "
+                          f"fitted on frozen features); adapt.mode={cfg.adapt.mode} trains the backbone. Set "
+                          "train.cache_features=null or false.")
 
 
-def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: DatasetDict, collator, cfg: Config, accelerator) -> dict | None:
-    """`hftl.train.fit`'s result for a head trained on cached features, or None (having said why) to train uncached."""
+def fit_on_features(model: nn.Module, head: list[str], encoded: DatasetDict, collator, cfg: Config, accelerator, task=None) -> dict | None:
+    """`hftl.train.fit`'s result for a head trained on cached features, or None (having said why) to train uncached.
+    For a model whose backbone stays frozen throughout (a frozen-backbone mode, or the frozen stage of a staged one).
+    No `task`: single-label classification."""
+    if task is None:
+        from .tasks.single_label import SingleLabel
+
+        task = SingleLabel([])
+    cfg = task.configure(cfg)
     want = cfg.train.cache_features
     if want is False:
         return None
-    if mode not in FROZEN_MODES:
-        return None  # check_settings refused train.cache_features=true for it before loading
     random_input = "the training rows are prepared with random draws (data.augment, or random crops of long inputs), new every epoch"
     model.to(accelerator.device)
     with rng_watch() as watch:
@@ -352,8 +351,8 @@ def fit_on_features(model: nn.Module, mode: str, head: list[str], encoded: Datas
     collate = functools.partial(collate_features, dim=cached.dim)
     with _threads(1 if accelerator.device.type == "cpu" else torch.get_num_threads()):
         solvable = {**splits, "train": read_features} if rows is not None else splits
-        result = (cfg.adapt.solve_head and solve_head(cached, solvable, collate, cfg, accelerator)) \
-            or fit(cached, DatasetDict(splits), collate, cfg, accelerator)
+        result = (cfg.adapt.solve_head and solve_head(cached, solvable, collate, cfg, accelerator, task)) \
+            or fit(cached, DatasetDict(splits), collate, cfg, accelerator, task=task)
     trained = result["model"]  # the solved head, or the best evaluation's head weights
     result.update(model=trained.copy_into(model), train_seconds=feature_seconds + result["train_seconds"],
                   feature_cache={"seconds": feature_seconds, "head": trained.names, "splits": files})
@@ -370,39 +369,35 @@ def _row_features(ds: Dataset, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([np.asarray(f, dtype=np.float32).reshape(-1, dim).mean(0) for f in features]), columns["labels"]
 
 
-def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerator) -> dict | None:
-    """`fit`'s result for the head solved on the cached features (hftl/solver.py: logistic regression, its penalty chosen
-    on validation), or None, having said why, when the head is not a chain of linear layers (then AdamW trains it)."""
-    layers, num_labels = list(cached.layers), splits["train"].features["labels"].num_classes
-    if not solver.linear_chain(layers, num_labels):
+def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerator, task) -> dict | None:
+    """`fit`'s result for the head solved on the cached features (hftl/solver.py: the task's linear model, its penalty
+    chosen on validation), or None, having said why, when the head is not a chain of linear layers or the task cannot
+    solve it with these settings (then AdamW trains it)."""
+    layers = list(cached.layers)
+    if not solver.linear_chain(layers, task.num_outputs):
         accelerator.print(f"adapt.solve_head: the head {cached.names} is not a chain of linear layers; training it with AdamW instead.")
         return None
     start = time.perf_counter()
     t = cfg.train
     modules = metrics_lib.load_metrics(t.metrics)
-    sign = 1 if t.greater_is_better else -1
-
-    def score(clf, z, y) -> float:
-        if t.metric_for_best == "loss":
-            from sklearn.metrics import log_loss
-
-            return sign * log_loss(y, clf.predict_proba(z), labels=clf.classes_)
-        return sign * metrics_lib.compute(modules, clf.predict(z), y)[t.metric_for_best]
-
     x, y = _row_features(splits["train"], cached.dim)
     # No validation split (data.validation_fraction=0): the solver cross-validates on the training rows.
     x_val, y_val = _row_features(splits["validation"], cached.dim) if "validation" in splits else (x[:0], y[:0])
-    solution = solver.solve_logistic(x, y, num_labels, x_val, y_val, score, seed=t.seed)
+    solved = task.solve(x, y, x_val, y_val, t, modules)
+    if isinstance(solved, str):
+        accelerator.print(f"adapt.solve_head: {solved}; training the head with AdamW instead.")
+        return None
+    solution, method = solved
     solver.write_into(layers, solution.weight, solution.bias)
     seconds = time.perf_counter() - start
-    accelerator.print(f"head solved: logistic regression, C={solution.c:g} chosen by {solution.selected_on} "
-                      f"{t.metric_for_best} in {seconds:.1f}s")
+    accelerator.print(f"head solved: {method}, C={solution.c:g} chosen by {solution.selected_on} {t.metric_for_best} in {seconds:.1f}s")
     final = {}
     for split, ds in splits.items():
         if split != "train":
             order, dl = eval_dataloader(ds, collate, t.eval_batch_size)
-            final[split] = evaluate(cached, accelerator.prepare(dl), accelerator, modules, order)
+            final[split] = evaluate(cached, accelerator.prepare(dl), accelerator, modules, order, task=task)
     return {"model": cached, "history": [], "step_log": [], "best_step": 0, "steps": 0, "train_seconds": seconds,
             "results": {s: r["metrics"] for s, r in final.items()}, "predictions": {s: r["predictions"] for s, r in final.items()},
-            "solver": {"method": "logistic regression (L2, lbfgs)", "C": solution.c, "selected_on": solution.selected_on,
+            "logits": {s: r["logits"] for s, r in final.items()},
+            "solver": {"method": method, "C": solution.c, "selected_on": solution.selected_on,
                        "metric": t.metric_for_best, "path": solution.path}}

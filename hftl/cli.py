@@ -14,18 +14,15 @@ preempted the run (hftl/launch.py).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shlex
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "text" / "minilm_vader_full.yaml"
-RECIPES = {
-    "text-classification": "recipes.text_classification",
-    "audio-classification": "recipes.audio_classification",
-    "image-classification": "recipes.image_classification",
-}
+# The presets: recipes/configs/ in a checkout; a wheel carries them inside the package as hftl/configs/.
+PRESETS = next((p for p in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[1] / "recipes" / "configs")
+                if p.is_dir()), Path(__file__).resolve().parents[1] / "recipes" / "configs")
+DEFAULT_CONFIG = PRESETS / "text" / "minilm_vader_full.yaml"
 
 EPILOG = """examples:
   hftl train                                   # the embedded default: MiniLM on the VADER lexicon, offline
@@ -70,7 +67,9 @@ def _train(args) -> int:
         print(describe())
         return 0
     cfg = _load(args.config, list(args.overrides))
-    _recipe(cfg.task).main(cfg)
+    from hftl import recipe
+
+    recipe.train(cfg)
     return 0
 
 
@@ -80,46 +79,41 @@ def _load(config: str | None, overrides: list[str]):
     if config is not None and "=" in config and not Path(config).exists():
         overrides.insert(0, config)  # `hftl train train.epochs=1` means: default preset + override
         config = None
-    return load_config(config or DEFAULT_CONFIG, overrides)
+    return load_config(preset(config) if config else DEFAULT_CONFIG, overrides)
 
 
-def _recipe(task: str):
-    if task not in RECIPES:  # load_config refuses it first; a Config built in code reaches here
-        from hftl.config import ConfigError
-
-        raise ConfigError(f"task='{task}' has no recipe; choose one of {', '.join(RECIPES)}.")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout's recipes/ package
-    return importlib.import_module(RECIPES[task])
-
-
-def _modality(task: str):
-    """The recipe's Modality for `task`."""
-    from hftl.run import Modality
-
-    return next(v for v in vars(_recipe(task)).values() if isinstance(v, Modality) and v.pipeline_tag == task)
+def preset(config: str) -> Path:
+    """A config path as given, else the preset it names: `recipes/configs/text/x.yaml` (or `text/x.yaml`) also works
+    from an installed wheel, whose presets live inside the package."""
+    path = Path(config)
+    if path.exists():
+        return path
+    parts = path.parts[2:] if path.parts[:2] == ("recipes", "configs") else path.parts
+    packaged = PRESETS.joinpath(*parts) if parts else None
+    return packaged if packaged is not None and packaged.is_file() else path
 
 
 def _push(args) -> int:
     from hftl.config import load_config
     from hftl.hub import OutputError
-    from hftl.run import push
+    from hftl.recipe import push
 
     config = Path(args.out_dir) / "hftl_config.yaml"
     if not config.is_file():
         raise OutputError(f"'{config}' does not exist; `hftl push` publishes a folder written by `hftl train` (give its output.dir).")
     cfg = load_config(config, ["hub.push=true", *args.overrides])
-    url, checked = push(args.out_dir, cfg, _modality(cfg.task))
+    url, checked = push(args.out_dir, cfg)
     print(f"Pushed {url} (round trip: files identical, {checked} validation predictions identical)")
     return 0
 
 
 def _rank(args) -> int:
-    from hftl import rank
+    from hftl import modalities, rank
 
     # `--models A B key=value`: argparse hands the overrides after --models to it; a model name has no '='.
     models = [m for m in args.models if "=" not in m or Path(m).exists()]
     cfg = _load(args.config, [*args.overrides, *(m for m in args.models if m not in models)])
-    result = rank.rank(cfg, _modality(cfg.task), models)
+    result = rank.rank(cfg, modalities.get(cfg.task), models)
     print(rank.table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -29,8 +29,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from huggingface_hub import ModelCard
 
-from . import adapt, cards, plots
-from .cli import _recipe
+from . import adapt, cards, plots, recipe
 from .config import Config, ConfigError, _flatten as flat, load_config, to_dict
 from .train import NonFiniteLossError
 
@@ -52,9 +51,9 @@ PRETRAINED_ONLY = ("adapt.freeze_feature_encoder", "adapt.l2sp", "adapt.layer_lr
 
 
 def train(cfg: Config) -> dict:
-    """One ordinary `hftl train` run of `cfg`, through its task's recipe; returns its results. The one place `hftl compare`
-    and `hftl tune` start a run."""
-    return _recipe(cfg.task).main(cfg)
+    """One ordinary `hftl train` run of `cfg` (hftl/recipe.py); returns its results. The one place `hftl compare` and
+    `hftl tune` start a run."""
+    return recipe.train(cfg)
 
 
 def parse_budgets(values) -> list[int | None]:
@@ -218,6 +217,10 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     returns report.json's content. `command` is quoted in the report. Learning rates per (mode, budget): the grid
     base rate x `lr_scales` (widened once at an edge), or `lr_trials` Optuna trials over its range (hftl[tune])."""
     out = Path(out)
+    from .tasks.single_label import SingleLabel
+
+    # Label budgets are rows per class: compare's runs are single-label, whose task fills in what the config leaves.
+    base = SingleLabel([]).configure(base)
     metric, better = base.train.metric_for_best, base.train.greater_is_better
     modes, budgets = modes_to_run(modes), parse_budgets(budgets)
     if not seeds or not all(str(s).isdigit() for s in seeds):

@@ -34,6 +34,11 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd")
 AUGMENTS = {"audio-classification": ("speed", "gain", "noise"), "image-classification": ("crop", "flip")}
 # The metric modules hftl ships (hftl/metrics/<name>/<name>.py): each reports one score under its own name.
 SHIPPED_METRICS = tuple(sorted(p.name for p in (Path(__file__).parent / "metrics").iterdir() if (p / f"{p.name}.py").is_file()))
+# What each task (hftl/tasks/, by its name) reports: its shipped metrics (its train.metrics when that is null), the
+# first being its train.metric_for_best when that is null. Evaluation adds 'loss'.
+TASK_METRICS = {"single_label": ("accuracy", "f1", "precision", "recall")}
+# Metrics that are better lower (train.greater_is_better=null follows this); any other is better higher.
+LOWER_IS_BETTER = ("loss",)
 
 
 @dataclass
@@ -138,14 +143,16 @@ class TrainConfig:
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step.", "range": "[1, inf)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off).", "range": "[0, inf)"})
+    class_weights: Optional[list] = field(default=None, metadata={"help": "Single-label: weigh each class's cross-entropy: balanced (n / (classes x rows of the class) over the training split, scikit-learn's) or a list of one weight per label, in label order. null: all 1."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Single-label: cross-entropy against targets smoothed by this much (torch's label_smoothing).", "range": "[0, 1)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each layer's activations in backward instead of keeping them (transformers' activation checkpointing; works with the peft modes): less memory, about a third more time per step."})
     compile: bool = field(default=False, metadata={"help": "Compile the model's forward with torch.compile (in place, nn.Module.compile) before training; the first steps take longer while it compiles."})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (fp32 on every device: on an H200 bf16 was slower for MiniLM and bert-base, see scripts/results/precision_h200.md), no, bf16 or fp16 (autocast; worth it for large models: measure with scripts/bench_precision.py).", "choices": ("auto", "no", "bf16", "fp16")})
     seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and dropout.", "range": "[0, 4294967295]"})
     cpu_mmap_threshold_mib: Optional[float] = field(default=2.0, metadata={"help": "CPU training on Linux (glibc): memory blocks of at least this many MiB get their own mapping, returned to the system when freed, so peak memory follows the tensors alive (MiniLM full fine-tuning on SST-2, 2 CPU cores: 2,004 instead of 2,235 MiB at the same speed, BENCHMARKS.md; 1 MiB saved ~80 MiB more but trained 20% slower). null: glibc's adaptive default. The MALLOC_MMAP_THRESHOLD_ environment variable wins.", "range": "(0, 32]"})
-    metrics: list = field(default_factory=lambda: ["accuracy", "f1", "precision", "recall"], metadata={"help": "evaluate metrics; shipped offline: accuracy, f1, precision, recall (macro). Any Hub metric name works online."})
-    metric_for_best: str = field(default="accuracy", metadata={"help": "Validation metric that selects the best epoch."})
-    greater_is_better: bool = field(default=True, metadata={"help": "Whether a larger metric_for_best is better."})
+    metrics: Optional[list] = field(default=None, metadata={"help": "evaluate metrics; shipped offline: accuracy, f1, precision, recall (macro). Any Hub metric name works online. null: the task's (single-label: accuracy, f1, precision, recall)."})
+    metric_for_best: Optional[str] = field(default=None, metadata={"help": "Validation metric that selects the best epoch (or loss). null: the task's (single-label: accuracy)."})
+    greater_is_better: Optional[bool] = field(default=None, metadata={"help": "Whether a larger metric_for_best is better. null: from the metric (loss is better lower, the others higher)."})
     early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop after this many evaluations without improvement.", "range": "[1, inf)"})
     evals_per_epoch: int = field(default=1, metadata={"help": "Evaluations per epoch.", "range": "[1, inf)"})
     log_every: int = field(default=20, metadata={"help": "Log the training loss every N optimizer steps.", "range": "[1, inf)"})
@@ -472,11 +479,19 @@ def _validate_combinations(cfg: Config) -> None:
             raise ConfigError(f"data.augment has {unknown}, which {what} not know; choose from {', '.join(allowed)}.")
     t = cfg.train
     # The shipped metrics each report one score under their own name (and evaluation adds 'loss'); a Hub metric may
-    # report others, which only its first evaluation shows.
-    if t.metric_for_best != "loss" and t.metric_for_best not in t.metrics and all(m in SHIPPED_METRICS for m in t.metrics):
-        raise ConfigError(f"train.metric_for_best='{t.metric_for_best}' is not computed: validation reports "
-                          f"{', '.join([*t.metrics, 'loss'])} (train.metrics, plus loss). Choose one of those, or add it "
-                          "to train.metrics.")
+    # report others, which only its first evaluation shows. With train.metrics=null the task's are computed, which the
+    # task checks again once the labels say which task it is (hftl/tasks/).
+    best = t.metric_for_best
+    if best is not None and best != "loss":
+        listed = t.metrics if t.metrics is not None else None
+        if listed is not None and best not in listed and all(m in SHIPPED_METRICS for m in listed):
+            raise ConfigError(f"train.metric_for_best='{best}' is not computed: validation reports "
+                              f"{', '.join([*listed, 'loss'])} (train.metrics, plus loss). Choose one of those, or add it "
+                              "to train.metrics.")
+        if listed is None and not any(best in names for names in TASK_METRICS.values()):
+            reports = "; ".join(f"{', '.join([*names, 'loss'])} (the {task} task)" for task, names in TASK_METRICS.items())
+            raise ConfigError(f"train.metric_for_best='{best}' is not computed: validation reports {reports} (train.metrics=null: "
+                              "the task's metrics, plus loss). Choose one of those, or name it in train.metrics.")
 
 
 
@@ -489,7 +504,7 @@ def check_choices(cfg: Config) -> None:
     unknown = [name for name in t.report_to or () if name not in TRACKERS]
     if unknown:
         raise ConfigError(f"train.report_to has {unknown}; choose from {', '.join(TRACKERS)} (or null for none).")
-    if t.metric_for_best.startswith("eval_"):
+    if (t.metric_for_best or "").startswith("eval_"):
         raise ConfigError(f"train.metric_for_best='{t.metric_for_best}': hftl names metrics without Trainer's eval_ prefix: "
                           f"train.metric_for_best={_no_eval_prefix(t.metric_for_best)}.")
 

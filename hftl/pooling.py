@@ -143,8 +143,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 class PooledClassifier(nn.Module):
     """backbone (AutoModel) -> pooled token vectors [-> L2 normalisation] -> linear classifier.
 
-    Called like a transformers classifier (`model(**batch)` -> SequenceClassifierOutput with `loss` when `labels` is
-    given); `config` is the backbone's, carrying the label names. The backbone's own pooler (BERT) is not used: it is
+    Called like a transformers classifier (`model(**batch)` -> SequenceClassifierOutput; the loop computes the task's
+    loss on its logits); `config` is the backbone's, carrying the label names. The backbone's own pooler (BERT) is not used: it is
     taken out of the module tree, so no optimizer or DDP sees parameters without gradients, and put back when saved,
     so the saved backbone is the checkpoint's architecture, whole."""
 
@@ -163,16 +163,14 @@ class PooledClassifier(nn.Module):
         self.classifier.weight.data.normal_(0.0, getattr(self.config, "initializer_range", 0.02))
         self.classifier.bias.data.zero_()
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **inputs) -> SequenceClassifierOutput:
+    def forward(self, input_ids=None, attention_mask=None, **inputs) -> SequenceClassifierOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.representation.pooling)
         if self.representation.normalize:
             pooled = F.normalize(pooled, p=2, dim=-1)
-        logits = self.classifier(pooled)
-        loss = None if labels is None else F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
 
     # The processor (tokenizer) goes beside the backbone, where sentence-transformers' Transformer module reads it.
     processor_subfolder = "0_Transformer"

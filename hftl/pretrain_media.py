@@ -44,6 +44,8 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 from . import checkpoint, hub, train
 from .config import Config, ConfigError
 from .data import FORMATS, DataError, _load_file
+from .hooks import Hook
+from .tasks import Task
 
 OBJECTIVES = ("wav2vec2", "mim")
 TASKS = {"wav2vec2": "audio-classification", "mim": "image-classification"}
@@ -133,10 +135,20 @@ class Wav2Vec2Objective(nn.Module):
         masked = mask_time_indices.sum()
         # No masked frame at all (every clip shorter than two frames): a zero loss that still touches the weights.
         loss = out.loss / masked if masked else sum(p.sum() for p in self.model.parameters()) * 0.0
-        return ModelOutput(loss=loss)
+        return ModelOutput(loss=loss, logits=loss)  # 'logits': what SelfSupervised hands the loop as the loss
 
 
-class Gumbel:
+class SelfSupervised(Task):
+    """The stage's task for the shared loop: the objective module computes its own loss (its masks and negatives are
+    drawn inside forward) and returns it as its output, so the task's loss is that output; the rows' labels are a
+    placeholder. The stage never evaluates through the loop, so it predicts nothing."""
+    name = "self_supervised"
+
+    def loss(self, logits, labels, reduction="mean"):
+        return logits
+
+
+class Gumbel(Hook):
     """fit hook: the quantizer's Gumbel-softmax temperature, decayed per optimizer step as the example does."""
 
     def on_step(self, model, step, epoch):
@@ -166,7 +178,8 @@ class MimObjective(nn.Module):
     def forward(self, pixel_values, bool_masked_pos=None, **_) -> ModelOutput:
         if bool_masked_pos is None:
             bool_masked_pos = image_masks(self.model.config, len(pixel_values), self.ratio, self.patch).to(pixel_values.device)
-        return ModelOutput(loss=self.model(pixel_values, bool_masked_pos=bool_masked_pos).loss)
+        loss = self.model(pixel_values, bool_masked_pos=bool_masked_pos).loss
+        return ModelOutput(loss=loss, logits=loss)
 
 
 def build(objective: str, path: str, cfg: Config):
@@ -310,12 +323,14 @@ def continue_pretraining(cfg: Config, objective: str, path: str, splits, process
     root = checkpoint.root(cfg) / "pretrain"
     resume = t.resume if t.resume in (None, "auto") or Path(t.resume).resolve().is_relative_to(root.resolve()) else None
     stage = replace(cfg, train=replace(t, epochs=a.pretrain_epochs, max_steps=None, min_steps=None, learning_rate=a.pretrain_learning_rate,
-                                       scheduler="linear", checkpoint_dir=str(root), resume=resume, early_stopping_patience=None),
+                                       scheduler="linear", checkpoint_dir=str(root), resume=resume, early_stopping_patience=None,
+                                       metrics=[], metric_for_best="loss", greater_is_better=False),
                     hub=replace(cfg.hub, strategy="end"))
     np.random.seed(t.seed + accelerator.process_index)  # each process its own masks (the loop saves and restores this state)
     accelerator.print(f"adapt.pretrain={objective}: {len(parts['train'])} unlabelled inputs from {source} "
                       f"({len(parts['test'])} held out)")
-    result = train.fit(objective_module, DatasetDict(train=encoded["train"]), collator, stage, accelerator, hooks)
+    result = train.fit(objective_module, DatasetDict(train=encoded["train"]), collator, stage, accelerator, hooks,
+                       task=SelfSupervised(["unlabelled"]))
     objective_module = result["model"]
     after = heldout_loss(objective_module, heldout, accelerator)
     if not math.isfinite(after):

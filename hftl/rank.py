@@ -1,6 +1,6 @@
 """`hftl rank`: order candidate checkpoints for a task by transferability estimates, before training any.
 
-Each candidate is loaded the way `hftl train` loads it (hftl/run.py: its processor, the same rows and
+Each candidate is loaded the way `hftl train` loads it (hftl/recipe.py: its processor, the same rows and
 preparation, a classifier for the task's labels); the features its classification head would read for
 each training row are extracted once (hftl/cache.py: head modules swapped for nn.Identity) and scored
 with LogME and H-score (hftl/estimates.py). The features are stored under the same cache file name a
@@ -21,7 +21,8 @@ from datasets import DatasetDict
 
 from . import adapt, cache, estimates, models
 from .config import Config, ConfigError
-from .run import Modality, load_checked
+from .modalities import Modality
+from .recipe import load_checked
 from .train import make_accelerator, tensor_core_padding
 
 SCRATCH = "scratch:"
@@ -32,7 +33,7 @@ def rank(cfg: Config, modality: Modality, candidates: list[str]) -> dict:
     if not candidates:
         raise ConfigError("`hftl rank` needs checkpoints to compare: --models NAME [NAME ...] (Hub ids, local folders, or scratch:NAME).")
     accelerator = make_accelerator(cfg.train)
-    splits, source, _ = load_checked(cfg, modality)  # the raw rows do not depend on the checkpoint: read them once
+    splits, source, _, _ = load_checked(cfg, modality)  # the raw rows do not depend on the checkpoint: read them once
     labels = splits["train"].features["labels"].names
     # Every candidate's processor first, so a misspelt name fails now rather than after the others' features.
     loaded = [_processor(cfg, modality, candidate) for candidate in candidates]

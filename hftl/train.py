@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import accelerate.utils
+import numpy as np
 import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator, tracking
@@ -170,7 +171,7 @@ def param_groups(params, weight_decay: float, **extra) -> list[dict]:
 def _optimizer(model, cfg: TrainConfig, hooks=()) -> torch.optim.Optimizer:
     # A hook may lay out the groups itself (per-layer rates; layers that become trainable later). AdamW skips a
     # parameter whose .grad is None, so a frozen one in a group stays bit-identical until it is unfrozen.
-    groups = next((g for h in hooks if hasattr(h, "param_groups") and (g := h.param_groups(model)) is not None), None)
+    groups = next((g for h in hooks if (g := h.param_groups(model)) is not None), None)
     if groups is None:
         groups = param_groups([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -315,37 +316,43 @@ def token_slices(batch: dict, max_tokens: int | None):
 
 
 def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order: list[int] | None = None,
-             max_tokens: int | None = None) -> dict:
-    """Metrics, mean loss and predictions over every example exactly once (gather_for_metrics).
+             max_tokens: int | None = None, task=None) -> dict:
+    """Metrics, mean loss, predictions and the model's outputs over every example exactly once (gather_for_metrics).
 
-    `order[i]` is the original row of the i-th example the dataloader yields; predictions come back in row order.
-    `max_tokens` (train.eval_batch_tokens): the model runs on row slices of a text batch with at most this many padded
-    tokens, so a batch of the longest rows needs no more memory than one of short rows."""
+    `task` (hftl/tasks/) says what a prediction is and computes the loss and the metrics. `order[i]` is the original row
+    of the i-th example the dataloader yields; predictions and outputs ('logits') come back in row order. `max_tokens`
+    (train.eval_batch_tokens): the model runs on row slices of a text batch with at most this many padded tokens, so a
+    batch of the longest rows needs no more memory than one of short rows. No `task`: single-label classification."""
+    task = task or _single_label()
     model.eval()
-    preds, refs, losses = [], [], []
+    outputs, refs, losses = [], [], []
     with torch.inference_mode():
         for batch in dataloader:
-            windows = batch.pop("num_windows", None)
-            logits, labels = torch.cat([model(**part).logits for part in token_slices(batch, max_tokens)]), batch["labels"]
+            windows, labels = batch.pop("num_windows", None), batch.pop("labels")
+            logits = torch.cat([model(**part).logits for part in token_slices(batch, max_tokens)]).float()
             if windows is not None:  # examples cut into several model inputs (audio windows): average their logits
                 logits, labels = average_windows(logits, labels, windows)
             # Loss per example, not the batch mean: the mean over the split then weighs every example once,
             # however the batches fell (a short last batch, or one that even_batches padded on another process).
-            p, r, loss = accelerator.gather_for_metrics(
-                (logits.argmax(-1), labels, torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"))
-            )
-            preds.append(p.cpu()), refs.append(r.cpu()), losses.append(loss.float().cpu())
+            out, ref, loss = accelerator.gather_for_metrics((logits, labels, task.loss(logits, labels, reduction="none")))
+            outputs.append(out.cpu()), refs.append(ref.cpu()), losses.append(loss.float().cpu())
     model.train()
-    preds, refs = torch.cat(preds).tolist(), torch.cat(refs).tolist()
+    logits = torch.cat(outputs).numpy()
+    preds = task.predict(logits)
     # Score while predictions and references are still in the same (loader) order.
-    scores = metrics_lib.compute(metric_modules, preds, refs)
+    scores = task.compute(metric_modules, preds, task.references(torch.cat(refs).numpy()))
     scores["loss"] = float(torch.cat(losses).mean())
     if order is not None:
-        unsorted = [0] * len(preds)
-        for i, row in enumerate(order):
-            unsorted[row] = preds[i]
-        preds = unsorted
-    return {"metrics": scores, "predictions": preds}
+        back = np.empty(len(order), dtype=np.int64)
+        back[order] = np.arange(len(order))  # back[row]: where the loader yielded that row
+        preds, logits = [preds[i] for i in back], logits[back]
+    return {"metrics": scores, "predictions": preds, "logits": logits}
+
+
+def _single_label():
+    from .tasks.single_label import SingleLabel
+
+    return SingleLabel([])
 
 
 def _snapshot(model, held: set[int]) -> dict[str, torch.Tensor]:
@@ -385,23 +392,126 @@ class LoopState:
         vars(self).update(state)
 
 
-def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Accelerator, hooks=()) -> dict:
-    """Train, evaluate on validation during training, restore the best evaluation, evaluate again.
+class Checkpoints:
+    """A fit's checkpoints (hftl/checkpoint.py): resuming from one, one every train.save_every steps and at the last
+    step, and one when a stop signal arrives (then the run exits with 143). `run` is what a checkpoint must share with
+    this run to continue it exactly; `bounds`, what loop.json's step, epoch and batch must fit."""
 
-    Checkpoints (hftl/checkpoint.py) every train.save_every steps and when SIGTERM/SIGUSR1 arrives (then
-    exits with 143); train.resume continues from one with the same data order, RNG state and losses.
+    def __init__(self, cfg: Config, accelerator: Accelerator, run: dict, bounds: dict):
+        self.cfg, self.accelerator, self.run, self.bounds = cfg, accelerator, run, bounds
+        self.root = checkpoint.root(cfg)
 
-    `hooks` are what the adaptation options (hftl/adapt) add to the plain loop; each is an object with any of:
-      param_groups(model) -> list[dict] | None   the optimizer's groups (the first hook that returns some wins)
-      setup(accelerator, total_steps, steps_per_epoch)   after accelerator.prepare (e.g. prepare its own dataloader)
-      on_step(model, step, epoch)                before each optimizer step's batches (e.g. unfreeze layers)
-      after_optimizer_step(model, step)          after optimizer.step(), gradients still there (AdaLoRA's rank budget)
-      batch_keys: tuple[str, ...]                batch columns the hook reads that the model must not receive
-      loss(model, batch, outputs, loss, progress) -> loss   the loss to back-propagate; progress in [0, 1]
-    They run in order; a loss hook gets the previous hook's loss."""
+    def resume(self, scheduler, loop: LoopState) -> None:
+        path = checkpoint.find_resume(self.cfg, self.run, self.accelerator, self.bounds)
+        if path is not None:
+            checkpoint.load(self.accelerator, path, scheduler, loop)
+            self.accelerator.print(f"Resumed from {path}: step {loop.step} of {self.bounds['total_steps']}, epoch {loop.epoch}, "
+                                   f"batch {loop.batches}")
+
+    def after_step(self, loop: LoopState, scheduler, seconds: float, stop_asked: bool) -> None:
+        """With checkpoints on, every train.save_every steps and the last step (as Trainer's: if the final write fails, a
+        full disk, train.resume=auto finishes the run from it without training again); always on a stop signal."""
+        t = self.cfg.train
+        last = loop.step >= self.bounds["total_steps"] or loop.stopped
+        if not ((t.save_every and (loop.step % t.save_every == 0 or last)) or stop_asked):
+            return
+        loop.seconds = seconds
+        path = checkpoint.save(self.accelerator, self.root, loop.step, t.keep_last, self.run,
+                               publish=lambda folder: hub.push_checkpoint(folder, self.cfg.hub), scheduler=scheduler, loop=loop)
+        if stop_asked:
+            self.accelerator.print(f"Stop signal received: saved {path} (step {loop.step}); exiting with code "
+                                   f"{checkpoint.EXIT_PREEMPTED}. Rerun with train.resume=auto to continue.")
+            raise checkpoint.Preempted()
+
+    def newest(self) -> Path | None:
+        kept = checkpoint.complete(self.root)
+        return kept[-1] if kept else None
+
+    def of_step(self, step: int) -> Path | None:
+        """The complete checkpoint of `step`, if one was written."""
+        folder = self.root / f"step-{step}"
+        return folder if (folder / checkpoint.MARKER).is_file() else None
+
+
+class Selection:
+    """Which evaluation's weights are the result (train.metric_for_best), and early stopping
+    (train.early_stopping_patience). Its state lives in the LoopState, so a resumed run continues it."""
+
+    def __init__(self, t: TrainConfig, accelerator: Accelerator, held: set[int], steps_per_epoch: int):
+        self.t, self.accelerator, self.held, self.steps_per_epoch = t, accelerator, held, steps_per_epoch
+        self.sign = 1 if t.greater_is_better else -1
+
+    def observe(self, loop: LoopState, scores: dict, model, last: bool = False) -> None:
+        """Record a validation evaluation at loop.step; keep a copy of the weights when it is the best so far (not
+        `last`: after the last step the weights in place are the best, nothing to copy and restore)."""
+        t = self.t
+        if t.metric_for_best not in scores:
+            raise ConfigError(f"train.metric_for_best='{t.metric_for_best}' is not computed; validation gives {sorted(scores)}.")
+        entry = {"step": loop.step, "epoch": round(loop.step / self.steps_per_epoch, 3),
+                 "train_loss": loop.running / max(loop.n_running, 1), **{f"eval_{k}": v for k, v in scores.items()}}
+        loop.history.append(entry)
+        loop.running, loop.n_running = 0.0, 0
+        self.accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        for listen in EVALUATION_LISTENERS:
+            listen(entry, last)
+        if t.report_to:
+            self.accelerator.log({**{f"eval/{k}": v for k, v in scores.items()}, "train/epoch": entry["epoch"],
+                                  "train/mean_loss": entry["train_loss"]}, step=loop.step)
+        if loop.best is None or self.sign * scores[t.metric_for_best] > self.sign * loop.best["metrics"][t.metric_for_best]:
+            loop.best, loop.bad_evals = {"step": loop.step, "metrics": scores}, 0
+            loop.best_state = None  # the old copy goes before the new one is made: never two in memory
+            if not last:
+                loop.best_state = _snapshot(self.accelerator.unwrap_model(model), self.held)
+        else:
+            loop.bad_evals += 1
+            if t.early_stopping_patience and loop.bad_evals >= t.early_stopping_patience:
+                self.accelerator.print(f"early stopping: no {t.metric_for_best} gain in {loop.bad_evals} evaluations")
+                loop.stopped = True
+
+    def restore(self, loop: LoopState, model) -> bool:
+        """Put the best evaluation's weights back when an earlier one than the last state was best; whether it did."""
+        if loop.best_state is None:
+            return False
+        model.load_state_dict(loop.best_state, strict=False)
+        return True
+
+
+def _batch_loss(model, batch: dict, task, hooks, hook_keys: set[str], progress: float):
+    """The loss of one batch: the task's on the model's outputs, then each hook's in order."""
+    labels = batch.pop("labels")
+    extra = {k: batch.pop(k) for k in hook_keys if k in batch}
+    outputs = model(**batch)
+    loss = task.loss(outputs.logits, labels)
+    for h in hooks:
+        loss = h.loss(model, {**batch, **extra, "labels": labels}, outputs, loss, progress)
+    return loss
+
+
+def _all_processes(loss, stopping: bool, accelerator: Accelerator) -> tuple[float, float]:
+    """One collective per batch, before backward: the loss summed over processes (non-finite when any process's is, so
+    every process stops together and no NaN reaches the weights) and how many processes received a stop signal."""
+    total, asked = accelerator.reduce(
+        torch.stack([loss.detach().float(), torch.tensor(float(stopping), device=loss.device)]), reduction="sum").tolist()
+    return total, asked
+
+
+def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Accelerator, hooks=(), task=None) -> dict:
+    """Train, evaluate on validation during training, restore the best evaluation, evaluate every other split.
+
+    `task` (hftl/tasks/) gives the loss and what evaluation predicts and scores; `cfg.train`'s metrics must be concrete
+    (`task.configure`). Checkpoints (`Checkpoints`) every train.save_every steps and when SIGTERM/SIGUSR1 arrives (then
+    exits with 143); train.resume continues from one with the same data order, RNG state and losses. `Selection` keeps
+    the best evaluation's weights and stops early.
+
+    `hooks` (`hftl.hooks.Hook`) are what the adaptation modes and options (hftl/adapt) add to the plain loop; every
+    method of every hook is called, in order; a loss hook gets the previous hook's loss."""
+    task = task or _single_label()
+    cfg = task.configure(cfg)
     t = cfg.train
     checkpoint.check_settings(cfg)
     return_freed_blocks(t.cpu_mmap_threshold_mib, accelerator.device)
+
+    # ---- setup: loaders, optimizer, schedule, resume
     train_dl = train_dataloader(encoded["train"], collator, t)
     orders, eval_dls = {}, {}
     for split in encoded:  # validation, and test / target (data.target's labels) when present
@@ -420,36 +530,33 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     # Not prepared: Accelerate's scheduler wrapper steps once per process, and our steps are already per process.
     scheduler = make_scheduler(optimizer, t, total_steps)
     for h in hooks:
-        if hasattr(h, "setup"):
-            h.setup(accelerator, total_steps, steps_per_epoch)
+        h.setup(accelerator, total_steps, steps_per_epoch)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    hook_keys = {k for h in hooks for k in getattr(h, "batch_keys", ())}
-    loss_hooks = [h for h in hooks if hasattr(h, "loss")]
-    step_hooks = [h for h in hooks if hasattr(h, "on_step")]
-    after_hooks = [h for h in hooks if hasattr(h, "after_optimizer_step")]
+    hook_keys = {k for h in hooks for k in h.batch_keys}
     loop = LoopState()
-    # What a checkpoint must share with this run to continue it exactly.
     run = {"processes": accelerator.num_processes, "train.batch_size": t.batch_size, "train.seed": t.seed,
            "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.group_by_length": t.group_by_length,
            "train.optimizer": t.optimizer,
            "training rows": len(encoded["train"]), "total optimizer steps (train.epochs, train.max_steps)": total_steps}
-    ckpt_dir = checkpoint.root(cfg)
-    # What loop.json's step, epoch and batch must fit.
     bounds = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "batches_per_epoch": len(train_dl),
               "accumulation": t.gradient_accumulation_steps}
-    resume = checkpoint.find_resume(cfg, run, accelerator, bounds)
-    if resume is not None:
-        checkpoint.load(accelerator, resume, scheduler, loop)
-        accelerator.print(f"Resumed from {resume}: step {loop.step} of {total_steps}, epoch {loop.epoch}, batch {loop.batches}")
+    checkpoints = Checkpoints(cfg, accelerator, run, bounds)
+    checkpoints.resume(scheduler, loop)
     eval_every = max(1, steps_per_epoch // max(1, t.evals_per_epoch))
     # Without a validation split (data.validation_fraction=0: few labels, all of them for training) nothing is
     # selected during training: the last state is the result, scored on the other splits.
     validating = "validation" in eval_dls
     metric_modules = metrics_lib.load_metrics(t.metrics)
+    selection = Selection(t, accelerator, held, steps_per_epoch)
     if t.report_to:
         start_trackers(accelerator, cfg)
 
-    sign = 1 if t.greater_is_better else -1
+    def validate(last: bool = False, order=None) -> dict:
+        result = evaluate(model, eval_dls["validation"], accelerator, metric_modules, order, t.eval_batch_tokens, task)
+        selection.observe(loop, result["metrics"], model, last)
+        return result
+
+    # ---- train
     # Redraw rarely when the output is a log file rather than a terminal.
     bar = tqdm(total=total_steps, initial=loop.step, desc="Training", disable=not accelerator.is_local_main_process,
                mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -463,26 +570,17 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
             batches = accelerator.skip_first_batches(train_dl, loop.batches) if loop.batches else train_dl
             for batch in batches:
                 if step_batches == 0:
-                    for h in step_hooks:
+                    for h in hooks:
                         h.on_step(accelerator.unwrap_model(model), loop.step, loop.epoch)
                 with accelerator.accumulate(model):
-                    extra = {k: batch.pop(k) for k in hook_keys if k in batch}
-                    out = model(**batch)
-                    loss = out.loss
-                    for h in loss_hooks:
-                        loss = h.loss(model, {**batch, **extra}, out, loss, loop.step / total_steps)
-                    # One collective per batch, before backward: the loss summed over processes (non-finite when any
-                    # process's is, so every process stops together and no NaN reaches the weights) and the number of
-                    # processes that received a stop signal.
-                    total, asked = accelerator.reduce(
-                        torch.stack([loss.detach().float(), torch.tensor(float(bool(signals)), device=loss.device)]), reduction="sum"
-                    ).tolist()
+                    loss = _batch_loss(model, batch, task, hooks, hook_keys, loop.step / total_steps)
+                    total, asked = _all_processes(loss, bool(signals), accelerator)
                     if not math.isfinite(total):
-                        kept = checkpoint.complete(ckpt_dir)
+                        kept = checkpoints.newest()
                         raise NonFiniteLossError(
                             f"non-finite training loss ({total}) at optimizer step {loop.step + 1} on at least one process; "
                             f"every process stopped before applying it"
-                            + (f" (the last complete checkpoint, {kept[-1]}, is untouched)" if kept else "")
+                            + (f" (the last complete checkpoint, {kept}, is untouched)" if kept else "")
                             + ". Lower train.learning_rate, set train.max_grad_norm, or train.mixed_precision=no."
                         )
                     accelerator.backward(loss)
@@ -490,7 +588,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
-                        for h in after_hooks:
+                        for h in hooks:
                             h.after_optimizer_step(accelerator.unwrap_model(model), loop.step + 1)
                     optimizer.zero_grad()
                 stop_asked = stop_asked or asked > 0
@@ -513,20 +611,8 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
                         accelerator.log({"train/loss": loop.log[-1]["loss"], "train/lr": lr}, step=loop.step)
                 # The last step's evaluation runs after the loop, once the optimizer's state is gone (see below).
                 if validating and loop.step % eval_every == 0 and loop.step < total_steps:
-                    _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign, steps_per_epoch,
-                                              held)
-                # With checkpoints on, the last step gets one too (as Trainer's): if the final write fails (a full
-                # disk), train.resume=auto finishes the run from it without training again.
-                last = loop.step >= total_steps or loop.stopped
-                if (t.save_every and (loop.step % t.save_every == 0 or last)) or stop_asked:
-                    loop.seconds = time.perf_counter() - start
-                    path = checkpoint.save(accelerator, ckpt_dir, loop.step, t.keep_last, run,
-                                           publish=lambda folder: hub.push_checkpoint(folder, cfg.hub),
-                                           scheduler=scheduler, loop=loop)
-                    if stop_asked:
-                        accelerator.print(f"Stop signal received: saved {path} (step {loop.step}); exiting with code "
-                                          f"{checkpoint.EXIT_PREEMPTED}. Rerun with train.resume=auto to continue.")
-                        raise checkpoint.Preempted()
+                    validate()
+                checkpoints.after_step(loop, scheduler, time.perf_counter() - start, stop_asked)
                 if loop.step >= total_steps or loop.stopped:
                     break
     bar.close()
@@ -537,26 +623,24 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
     del optimizer, scheduler
     accelerator.free_memory()
 
+    # ---- evaluate: the best state on every split
     unwrapped = accelerator.unwrap_model(model)
     final = {}
     if validating and not loop.stopped and (not loop.history or loop.history[-1]["step"] != loop.step):
         # The last step's evaluation, without the optimizer's state in memory; when these weights are the best it is
         # also the final validation result (one pass over validation, not two).
-        final["validation"] = _evaluate_during_training(model, eval_dls["validation"], accelerator, metric_modules, loop, t, sign,
-                                                        steps_per_epoch, held, last=True, order=orders["validation"])
-    if loop.best_state is not None:  # an earlier evaluation was better: its weights are the result
-        unwrapped.load_state_dict(loop.best_state, strict=False)
+        final["validation"] = validate(last=True, order=orders["validation"])
+    if selection.restore(loop, unwrapped):  # an earlier evaluation was better: its weights are the result
         final.pop("validation", None)
-    final = {split: final.get(split) or evaluate(model, dl, accelerator, metric_modules, orders[split], t.eval_batch_tokens)
+    final = {split: final.get(split) or evaluate(model, dl, accelerator, metric_modules, orders[split], t.eval_batch_tokens, task)
              for split, dl in eval_dls.items()}
     if t.report_to:
         accelerator.log({f"{split}/{k}": v for split, r in final.items() for k, v in r["metrics"].items()}, step=loop.step)
         accelerator.end_training()
-    last_checkpoint = ckpt_dir / f"step-{loop.step}"
     return {
         "model": unwrapped,
         # The complete checkpoint of the state these results come from, if any (the final write's failure names it).
-        "checkpoint": last_checkpoint if (last_checkpoint / checkpoint.MARKER).is_file() else None,
+        "checkpoint": checkpoints.of_step(loop.step),
         "history": loop.history,
         "step_log": loop.log,
         "best_step": loop.best["step"] if loop.best else loop.step,
@@ -564,35 +648,5 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
         "train_seconds": train_seconds,
         "results": {split: r["metrics"] for split, r in final.items()},
         "predictions": {split: r["predictions"] for split, r in final.items()},
+        "logits": {split: r["logits"] for split, r in final.items()},
     }
-
-
-def _evaluate_during_training(model, dataloader, accelerator, metric_modules, loop: LoopState, t: TrainConfig, sign: int,
-                              steps_per_epoch: int, held: set[int], last: bool = False, order: list[int] | None = None) -> dict:
-    """Evaluate on validation, record it, keep a snapshot of the best state, decide on early stopping.
-    Returns evaluate()'s result (predictions in row order when `order` is given)."""
-    result = evaluate(model, dataloader, accelerator, metric_modules, order, t.eval_batch_tokens)
-    scores = result["metrics"]
-    if t.metric_for_best not in scores:
-        raise ConfigError(f"train.metric_for_best='{t.metric_for_best}' is not computed; validation gives {sorted(scores)}.")
-    entry = {"step": loop.step, "epoch": round(loop.step / steps_per_epoch, 3),
-             "train_loss": loop.running / max(loop.n_running, 1), **{f"eval_{k}": v for k, v in scores.items()}}
-    loop.history.append(entry)
-    loop.running, loop.n_running = 0.0, 0
-    accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-    for listen in EVALUATION_LISTENERS:
-        listen(entry, last)
-    if t.report_to:
-        accelerator.log({**{f"eval/{k}": v for k, v in scores.items()}, "train/epoch": entry["epoch"],
-                         "train/mean_loss": entry["train_loss"]}, step=loop.step)
-    if loop.best is None or sign * scores[t.metric_for_best] > sign * loop.best["metrics"][t.metric_for_best]:
-        loop.best, loop.bad_evals = {"step": loop.step, "metrics": scores}, 0
-        loop.best_state = None  # the old copy goes before the new one is made: never two in memory
-        if not last:  # after the last step the weights in place are the best: nothing to copy and restore
-            loop.best_state = _snapshot(accelerator.unwrap_model(model), held)
-    else:
-        loop.bad_evals += 1
-        if t.early_stopping_patience and loop.bad_evals >= t.early_stopping_patience:
-            accelerator.print(f"early stopping: no {t.metric_for_best} gain in {loop.bad_evals} evaluations")
-            loop.stopped = True
-    return result

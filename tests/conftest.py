@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,8 +29,6 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `import recipes.text_classification`
-    sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -36,15 +36,15 @@ class Run:
 
 @pytest.fixture(scope="module", params=list(MODES))
 def run(request, make_cfg, tmp_path_factory):
-    import hftl.run
+    import hftl.recipe
     from peft.tuners.adalora.model import AdaLoraModel
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     mode = request.param
     cfg = make_cfg(tmp_path_factory.mktemp(f"peft_{mode}"),
                    extra={"adapt.mode": mode, "adapt.save_adapter": True, "train.epochs": 5, **MODES[mode][2]})
     seen, allocated = {}, []
-    fit, allocate = hftl.run.fit, AdaLoraModel.update_and_allocate
+    fit, allocate = hftl.recipe.fit, AdaLoraModel.update_and_allocate
 
     def spy_fit(model, *args, **kwargs):
         seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -57,7 +57,7 @@ def run(request, make_cfg, tmp_path_factory):
         return allocate(self, global_step)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hftl.run, "fit", spy_fit)
+        mp.setattr(hftl.recipe, "fit", spy_fit)
         mp.setattr(AdaLoraModel, "update_and_allocate", spy_allocate)
         main(cfg)
     return Run(mode, cfg, seen["trainable"], seen["unmerged"], allocated)

@@ -127,7 +127,7 @@ RUNS = {  # mode -> (architecture, learning rate)
 @pytest.fixture(scope="module", params=list(RUNS))
 def run(request, w2v, clips, tmp_path_factory) -> Run:
     import hftl.models
-    from recipes.audio_classification import main
+    from hftl.recipe import train as main
 
     kind, lr = RUNS[request.param]
     mode = request.param.split("-")[0]
@@ -349,7 +349,7 @@ def test_whole_clip_evaluation_needs_unpadded_batches(w2v):
 
 
 def test_whole_clip_evaluation_runs(w2v, clips, tmp_path):
-    from recipes.audio_classification import main
+    from hftl.recipe import train as main
 
     cfg = audio_cfg(tmp_path / "out", w2v, clips["train"], clips["validation"], data__eval_window="false",
                     train__eval_batch_size=1, train__max_steps=2)
@@ -387,7 +387,7 @@ def with_bad_files(folder: Path, clips: dict[str, Path], kinds: list[str], split
 
 @pytest.mark.parametrize("kind", list(BAD))
 def test_bad_file_stops_before_training(kind, w2v, clips, tmp_path):
-    from recipes.audio_classification import main
+    from hftl.recipe import train as main
 
     train = with_bad_files(tmp_path / "data", clips, [kind])
     cfg = audio_cfg(tmp_path / "out", w2v, train, clips["validation"])
@@ -399,7 +399,7 @@ def test_bad_file_stops_before_training(kind, w2v, clips, tmp_path):
 def test_bad_files_skipped_counted_and_named(w2v, clips, tmp_path, capsys):
     from huggingface_hub import ModelCard
 
-    from recipes.audio_classification import main
+    from hftl.recipe import train as main
 
     train = with_bad_files(tmp_path / "train", clips, list(BAD))
     validation = with_bad_files(tmp_path / "validation", clips, ["truncated"], split="validation")
@@ -497,7 +497,7 @@ def test_freeze_feature_encoder(w2v, tiny_bert):
 
 def test_audiofolder_via_data_dir(w2v, tmp_path):
     """data.data_dir: datasets' audiofolder (class sub-folders), validation carved from train."""
-    from recipes.audio_classification import main
+    from hftl.recipe import train as main
 
     rng = np.random.default_rng(3)
     for i in range(20):

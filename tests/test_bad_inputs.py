@@ -25,7 +25,7 @@ import pytest
 
 from conftest import toy_rows, write_rows
 from test_image import tiny_vit
-from hftl import cli, config, models
+from hftl import cli, config, modalities, models
 
 STAGES = ("config", "model", "data", "load")
 
@@ -328,9 +328,9 @@ def test_bad_input(case: Case, tiny_bert, toy_data, tmp_path, monkeypatch, capsy
         return fail
 
     if case.stage == "config":  # refused when the config is read: no recipe runs at all
-        monkeypatch.setattr(cli, "_recipe", too_far("a recipe ran"))
+        monkeypatch.setattr("hftl.recipe.train", too_far("a recipe ran"))
     if case.stage == "model":  # refused before any data is read
-        monkeypatch.setattr("hftl.run.load_checked", too_far("the data was read"))
+        monkeypatch.setattr("hftl.recipe.load_checked", too_far("the data was read"))
     if case.stage in ("model", "data"):  # refused before the model's weights load
         monkeypatch.setattr(models, "load_classifier", too_far("the model was loaded"))
 
@@ -367,7 +367,7 @@ def test_config_choices_match_what_the_code_implements():
     from hftl.data import audio, builtin, image, media
 
     choices = {key: f.metadata.get("choices") for key, (_, f) in config.all_keys().items()}
-    assert set(choices["task"]) == set(cli.RECIPES)
+    assert set(choices["task"]) == set(modalities.MODULES)
     assert set(choices["data.builtin"]) == set(builtin.BUILTIN)
     assert set(choices["hub.strategy"]) == set(hub.STRATEGIES)
     assert set(choices["adapt.align"]) == set(align.ALIGNERS)

@@ -1,6 +1,6 @@
 """Feature cache (hftl/cache.py) and length-aware batching (hftl/train.py).
 
-Text runs go through the real `hftl.run.run` path with conftest's tiny BERT, re-saved without dropout
+Text runs go through the real `hftl.recipe.train` path with conftest's tiny BERT, re-saved without dropout
 (so cached and uncached head training see the same features); audio-style inputs use a tiny wav2vec2
 built from config and hftl's audio collator.
 """
@@ -22,9 +22,9 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Ber
 from hftl import adapt, cache, metrics
 from hftl.config import ConfigError, load_config
 from hftl.data import audio, text
-from hftl.run import run
+from hftl.recipe import train as run
 from hftl.train import _lengths, evaluate, make_accelerator, sorted_order, train_dataloader
-from recipes.text_classification import TEXT
+from hftl.modalities.text import TEXT
 
 
 def save_backbone(tiny_bert, folder, seed):
@@ -115,7 +115,8 @@ def test_cache_refuses_modes_that_train_the_backbone(tmp_path, capsys):
                  f"output.dir={tmp_path / 'out'}"]) == 2
     assert "train.cache_features=true needs a frozen backbone" in capsys.readouterr().err
     cache.check_settings(load_config(None, ["train.cache_features=true", "adapt.mode=head"]))
-    assert cache.fit_on_features(None, "lora", ["classifier"], None, None, load_config(None, []), None) is None
+    cache.check_settings(load_config(None, ["train.cache_features=true", "adapt.mode=contrastive"]))  # its head stage is frozen
+    assert [m.name for m in adapt.MODES.values() if m.frozen_backbone] == ["head"]  # the only mode the recipe caches whole
 
 
 def tiny_wav2vec2():
@@ -149,7 +150,7 @@ def test_cached_head_on_transformed_inputs_with_windows_matches_the_full_model(t
     model, encoded = tiny_wav2vec2(), audio_splits()
     collator = functools.partial(audio.collate, feature_extractor=Wav2Vec2FeatureExtractor(sampling_rate=800))
     accelerator = make_accelerator(cfg.train)
-    result = cache.fit_on_features(model, "head", adapt.head_modules(model, []), encoded, collator, cfg, accelerator)
+    result = cache.fit_on_features(model, adapt.head_modules(model, []), encoded, collator, cfg, accelerator)
     assert result["feature_cache"]["head"] == ["projector", "classifier"]
     assert all(not s["hit"] and s["file"] for s in result["feature_cache"]["splits"].values())
     # The returned full model, run on the raw windows (logits averaged per clip), gives what the cached head gave.
@@ -167,11 +168,11 @@ def test_randomly_prepared_rows_are_not_cached(tmp_path):
     cfg = load_config(None, [f"train.feature_cache_dir={tmp_path}"])
     accelerator = make_accelerator(cfg.train)
     state = torch.get_rng_state()
-    assert cache.fit_on_features(model, "head", head, encoded, collator, cfg, accelerator) is None
+    assert cache.fit_on_features(model, head, encoded, collator, cfg, accelerator) is None
     assert torch.equal(torch.get_rng_state(), state)  # the probe's draws are undone: the uncached run draws as without it
     cfg.train.cache_features = True
     with pytest.raises(ConfigError, match="train.cache_features=true, but the training rows are prepared with random draws"):
-        cache.fit_on_features(model, "head", head, encoded, collator, cfg, accelerator)
+        cache.fit_on_features(model, head, encoded, collator, cfg, accelerator)
 
 
 def pad_ids(rows):

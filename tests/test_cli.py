@@ -76,3 +76,25 @@ def test_train_file_override_on_default_preset_is_used(tiny_bert, toy_data, tmp_
         return
     assert code == 0
     assert len(json.loads((out / "predictions_validation.json").read_text())) == 16  # the toy validation file
+
+
+def test_presets_are_found_from_any_directory(tmp_path, monkeypatch):
+    """A preset named by its checkout path (or by its path under the presets) loads where that path does not exist, as
+    from an installed wheel, which carries the presets inside the package."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("recipes/configs/text/minilm_sst2_lora.yaml", "text/minilm_sst2_lora.yaml"):
+        assert cli._load(name, []).adapt.mode == "lora"
+    assert cli.preset("no/such.yaml") == cli.Path("no/such.yaml")  # not a preset: refused by load_config, naming it
+
+
+def test_the_package_needs_no_path_hacks_and_no_private_cli_imports():
+    """hftl imports only itself: no module puts a folder on sys.path, and none imports the CLI's private helpers (the
+    modalities and the recipe live in the package, not in a top-level `recipes` a wheel would install under that name)."""
+    sources = {p: p.read_text() for p in (REPO_ROOT / "hftl").rglob("*.py")}
+    assert not [p for p, text in sources.items() if "sys.path" in text]
+    assert not [p for p, text in sources.items() if "from .cli import" in text or "from hftl.cli import _" in text]
+    assert not list((REPO_ROOT / "recipes").glob("*.py"))
+    proc = subprocess.run([sys.executable, "-c", "import hftl.compare, hftl.recipe, sys; print('hftl.cli' in sys.modules)"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]

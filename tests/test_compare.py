@@ -106,13 +106,13 @@ def test_verdict_in_every_transferred_card(report):
 
 
 def test_rerun_reuses_finished_runs(report, overrides, monkeypatch):
-    import recipes.text_classification as recipe
+    import hftl.recipe as recipe
 
     out, rep = report
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/results.json")}
     calls = []
-    original = recipe.main
-    monkeypatch.setattr(recipe, "main", lambda cfg: calls.append(cfg.output.dir) or original(cfg))
+    original = recipe.train
+    monkeypatch.setattr(recipe, "train", lambda cfg: calls.append(cfg.output.dir) or original(cfg))
     again = compare(load_config(None, overrides), MODES, SEEDS, BUDGETS, out, command="hftl compare --modes lora ...", lr_scales=ONE_RATE)
     assert calls == [] and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["runs"] == rep["runs"]

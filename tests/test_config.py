@@ -19,7 +19,12 @@ def test_defaults_load():
     assert cfg.task == "text-classification"
     assert cfg.adapt.mode == "full"
     assert cfg.train.learning_rate == 5e-5 and isinstance(cfg.train.learning_rate, float)
-    assert cfg.train.metrics == ["accuracy", "f1", "precision", "recall"]
+    # Left to the task (hftl/tasks/); single-label fills in what it always was.
+    assert cfg.train.metrics is None and cfg.train.metric_for_best is None
+    from hftl.tasks.single_label import SingleLabel
+
+    t = SingleLabel(["a", "b"]).configure(cfg).train
+    assert t.metrics == ["accuracy", "f1", "precision", "recall"] and t.metric_for_best == "accuracy" and t.greater_is_better
     assert cfg.output.overwrite is False
     assert cfg.data.validation_file is None
 

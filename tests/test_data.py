@@ -10,7 +10,8 @@ from datasets import ClassLabel, Dataset, Features, Value
 
 from conftest import toy_rows, write_rows
 from hftl.config import DataConfig
-from hftl.data import DataError, label_names_of, load_splits
+from hftl.data import DataError, load_splits
+from hftl.tasks.single_label import label_names_of
 
 datasets.disable_progress_bars()
 

@@ -42,7 +42,7 @@ def train(make_cfg, folder, **overrides) -> tuple[dict, Path, SimpleNamespace]:
     """A run of cfg.task's recipe (make_cfg's tiny BERT and toy data unless overridden); also returns what
     build_hooks saw: the context, the hooks, and the DANN discriminator's weights before training."""
     import hftl.adapt
-    from hftl.cli import _recipe
+    from hftl.recipe import train as run_recipe
 
     seen = SimpleNamespace(ctx=None, hooks=[], initial={})
     original = hftl.adapt.build_hooks
@@ -57,7 +57,7 @@ def train(make_cfg, folder, **overrides) -> tuple[dict, Path, SimpleNamespace]:
     cfg = make_cfg(folder, extra={"train.epochs": 2, "output.verify_reload": 8, **overrides})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hftl.adapt, "build_hooks", build_hooks)
-        results = _recipe(cfg.task).main(cfg)
+        results = run_recipe(cfg)
     return results, Path(cfg.output.dir), seen
 
 
@@ -189,6 +189,7 @@ def test_weighted_loss_is_the_weighted_mean_cross_entropy(tiny_bert):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from hftl.adapt.reweight import Reweight
+    from hftl.tasks.single_label import SingleLabel
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
@@ -198,7 +199,7 @@ def test_weighted_loss_is_the_weighted_mean_cross_entropy(tiny_bert):
     outputs = model(**batch, labels=labels)
     logits = outputs.logits.detach()
     by_hand = sum(weight[i] * -torch.log_softmax(logits[i], -1)[labels[i]] for i in range(3)) / 3
-    hook = Reweight(weight.numpy())
+    hook = Reweight(weight.numpy(), SingleLabel(["negative", "positive"]))
     full = {**batch, "labels": labels, "weight": weight}
     assert hook.loss(model, full, outputs, outputs.loss, 0.0).item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert by_hand.item() != pytest.approx(outputs.loss.item(), rel=1e-3)

@@ -52,7 +52,7 @@ def letter_rows(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(make_cfg, toy_rows_train, tmp_path_factory) -> dict[str, Path]:
     """Output folders of the same run without data.target, with the training rows as target, and with letter rows."""
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     folder = tmp_path_factory.mktemp("domain")
     targets = {"none": None,

@@ -14,7 +14,7 @@ pytest.importorskip("onnxscript")
 
 @pytest.fixture(scope="module")
 def trained(make_cfg, tmp_path_factory):
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     tmp = tmp_path_factory.mktemp("export")
     main(make_cfg(tmp))

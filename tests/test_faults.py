@@ -334,12 +334,12 @@ def at_training_forward(monkeypatch, n: int, action):
 
 
 def no_training(monkeypatch):
-    import hftl.run
+    import hftl.recipe
 
     def fit(*args, **kwargs):
         raise AssertionError("training started: the free-space check must come first")
 
-    monkeypatch.setattr(hftl.run, "fit", fit)
+    monkeypatch.setattr(hftl.recipe, "fit", fit)
 
 
 def test_too_little_space_is_refused_before_training(small_fs, tiny_bert, toy_data, tmp_path, monkeypatch, capsys):
@@ -495,7 +495,7 @@ def test_disk_full_error_is_recognised_from_each_library(tmp_path):
 
 
 def test_symlink_output_dir_is_written_through(make_cfg, tmp_path, capsys):
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     real, link = tmp_path / "disk" / "model", tmp_path / "link"
     real.parent.mkdir()

@@ -143,7 +143,7 @@ def test_a_chain_of_linear_layers_carries_the_solution():
 
 
 def run(make_cfg, tmp_path, **overrides):
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path, **overrides)
     main(cfg)
@@ -216,7 +216,7 @@ def test_contrastive_few_shot_leaves_chance(make_cfg, tiny_bert, tmp_path):
 
 def test_rank_scores_the_pooling_the_checkpoint_was_trained_for(make_cfg, tiny_bert, tmp_path):
     from hftl import rank
-    from recipes.text_classification import TEXT
+    from hftl.modalities.text import TEXT
 
     folder = st_folder(tiny_bert, tmp_path / "st", "max")
     cfg = make_cfg(tmp_path, train__feature_cache_dir=str(tmp_path / "cache"))
@@ -234,19 +234,20 @@ def test_rank_scores_the_pooling_the_checkpoint_was_trained_for(make_cfg, tiny_b
 def test_in_batch_pairs_loss_is_the_squared_error_over_every_pair(tiny_bert):
     from transformers import AutoModelForSequenceClassification
 
-    from hftl.adapt.contrastive import InBatchPairs, stage_steps
+    from hftl.adapt.contrastive import InBatchPairs, InBatchPairsTask, stage_steps
     from hftl.cache import heads_removed
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
     inputs = {"input_ids": torch.randint(5, 50, (4, 6), generator=torch.Generator().manual_seed(0)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
     labels = torch.tensor([0, 1, 0, 1])
-    loss = InBatchPairs(model, ["classifier"])(labels=labels, **inputs).loss
+    task = InBatchPairsTask(["similar"])
+    loss = task.loss(InBatchPairs(model, ["classifier"])(**inputs).logits, labels)
     with heads_removed(model, ["classifier"]):
         v = torch.nn.functional.normalize(model(**inputs).logits, dim=-1)
     # The six pairs by hand: (0,2) and (1,3) share a label (target 1), the other four do not (target 0).
     want = [(float(v[i] @ v[j]) - (1.0 if labels[i] == labels[j] else 0.0)) ** 2 for i in range(4) for j in range(i + 1, 4)]
     assert float(loss) == pytest.approx(sum(want) / 6, rel=1e-5)
-    assert float(InBatchPairs(model, ["classifier"])(labels=labels[:1], **{k: x[:1] for k, x in inputs.items()}).loss) == 0.0
+    assert float(task.loss(InBatchPairs(model, ["classifier"])(**{k: x[:1] for k, x in inputs.items()}).logits, labels[:1])) == 0.0
     # SetFit's step count for the same rounds: 16 rows, 20 rounds, 2 pairs per row a round, batch 16 -> 40 steps.
     assert stage_steps(16, 20, 16, 1.0) == 40 and stage_steps(128, 20, 16, 1.0) == 320 and stage_steps(3, 1, 64, 1.0) == 1
 

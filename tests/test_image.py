@@ -106,7 +106,7 @@ class Run:
 @pytest.fixture(scope="module", params=list(LEARNING_RATES))
 def run(request, vit, images, tmp_path_factory) -> Run:
     import hftl.models
-    from recipes.image_classification import main
+    from hftl.recipe import train as main
 
     mode = request.param
     cfg = image_cfg(tmp_path_factory.mktemp(f"image_{mode}") / "out", vit, data__data_dir=images, adapt__mode=mode,
@@ -236,7 +236,7 @@ def test_augmentation_settings_checked(vit):
 
 
 def test_single_channel_checkpoint_refused(tmp_path):
-    from recipes.image_classification import load_image_processor
+    from hftl.modalities.image import load_image_processor
 
     path = tiny_vit(tmp_path / "gray", channels=1)
     with pytest.raises(ConfigError, match="expects 1-channel images.*RGB.*3-channel checkpoint"):
@@ -276,7 +276,7 @@ def with_bad_files(folder: Path, images: Path, split: str, kinds: list[str]) -> 
 
 @pytest.mark.parametrize("kind", list(BAD))
 def test_bad_file_stops_before_training(kind, vit, images, tmp_path):
-    from recipes.image_classification import main
+    from hftl.recipe import train as main
 
     cfg = image_cfg(tmp_path / "out", vit, data__train_file=with_bad_files(tmp_path / "d", images, "train", [kind]),
                     data__validation_file=with_bad_files(tmp_path / "v", images, "validation", []), data__image_column="file")
@@ -288,7 +288,7 @@ def test_bad_file_stops_before_training(kind, vit, images, tmp_path):
 def test_bad_files_skipped_counted_and_named(vit, images, tmp_path, capsys):
     from huggingface_hub import ModelCard
 
-    from recipes.image_classification import main
+    from hftl.recipe import train as main
 
     cfg = image_cfg(tmp_path / "out", vit, data__train_file=with_bad_files(tmp_path / "d", images, "train", list(BAD)),
                     data__validation_file=with_bad_files(tmp_path / "v", images, "validation", ["truncated"]),

@@ -18,7 +18,7 @@ LR = 0.005
 
 
 def run_text(cfg):
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     return main(cfg)
 

@@ -32,7 +32,7 @@ def run(make_cfg, tmp_path_factory):
     import hftl.cache
     import hftl.models
     import hftl.train
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path_factory.mktemp("lpft"), extra=SETTINGS)
     seen = {"fit": []}
@@ -43,15 +43,15 @@ def run(make_cfg, tmp_path_factory):
         seen["initial"] = _copy(model)
         return model, new_keys
 
-    def spy_probe(model, mode, head, encoded, collator, cfg, accelerator):
+    def spy_probe(model, head, encoded, collator, cfg, accelerator, *rest):
         seen["probe_trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
-        result = probe(model, mode, head, encoded, collator, cfg, accelerator)
+        result = probe(model, head, encoded, collator, cfg, accelerator, *rest)
         seen["probe"] = _copy(result["model"])
         return result
 
-    def spy_fit(model, encoded, collator, cfg, accelerator, hooks=()):
+    def spy_fit(model, encoded, collator, cfg, accelerator, hooks=(), **kwargs):
         seen["fit"].append({"state": _copy(model), "cfg": cfg, "frozen": [n for n, p in model.named_parameters() if not p.requires_grad]})
-        return fit(model, encoded, collator, cfg, accelerator, hooks)
+        return fit(model, encoded, collator, cfg, accelerator, hooks, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hftl.models, "load_classifier", spy_load)
@@ -75,7 +75,9 @@ def test_stage2_fine_tunes_everything_from_the_probed_head(run):
     cfg, _, seen = run
     (stage2,) = seen["fit"]  # stage 1 ran on cached features, not through the loop on the whole model
     assert not stage2["frozen"]
-    assert stage2["cfg"] == cfg  # the run's own train settings
+    from hftl.tasks.single_label import SingleLabel
+
+    assert stage2["cfg"] == SingleLabel([]).configure(cfg)  # the run's own train settings (the task's metrics filled in)
     assert all(torch.equal(stage2["state"][k], v) for k, v in seen["probe"].items())
     saved = load_file(str(Path(cfg.output.dir) / "model.safetensors"))
     _, backbone0 = _split(seen["initial"])
@@ -111,7 +113,7 @@ def test_checkpoints_of_the_two_stages_stay_apart(run):
     assert load_file(str(stage2 / "model.safetensors")).keys() == seen["initial"].keys()
 
     # train.resume=auto: each stage continues from its own (here: final) checkpoint; the record is the same
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     first = read_json(Path(cfg.output.dir) / "results.json")
     assert main(replace(cfg, train=replace(cfg.train, resume="auto"), output=replace(cfg.output, overwrite=True))) == results

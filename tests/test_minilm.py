@@ -15,7 +15,7 @@ def test_minilm_lora_on_vader(tmp_path):
 
     from hftl.config import load_config
     from hftl.data import load_splits
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     out = tmp_path / "minilm"
     cfg = load_config(None, [

@@ -45,7 +45,7 @@ class Run:
 @pytest.fixture(scope="module", params=MODES)
 def run(request, make_cfg, tiny_bert, toy_data, tmp_path_factory):
     import hftl.models
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     mode = request.param
     cfg = make_cfg(tmp_path_factory.mktemp(f"mode_{mode}"), extra={"adapt.mode": mode, **SETTINGS[mode]})

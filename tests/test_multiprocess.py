@@ -73,7 +73,8 @@ def test_two_processes_evaluate_every_example_once_and_only_the_main_process_wri
     from hftl.data import load_splits
     from hftl.metrics import load_metrics
     from hftl.train import eval_dataloader, evaluate
-    from recipes.text_classification import TEXT
+    from hftl.modalities.text import TEXT
+    from hftl.tasks.single_label import SingleLabel
 
     cfg = two_process_run
     out = Path(cfg.output.dir)
@@ -92,7 +93,8 @@ def test_two_processes_evaluate_every_example_once_and_only_the_main_process_wri
     encoded, collator = TEXT.prepare(splits, AutoTokenizer.from_pretrained(out), cfg)
     order, dl = eval_dataloader(encoded["validation"], collator, 2)
     accelerator = Accelerator()
-    single = evaluate(accelerator.prepare(model), accelerator.prepare(dl), accelerator, load_metrics(cfg.train.metrics), order)
+    single = evaluate(accelerator.prepare(model), accelerator.prepare(dl), accelerator,
+                      load_metrics(SingleLabel([]).configure(cfg).train.metrics), order)
     # The mean loss sums the rows in another order on two processes: equal up to float rounding.
     assert single["metrics"] == pytest.approx(saved["results"]["validation"], rel=1e-6)
     assert [model.config.id2label[p] for p in single["predictions"]] == read_json(out / "predictions_validation.json")

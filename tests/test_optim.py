@@ -11,7 +11,7 @@ from hftl.config import ConfigError, load_config
 
 def _run(make_cfg, tmp_path, monkeypatch, **extra):
     """A tiny run; returns its per-step training losses and what speed_up / _optimizer saw."""
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     seen = {}
     real_optimizer, real_speed_up = hftl.train._optimizer, hftl.train.speed_up
@@ -76,7 +76,7 @@ def test_compile_trains_and_saves_a_folder_that_reloads(make_cfg, tmp_path, monk
 def test_resume_with_another_optimizer_is_refused(make_cfg, tmp_path):
     """A checkpoint holds its optimizer's state: another train.optimizer cannot continue it exactly."""
     from hftl.checkpoint import CheckpointError
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     main(make_cfg(tmp_path, extra={"train.max_steps": 2, "train.save_every": 1, "output.verify_reload": 0}))
     with pytest.raises(CheckpointError, match="train.optimizer=adamw; this run has train.optimizer=sgd"):

@@ -30,7 +30,7 @@ def previous_output(folder: Path) -> dict[str, bytes]:
 
 def test_existing_output_refused_before_training(make_cfg, tmp_path, monkeypatch):
     import hftl.models
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path)
     out = Path(cfg.output.dir)
@@ -48,7 +48,7 @@ def test_existing_output_refused_before_training(make_cfg, tmp_path, monkeypatch
 
 
 def test_empty_existing_output_is_fine(make_cfg, tmp_path):
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path, extra={"train.max_steps": 2, "output.verify_reload": 4})
     Path(cfg.output.dir).mkdir(parents=True)
@@ -57,7 +57,7 @@ def test_empty_existing_output_is_fine(make_cfg, tmp_path):
 
 
 def test_overwrite_replaces_old_output_only_after_success(make_cfg, tmp_path, monkeypatch):
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     out = tmp_path / "out"
     before = previous_output(out)

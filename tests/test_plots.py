@@ -81,7 +81,7 @@ def test_overfitting_check_stays_silent_on_a_healthy_run():
 @pytest.fixture(scope="module")
 def run_out(make_cfg, tmp_path_factory) -> tuple[Path, list]:
     """The output folder of a run, and the (counts, label names) its confusion matrix was drawn from."""
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path_factory.mktemp("plots"), adapt__mode="full", train__epochs=3, train__evals_per_epoch=2)
     drawn, original = [], plots.confusion_matrix_png

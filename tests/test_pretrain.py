@@ -34,7 +34,7 @@ def corpus(tmp_path_factory) -> Path:
 def run(make_cfg, corpus, tmp_path_factory):
     """One whole run (pretrain on the .txt corpus, then classify), recording what the classifier loaded."""
     import hftl.models
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path_factory.mktemp("pretrain_run"), extra={**FAST, "adapt.pretrain_file": str(corpus), "train.epochs": 1})
     loaded = {}

@@ -87,7 +87,7 @@ _uninterrupted: dict[str, Path] = {}
 @pytest.fixture
 def uninterrupted(variant_cfg, tmp_path_factory):
     """variant -> output folder of that variant's uninterrupted run (run once per session)."""
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     def get(variant: str) -> Path:
         if variant not in _uninterrupted:
@@ -131,7 +131,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 
 @pytest.mark.parametrize("variant,signum", [("no-dropout", signal.SIGUSR1), ("dropout", signal.SIGTERM)])
 def test_resume_mid_epoch_reproduces_uninterrupted_run(variant, signum, variant_cfg, uninterrupted, tmp_path, monkeypatch, capsys):
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     reference = uninterrupted(variant)
     if variant == "dropout":  # the point of this variant: dropout draws from the RNG that must be restored
@@ -152,7 +152,7 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(variant, signum, variant_
 
 def test_sigterm_in_a_real_process_saves_exits_143_and_the_rerun_continues(variant_cfg, uninterrupted, tmp_path, capsys):
     """The signal goes to a separate `hftl train` process; the rerun (this process) shares no memory with it."""
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = variant_cfg(tmp_path, "no-dropout", **{"train.save_every": None})
     child = subprocess.run([sys.executable, __file__, str(forward_of_step("no-dropout", STOP_AT_STEP)), "SIGTERM", *cli_overrides(cfg)],
@@ -233,7 +233,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(name, role, damage, check
 
 def test_resume_from_a_damaged_checkpoint_stops_before_training(checkpoints, make_cfg, tmp_path):
     from hftl import checkpoint
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     (checkpoints / "step-8" / "optimizer.bin").unlink()
     cfg = make_cfg(tmp_path, extra={**BASE, **VARIANTS["no-dropout"], "train.resume": str(checkpoints / "step-8")})
@@ -419,7 +419,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoints, varia
     BertForSequenceClassification(config).save_pretrained(tmp_path / "other", safe_serialization=True)
     shutil.copy(tmp_path / "other" / "model.safetensors", step / "model.safetensors")
     reseal(step)
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     with pytest.raises(checkpoint.CheckpointError, match=r"does not load into this run \(RuntimeError: Error\(s\) in loading") as refused:
         main(variant_cfg(tmp_path, "no-dropout", **{"train.resume": str(step)}))

@@ -108,7 +108,7 @@ def recorded_run(main, cfg) -> dict:
 
 @pytest.fixture(scope="module")
 def speech_run(w2v, clips, tmp_path_factory):
-    from recipes.audio_classification import main
+    from hftl.recipe import train as main
 
     cfg = audio_cfg(tmp_path_factory.mktemp("ssl_speech") / "out", w2v, clips["train"], clips["validation"],
                     **{**SPEECH, "data.target": clips["target"]})
@@ -117,7 +117,7 @@ def speech_run(w2v, clips, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image_run(vit, images, tmp_path_factory):
-    from recipes.image_classification import main
+    from hftl.recipe import train as main
 
     cfg = image_cfg(tmp_path_factory.mktemp("ssl_image") / "out", vit, data__data_dir=images / "train",
                     **{**IMAGE, "data.validation_file": None, "adapt.pretrain_file": images / "target"})
@@ -233,15 +233,14 @@ def test_simmim_masks_are_whole_squares_in_the_mask_ratio():
 
 
 def stage_only(cfg) -> Path:
-    """The stage on its own, as hftl/run.py calls it."""
-    from recipes.audio_classification import AUDIO
-
+    """The stage on its own, as hftl/recipe.py calls it."""
+    from hftl.modalities.audio import AUDIO
     from hftl.pretrain import continue_pretraining
-    from hftl.run import load_checked
+    from hftl.recipe import load_checked
     from hftl.train import make_accelerator
 
     accelerator = make_accelerator(cfg.train)
-    splits, _, _ = load_checked(cfg, AUDIO)
+    splits, _, _, _ = load_checked(cfg, AUDIO)
     processor = AUDIO.load_processor(cfg.model.name_or_path, cfg)
     return Path(continue_pretraining(cfg, cfg.model.name_or_path, splits, processor, accelerator, None, AUDIO))
 

@@ -29,7 +29,7 @@ def _hparams(run_dir) -> dict:
 def test_tensorboard_gets_the_scalars_and_the_config_beside_output_dir(make_cfg, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     cfg = make_cfg(tmp_path, extra={"train.report_to": "[tensorboard]", "train.log_every": 1, "train.epochs": 2,
                                     "output.verify_reload": 0})
@@ -55,7 +55,7 @@ def test_wandb_offline_and_mlflow_file_store(make_cfg, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -105,7 +105,7 @@ def test_lpft_stages_are_two_runs_each_started_once(make_cfg, tmp_path):
     tracker is not started (and fed) again by the second."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from recipes.text_classification import main
+    from hftl.recipe import train as main
 
     # The probe trained by AdamW (a solved probe runs no loop of its own, so it logs no run).
     main(make_cfg(tmp_path, extra={"adapt.mode": "lpft", "adapt.solve_head": "false", "adapt.lp_epochs": 1, "train.epochs": 1, "train.log_every": 1,

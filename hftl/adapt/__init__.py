@@ -5,10 +5,14 @@ its task head (newly initialised or known head layers), and returns the model to
 right parameters trainable. `export` turns the trained model into a plain transformers model for
 saving (LoRA merges its weights; the others return it unchanged).
 
-What a mode or an option adds to the training loop goes through hooks (see `hftl.train.fit`): a mode
-may return some from `hooks` (gradual unfreezing), and each option file (layer-wise rates, L2-SP,
-domain alignment, reweighting) registers a builder with `register_option` that returns a hook when its
-config key is on. A mode with stages of its own (lpft) supplies `fit`.
+A mode declares what it is (`Mode`: its backbone frozen, a peft method, stages of its own), so the rest of
+hftl asks the mode instead of keeping lists of mode names.
+
+What a mode or an option adds to the training loop goes through hooks (`hftl.hooks.Hook`): a mode may
+return some from `hooks` (gradual unfreezing), and each option file (layer-wise rates, L2-SP, domain
+alignment, reweighting) registers a builder with `register_option` that returns a hook when its config key
+is on. Hooks run in an explicit order: the mode's, then the options in OPTION_ORDER. A mode with stages of
+its own (lpft, contrastive) supplies `fit`.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..config import AdaptConfig, Config, ConfigError
+from ..hooks import Hook  # noqa: F401  (what hooks subclass; re-exported for the mode and option files)
 from ..modes import HELP
 
 # Layers that classification heads in transformers are called by (BERT/ViT 'classifier',
@@ -35,8 +40,18 @@ class Mode:
     fit: Callable[[nn.Module, "Context", list], dict] | None = None  # (model, ctx, hooks) -> fit's result; replaces the default
     # Its head is fitted on frozen features (head; lpft's probe; contrastive's head): adapt.pooling=auto then reads the
     # checkpoint's own pooling (hftl/pooling.py), where it matters most; modes that fine-tune from a fresh head keep the
-    # architecture's, whose folder transformers.pipeline loads.
+    # architecture's, whose folder transformers.pipeline loads. Such a mode's frozen stage can train on the feature cache.
     frozen_features: bool = False
+    # The backbone never trains: the whole run trains the head on what the backbone computes once (hftl/cache.py), and
+    # options that move the features (adapt.align) have nothing to act on.
+    frozen_backbone: bool = False
+    # The trained model is a peft model: adapt.save_adapter writes its unmerged adapter to OUTPUT/adapter.
+    peft: bool = False
+
+    @property
+    def staged(self) -> bool:
+        """It runs stages of its own (`fit`) instead of the one training loop."""
+        return self.fit is not None
 
 
 @dataclass
@@ -48,27 +63,38 @@ class Context:
     collator: Any
     accelerator: Any
     target: Any = None  # data.target's rows as model inputs (unlabelled), or None
+    task: Any = None  # what the labels are (hftl/tasks/): the loss, what a prediction is, the metrics
 
 
 MODES: dict[str, Mode] = {}
-OPTIONS: list[Callable[[nn.Module, Context], Any]] = []
+# The options' hooks run in this order, after the mode's: layer-wise rates first (the first hook that lays out the
+# optimizer's groups wins), then the terms added to the loss, reweighting last (it swaps the task's loss for the
+# weighted one and keeps what the others added). A new option file adds its name here.
+OPTION_ORDER = ("layer_lr_decay", "l2sp", "align", "reweight")
+OPTIONS: dict[str, Callable[[nn.Module, Context], Any]] = {}
 
 
-def register_mode(name: str, apply, export=lambda model: model, hooks=None, fit=None, frozen_features: bool = False) -> None:
+def register_mode(name: str, apply, export=lambda model: model, hooks=None, fit=None, frozen_features: bool = False,
+                  frozen_backbone: bool = False, peft: bool = False) -> Mode:
     """A mode's name and help are declared in hftl/modes.py (read without torch by `hftl modes`)."""
     if name not in HELP:
         raise KeyError(f"adaptation mode '{name}' has no entry in hftl/modes.py HELP; add its one-line help there.")
-    MODES[name] = Mode(name, apply, export, HELP[name], hooks, fit, frozen_features)
+    if name in MODES:  # two files claiming one name: whichever imported last would silently win
+        raise ValueError(f"hftl bug: adaptation mode '{name}' is registered twice")
+    MODES[name] = Mode(name, apply, export, HELP[name], hooks, fit, frozen_features or frozen_backbone, frozen_backbone, peft)
+    return MODES[name]
 
 
-def register_option(build: Callable[[nn.Module, Context], Any]) -> None:
-    """`build(model, ctx)` returns a hook for hftl.train.fit when its config key is on, else None."""
-    OPTIONS.append(build)
+def register_option(name: str, build: Callable[[nn.Module, Context], Any]) -> None:
+    """`build(model, ctx)` returns a `Hook` for hftl.train.fit when its config key is on, else None."""
+    if name in OPTIONS or name not in OPTION_ORDER:
+        raise ValueError(f"hftl bug: option '{name}' is registered twice or is missing from OPTION_ORDER")
+    OPTIONS[name] = build
 
 
-def build_hooks(model: nn.Module, mode: Mode, ctx: Context) -> list:
+def build_hooks(model: nn.Module, mode: Mode, ctx: Context) -> list[Hook]:
     hooks = list(mode.hooks(model, ctx)) if mode.hooks else []
-    return hooks + [h for build in OPTIONS if (h := build(model, ctx)) is not None]
+    return hooks + [h for name in OPTION_ORDER if name in OPTIONS and (h := OPTIONS[name](model, ctx)) is not None]
 
 
 def get_mode(name: str) -> Mode:

@@ -16,6 +16,7 @@ from peft.utils.constants import (
 )
 
 from ..config import ConfigError
+from . import Hook
 from .lora import register_peft_mode, targets, wrap
 
 
@@ -47,7 +48,7 @@ def adalora(model, cfg, head):
     return wrap(model, config, cfg)
 
 
-class RankBudget:
+class RankBudget(Hook):
     """AdaLoRA's rank reallocation, as peft asks: update_and_allocate after each optimizer step, gradients still there."""
 
     def __init__(self, model):

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..cache import FROZEN_MODES
 from ..config import ConfigError
 from ..train import train_dataloader
-from . import Context, register_option
+from . import Context, Hook, get_mode, register_option
 
 CLASSIFIER_NAMES = ("classifier", "score")  # the final layer transformers' classification heads call
 MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # kernel bandwidths, as multiples of the median squared distance
@@ -81,7 +80,7 @@ def classifier_module(model: nn.Module) -> nn.Module:
                       f"{type(model).__name__} has none. Set adapt.align=null.")
 
 
-class Align:
+class Align(Hook):
     def __init__(self, model: nn.Module, ctx: Context):
         self.ctx, self.name, self.weight = ctx, ctx.cfg.adapt.align, ctx.cfg.adapt.align_weight
         classifier = classifier_module(model)
@@ -159,10 +158,10 @@ def build(model: nn.Module, ctx: Context):
     if ctx.target is None:
         raise ConfigError(f"adapt.align={name} aligns the training rows with unlabelled target rows: set data.target to a "
                           "file or folder of them (the input column is enough), or adapt.align=null.")
-    if ctx.cfg.adapt.mode in FROZEN_MODES:
+    if get_mode(ctx.cfg.adapt.mode).frozen_backbone:
         raise ConfigError(f"adapt.align={name} moves the features the head reads, but adapt.mode={ctx.cfg.adapt.mode} trains "
                           "no backbone: choose a mode that does (full, lora, ...), or adapt.align=null.")
     return Align(model, ctx)
 
 
-register_option(build)
+register_option("align", build)

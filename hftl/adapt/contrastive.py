@@ -28,30 +28,37 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .. import cache, checkpoint, train
 from ..config import ConfigError
+from ..tasks import Task
 from . import register_mode, set_trainable
 
 
 class InBatchPairs(nn.Module):
-    """The classifier's body as a scorer of every pair of rows in a batch: cosine similarity of their pooled vectors
-    (the head swapped out), squared error to 1 for a pair of the same label and 0 otherwise, over the B(B-1)/2 pairs.
-    Stage 1 never evaluates it, so its outputs carry only the loss."""
+    """The classifier's body as an embedder: its 'logits' are the L2-normalised pooled vectors of the rows (the head
+    swapped out), which `InBatchPairsTask` scores pair by pair."""
 
     def __init__(self, model: nn.Module, head: list[str]):
         super().__init__()
         self.model, self.head = model, head
 
-    def forward(self, labels, **inputs) -> SequenceClassifierOutput:
+    def forward(self, **inputs) -> SequenceClassifierOutput:
         if "num_windows" in inputs:
             raise ConfigError("adapt.mode=contrastive compares one model input per row; these rows are cut into several "
                               "windows (audio longer than data.max_duration): raise data.max_duration or use adapt.mode=lpft.")
         with cache.heads_removed(self.model, self.head):
-            vectors = F.normalize(self.model(**inputs).logits.float(), dim=-1)
-        cos = vectors @ vectors.T
+            return SequenceClassifierOutput(logits=F.normalize(self.model(**inputs).logits.float(), dim=-1))
+
+
+class InBatchPairsTask(Task):
+    """Stage 1's target: cosine similarity of every pair of rows in a batch, squared error to 1 for a pair of the same
+    label and 0 otherwise, over the B(B-1)/2 pairs. Stage 1 never evaluates, so it predicts nothing."""
+    name = "in_batch_pairs"
+
+    def loss(self, logits, labels, reduction="mean"):
+        cos = logits @ logits.T
         upper = torch.triu(torch.ones_like(cos, dtype=torch.bool), diagonal=1)
         same = (labels[:, None] == labels[None, :]).to(cos.dtype)
         # A batch of one row (a short last batch) has no pair: a zero loss that still touches every weight.
-        loss = F.mse_loss(cos[upper], same[upper]) if len(labels) > 1 else cos.sum() * 0.0
-        return SequenceClassifierOutput(loss=loss)
+        return F.mse_loss(cos[upper], same[upper]) if len(labels) > 1 else cos.sum() * 0.0
 
 
 def stage_steps(rows: int, iterations: int, batch_size: int, epochs: float) -> int:
@@ -81,13 +88,15 @@ def fit(model, ctx, hooks) -> dict:
     steps = stage_steps(rows, cfg.adapt.pair_iterations, t.batch_size * accelerator.num_processes, t.epochs)
     # The pairs set stage 1's budget (so no train.min_steps here); its only split is train: nothing is evaluated or
     # selected during it.
-    body_cfg = replace(cfg, train=replace(t, max_steps=steps, min_steps=None, checkpoint_dir=str(checkpoint.root(cfg) / "contrastive")),
+    body_cfg = replace(cfg, train=replace(t, max_steps=steps, min_steps=None, metrics=[], metric_for_best="loss",
+                                                  greater_is_better=False, checkpoint_dir=str(checkpoint.root(cfg) / "contrastive")),
                        hub=replace(cfg.hub, strategy="end"))
     pairs = t.batch_size * (t.batch_size - 1) // 2
     accelerator.print(f"contrastive stage 1: {steps} optimizer steps over {rows:,} labelled rows ({cfg.adapt.pair_iterations} rounds "
                       f"in SetFit's terms), every pair in each batch of {t.batch_size} ({pairs:,} pairs), cosine-similarity loss "
                       "on what the head reads")
-    body = train.fit(InBatchPairs(model, ctx.head), DatasetDict(train=encoded["train"]), ctx.collator, body_cfg, accelerator)
+    body = train.fit(InBatchPairs(model, ctx.head), DatasetDict(train=encoded["train"]), ctx.collator, body_cfg, accelerator,
+                     task=InBatchPairsTask(["similar"]))
     accelerator.free_memory()
 
     model = body["model"].model
@@ -95,8 +104,8 @@ def fit(model, ctx, hooks) -> dict:
     set_trainable(model, ctx.head)
     head_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.adapt.lp_epochs, max_steps=None, learning_rate=cfg.adapt.lp_learning_rate,
                                           checkpoint_dir=str(checkpoint.root(cfg) / "head"), resume=None))
-    probe = cache.fit_on_features(model, "head", ctx.head, encoded, ctx.collator, head_cfg, accelerator) \
-        or train.fit(model, encoded, ctx.collator, head_cfg, accelerator)
+    probe = cache.fit_on_features(model, ctx.head, encoded, ctx.collator, head_cfg, accelerator, ctx.task) \
+        or train.fit(model, encoded, ctx.collator, head_cfg, accelerator, task=ctx.task)
 
     def tag(entries, stage, offset=0):
         return [{"stage": stage, **e, "step": e["step"] + offset} for e in entries]

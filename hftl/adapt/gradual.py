@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from ..config import ConfigError
-from . import register_mode
+from . import Hook, register_mode
 from .layers import depths, layerwise_groups
 
 
@@ -27,7 +27,7 @@ def unfreeze_stage(depth: int, n_layers: int, per_stage: int) -> int:
     return math.ceil((n_layers + 1 - depth) / per_stage)
 
 
-class GradualUnfreezing:
+class GradualUnfreezing(Hook):
     def __init__(self, model, ctx):
         a = ctx.cfg.adapt
         if a.top_layers < 1:

@@ -7,4 +7,4 @@ def apply(model, cfg, head):
     return model
 
 
-register_mode("head", apply, frozen_features=True)
+register_mode("head", apply, frozen_backbone=True)

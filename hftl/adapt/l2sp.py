@@ -6,11 +6,11 @@ import torch
 from peft import PeftModel
 
 from ..config import ConfigError
-from . import register_option
+from . import Hook, register_option
 from .layers import head_parameters
 
 
-class L2SP:
+class L2SP(Hook):
     def __init__(self, weight: float, params: list):
         self.weight = weight
         self.pairs = [(p, p.detach().clone()) for p in params]  # (parameter, its pretrained value)
@@ -41,4 +41,4 @@ def build(model, ctx):
     return L2SP(weight, params)
 
 
-register_option(build)
+register_option("l2sp", build)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..train import param_groups
-from . import register_option
+from . import Hook, register_option
 
 # What transformers calls the stack (BERT-family 'bert.encoder.layer', ViT 'vit.layers', wav2vec2/HuBERT
 # 'encoder.layers', DistilBERT 'transformer.layer', decoders 'model.layers'). Preferred over the size rule,
@@ -87,7 +87,7 @@ def check_decay(decay: float) -> None:
                           "this factor (try 0.8; 1.0 turns it off).")
 
 
-class LayerDecay:
+class LayerDecay(Hook):
     def __init__(self, cfg):
         self.cfg = cfg
 
@@ -108,4 +108,4 @@ def build(model, ctx):
     return LayerDecay(ctx.cfg)
 
 
-register_option(build)
+register_option("layer_lr_decay", build)

@@ -11,10 +11,6 @@ from torch import nn
 from ..config import ConfigError
 from . import register_mode
 
-# Modes whose trained model is a peft model: adapt.save_adapter writes its unmerged adapter to OUTPUT/adapter.
-PEFT_MODES: set[str] = set()
-
-
 def default_targets(model: nn.Module, head: list[str], known=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) -> list[str]:
     """peft's per-architecture choice (`known`, one of its TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING;
     BERT: query, value), else every Linear outside the head."""
@@ -53,8 +49,7 @@ def export(model):
 
 
 def register_peft_mode(name: str, apply, hooks=None) -> None:
-    PEFT_MODES.add(name)
-    register_mode(name, apply, export=export, hooks=hooks)
+    register_mode(name, apply, export=export, hooks=hooks, peft=True)
 
 
 def apply(model, cfg, head):

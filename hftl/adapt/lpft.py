@@ -42,8 +42,8 @@ def fit(model, ctx, hooks) -> dict:
         hub=replace(cfg.hub, strategy="end"),  # stage-1 checkpoints stay local: on the Hub their step-N names would pass for stage 2
     )
     accelerator.print(f"lpft stage 1: linear probe of {ctx.head} for {probe_cfg.train.epochs} epochs at lr {probe_cfg.train.learning_rate}")
-    probe = cache.fit_on_features(model, "head", ctx.head, ctx.encoded, ctx.collator, probe_cfg, accelerator) \
-        or train.fit(model, ctx.encoded, ctx.collator, probe_cfg, accelerator)
+    probe = cache.fit_on_features(model, ctx.head, ctx.encoded, ctx.collator, probe_cfg, accelerator, ctx.task) \
+        or train.fit(model, ctx.encoded, ctx.collator, probe_cfg, accelerator, task=ctx.task)
     # Forget stage 1's prepared model and optimizer: stage 2's checkpoints then hold only its own state.
     accelerator.free_memory()
 
@@ -52,7 +52,7 @@ def fit(model, ctx, hooks) -> dict:
     if cfg.adapt.freeze_feature_encoder:
         freeze_feature_encoder(model)
     accelerator.print("lpft stage 2: fine-tuning every parameter from the probed head")
-    tuned = train.fit(model, ctx.encoded, ctx.collator, cfg, accelerator, hooks)
+    tuned = train.fit(model, ctx.encoded, ctx.collator, cfg, accelerator, hooks, task=ctx.task)
 
     # One run's record: stage-2 steps count on from stage 1's, each entry says its stage.
     offset = probe["steps"]

@@ -4,18 +4,18 @@ Before training, the model as loaded (heads removed: the features its head reads
 embeds the source training rows and the target rows, and the domain classifier of hftl/domain.py
 estimates p = p(target | x), out of fold, so no row's weight comes from a classifier that saw that row. The density ratio p_target(x) / p_source(x) is
 p/(1-p) * n_source/n_target; clipped at adapt.reweight_clip and normalised to mean 1, it weighs each
-source row's cross-entropy: rows that look like the target count more (Shimodaira 2000).
+source row's loss (the task's: cross-entropy, binary cross-entropy or squared error): rows that look like the target
+count more (Shimodaira 2000).
 """
 from __future__ import annotations
 
 import numpy as np
 from torch import nn
-from torch.nn import functional as F
 
 from ..config import ConfigError
 from ..data import DataError
 from ..domain import FOLDS, pooled_features, target_probability
-from . import Context, register_option
+from . import Context, Hook, register_option
 
 
 def density_ratio(source: np.ndarray, target: np.ndarray, seed: int) -> np.ndarray:
@@ -42,16 +42,16 @@ def clipped_weights(ratio: np.ndarray, clip: float) -> np.ndarray:
     return np.minimum(s * ratio, clip)
 
 
-class Reweight:
+class Reweight(Hook):
     batch_keys = ("weight",)  # a training-batch column for the loss, not for the model
 
-    def __init__(self, weights: np.ndarray):
-        self.weights = weights
+    def __init__(self, weights: np.ndarray, task):
+        self.weights, self.task = weights, task
 
     def loss(self, model, batch, outputs, loss, progress):
-        per_row = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="none")
-        # The model's own loss is the unweighted mean: swap it for the weighted one, keeping what earlier hooks added.
-        return loss - outputs.loss + (batch["weight"] * per_row).mean()
+        per_row = self.task.loss(outputs.logits, batch["labels"], reduction="none")
+        # The task's loss is the unweighted mean: swap it for the weighted one, keeping what earlier hooks added.
+        return loss - per_row.mean() + (batch["weight"] * per_row).mean()
 
 
 def build(model: nn.Module, ctx: Context):
@@ -73,7 +73,7 @@ def build(model: nn.Module, ctx: Context):
     ctx.encoded["train"] = ctx.encoded["train"].add_column("weight", w.tolist())
     accelerator.print(f"reweight: weights min {w.min():.3f} mean {w.mean():.3f} max {w.max():.3f}; effective sample size "
                       f"{w.sum() ** 2 / (w ** 2).sum():.1f} of {len(w)} training rows")
-    return Reweight(w)
+    return Reweight(w, ctx.task)
 
 
-register_option(build)
+register_option("reweight", build)

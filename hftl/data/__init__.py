@@ -1,13 +1,12 @@
 """Load labelled splits with `datasets`, fix the label mapping, and check them before training.
 
-The result is always a DatasetDict with 'train' and 'validation' (and 'test' when asked), whose
-label column is an integer ClassLabel named ``labels`` built from the training split.
+The result is always a DatasetDict with 'train' and 'validation' (and 'test' when asked), whose label column is
+named ``labels``, encoded by the run's task (hftl/tasks/), which reads the label names from the training split.
 """
 from __future__ import annotations
 
 import csv
 import json
-from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -211,7 +210,7 @@ def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[st
     if not isinstance(feature, (ClassLabel, Value)):  # a list (multi-label), a record, an image, ...
         row, value = next(((i, v) for i, v in enumerate(ds[cfg.label_column]) if v is not None), (0, None))
         holds = "lists" if isinstance(value, (list, tuple)) else "records" if isinstance(value, dict) else f"{type(feature).__name__} values"
-        raise DataError(f"the {role} split's label column '{cfg.label_column}'{_source_of(role, cfg)} holds {holds} "
+        raise DataError(f"the {role} split's label column '{cfg.label_column}'{source_of(role, cfg)} holds {holds} "
                         f"(row {row}: {str(value)[:80]}), not one label per row. hftl trains single-label classifiers; "
                         "multi-label classification is not supported yet. Give one label per row, or set data.label_column "
                         "to the column that has it.")
@@ -220,114 +219,13 @@ def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[st
         raise DataError(f"the {role} split has an empty label in column '{cfg.label_column}' at row(s) {nulls[:10]}.")
 
 
-def _source_of(role: str, cfg: DataConfig) -> str:
+def source_of(role: str, cfg: DataConfig) -> str:
     """' (file 'x.csv')' or ' of 'name'': where a split's rows come from, for messages."""
     file = {"train": cfg.train_file, "validation": cfg.validation_file or cfg.train_file, "test": cfg.test_file}.get(role)
     if file:
         return f" (file '{file}')"
     source = cfg.data_dir or cfg.name or cfg.builtin
     return f" of '{source}'" if source and role in ("train", "validation", "test") else ""
-
-
-# A float label column with more distinct values than this is a measurement (a regression target), not classes.
-MAX_FLOAT_CLASSES = 10
-
-
-def label_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
-    """Label names in id order, fixed from the training split."""
-    feature = train.features[cfg.label_column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    values = sorted(set(train[cfg.label_column]), key=lambda v: (str(type(v)), v))
-    fractional = [v for v in values if isinstance(v, float) and not v.is_integer()]
-    if fractional:  # whole numbers stored as floats (0.0/1.0, e.g. a column with gaps read by pandas) may still be classes
-        column = f"the train split's label column '{cfg.label_column}'{_source_of('train', cfg)}"
-        shown = ", ".join(f"{v:g}" for v in fractional[:5])
-        if len(values) > MAX_FLOAT_CLASSES:
-            raise DataError(f"{column} holds {len(values)} distinct numbers with fractions ({shown}, ...): almost surely a "
-                            "regression target, not class labels, and hftl trains classifiers (one class per value would be "
-                            "meaningless). Set data.label_column to the column with the classes, or bin the values into "
-                            "classes first.")
-        raise DataError(f"{column} holds numbers with fractions ({shown}); class labels are strings or whole numbers "
-                        "0..K-1. Write the classes as such, or set data.label_column to the column that has them.")
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        k = max(values) + 1
-        if min(values) < 0:
-            raise DataError(f"integer labels must be 0..K-1; the train split has {min(values)}.")
-        if cfg.label_names:
-            if len(cfg.label_names) < k:
-                raise DataError(f"data.label_names names {len(cfg.label_names)} labels but the train split has label {k - 1}.")
-            return [str(n) for n in cfg.label_names]
-        return [str(i) for i in range(k)]
-    if cfg.label_names:
-        raise DataError("data.label_names is only for integer labels; the train split's labels are strings already.")
-    return [str(v) for v in values]
-
-
-def _encode_labels(ds: Dataset, role: str, names: list[str], cfg: DataConfig) -> Dataset:
-    """Map the label column to ids (ClassLabel 'labels'), refusing labels training never saw."""
-    feature = ds.features[cfg.label_column]
-    raw = ds[cfg.label_column]
-    if isinstance(feature, ClassLabel):
-        raw = [feature.int2str(v) for v in raw]
-    elif cfg.label_names and all(isinstance(v, int) for v in raw):
-        raw = [names[v] if 0 <= v < len(names) else str(v) for v in raw]
-    else:
-        raw = [str(v) for v in raw]
-    index = {n: i for i, n in enumerate(names)}
-    unseen = sorted(set(raw) - set(index))
-    if unseen:
-        row = next(i for i, v in enumerate(raw) if v not in index)
-        raise DataError(
-            f"the {role} split has label(s) {unseen} (first at row {row}) that the train split never has; "
-            f"train labels are {names}."
-        )
-    ids = [index[v] for v in raw]
-    ds = ds.remove_columns(cfg.label_column)
-    if "labels" in ds.column_names:  # the model reads 'labels'; a stray one would shadow ours
-        ds = ds.remove_columns("labels")
-    return ds.add_column("labels", ids, feature=ClassLabel(names=names))
-
-
-def _two_labels(train: Dataset, cfg: DataConfig, after: str) -> None:
-    """A classifier needs rows of two labels or more to train on (the names may list more than the rows hold)."""
-    present = set(train["labels"])
-    if len(present) < 2:
-        names = train.features["labels"].names
-        raise DataError(f"the train split{_source_of('train', cfg)} has rows of a single label{after} "
-                        f"({', '.join(repr(names[i]) for i in present)}); classification needs rows of at least two.")
-
-
-def _carved_covers(whole: Dataset, train: Dataset, validation: Dataset, cfg: DataConfig) -> None:
-    """A validation split carved from train must hold every label training has, and training every label it holds:
-    a label only in validation is never learnt, one only in training is never measured."""
-    names, counts = whole.features["labels"].names, Counter(whole["labels"])
-    in_train, in_val = set(train["labels"]), set(validation["labels"])
-    problems = [f"{where} {', '.join(f'{names[i]!r} ({counts[i]} row(s) in all)' for i in sorted(ids))}"
-                for where, ids in (("only in validation:", set(counts) - in_train), ("only in training:", set(counts) - in_val)) if ids]
-    if problems:
-        raise DataError(f"carving data.validation_fraction={cfg.validation_fraction} of the train split{_source_of('train', cfg)} "
-                        f"as validation leaves label(s) {'; '.join(problems)}. Add rows of those labels, raise "
-                        "data.validation_fraction, or give a validation split (data.validation_file / data.validation_split).")
-
-
-def per_class(train: Dataset, k: int, seed: int) -> Dataset:
-    """The label budget (data.samples_per_class): k seeded-random training rows of every label, in shuffled order."""
-    if k < 1:
-        raise DataError(f"data.samples_per_class={k}; it must be at least 1 (null: every training row).")
-    shuffled = train.shuffle(seed=seed)
-    labels = list(shuffled["labels"])
-    counts, names = Counter(labels), train.features["labels"].names
-    short = [f"'{name}' has {counts[i]}" for i, name in enumerate(names) if counts[i] < k]
-    if short:
-        raise DataError(f"data.samples_per_class={k}, but in the train split (after validation is carved) label "
-                        f"{', '.join(short)} row(s); lower data.samples_per_class to at most {min(counts[i] for i in range(len(names)))} or add rows.")
-    taken, keep = Counter(), []
-    for i, y in enumerate(labels):
-        if taken[y] < k:
-            taken[y] += 1
-            keep.append(i)
-    return shuffled.select(keep)
 
 
 TEMPLATE_ROWS = 2  # rows per label that data.label_template adds (SetFit's get_templated_dataset: sample_size=2)
@@ -357,17 +255,24 @@ def with_label_rows(train: Dataset, cfg: DataConfig, input_keys: tuple[str, ...]
 
 
 def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text_column", "text_pair_column")) -> tuple[DatasetDict, str]:
-    """Load, validate and label-encode the splits; carve validation from train when absent.
+    """`load_labelled` without its task: (splits, source)."""
+    splits, source, _ = load_labelled(cfg, seed, input_keys)
+    return splits, source
+
+
+def load_labelled(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text_column", "text_pair_column")):
+    """Load, validate and label-encode the splits; carve validation from train when absent. Returns (splits, source, the
+    task, hftl/tasks/, which read the labels and encoded them as 'labels').
 
     `input_keys` name the DataConfig fields holding the columns the modality reads (checked to exist)."""
+    from .. import tasks
+
     raw, source = load_raw(cfg, [getattr(cfg, k) for k in input_keys if k in PATH_KEYS])
     for role, ds in raw.items():
         _check_columns(ds, role, cfg, input_keys)
-    names = label_names_of(raw["train"], cfg)
-    if len(names) < 2:
-        raise DataError(f"the train split has a single label {names}; classification needs at least two.")
-    splits = {role: _encode_labels(ds, role, names, cfg) for role, ds in raw.items()}
-    _two_labels(splits["train"], cfg, "")
+    task = tasks.read(raw["train"], cfg)
+    splits = {role: task.encode(ds, role, cfg) for role, ds in raw.items()}
+    task.check_train(splits["train"], cfg)
     if "validation" not in splits and cfg.validation_fraction == 0 and "test" not in splits:
         raise DataError("data.validation_fraction=0 trains on every labelled row with no validation split, so results come from "
                         "a test split: give data.test_file (or data.test_split), or a validation split.")
@@ -376,32 +281,43 @@ def load_splits(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("text
             raise DataError(f"no validation split and data.validation_fraction={cfg.validation_fraction}; set it in (0, 1), give a "
                             "validation split, or set it to 0 to train on every row without one.")
         try:
-            parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed, stratify_by_column="labels")
+            parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed,
+                                                     stratify_by_column="labels" if task.stratify else None)
         except ValueError:  # a class too small to stratify: fall back to a plain seeded split
             parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
-        _carved_covers(splits["train"], parts["train"], parts["test"], cfg)
+        task.check_carved(splits["train"], parts["train"], parts["test"], cfg)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
     if cfg.samples_per_class is not None:
-        splits["train"] = per_class(splits["train"], cfg.samples_per_class, seed)
+        if cfg.samples_per_class < 1:
+            raise DataError(f"data.samples_per_class={cfg.samples_per_class}; it must be at least 1 (null: every training row).")
+        splits["train"] = task.per_class(splits["train"], cfg.samples_per_class, seed)
     if cfg.max_train_samples:
         splits["train"] = splits["train"].shuffle(seed=seed).select(range(min(cfg.max_train_samples, len(splits["train"]))))
-        _two_labels(splits["train"], cfg, f" after data.max_train_samples={cfg.max_train_samples}")
+        task.check_train(splits["train"], cfg, f" after data.max_train_samples={cfg.max_train_samples}")
     if cfg.label_template is not None:
+        if task.name != "single_label":
+            raise DataError(f"data.label_template writes one sentence per class name; the labels here are {task.name} "
+                            "labels, not single classes: set data.label_template=null.")
         splits["train"] = with_label_rows(splits["train"], cfg, input_keys)
     if cfg.max_eval_samples:
         for role in ("validation", "test"):
             if role in splits:
                 splits[role] = splits[role].select(range(min(cfg.max_eval_samples, len(splits[role]))))
-    return DatasetDict(splits), source
+    task.observe_train(splits["train"])
+    return DatasetDict(splits), source, task
 
 
-def load_target(cfg: DataConfig, names: list[str], input_keys: tuple[str, ...], check=None) -> tuple[DatasetDict, dict[str, list[str]]]:
+def load_target(cfg: DataConfig, task, input_keys: tuple[str, ...], check=None) -> tuple[DatasetDict, dict[str, list[str]]]:
     """data.target's rows as splits for `Modality.prepare`, and {'target': ids of rows `check` left out}.
 
     'train': every row with label 0, since its labels are never trained on: adapt.align and adapt.reweight read
     the inputs only, prepared as training rows are. 'target': only when the rows have data.label_column, their
-    labels encoded with the training label names, for a 'target' evaluation. `check(splits) -> (splits, skipped)`
+    labels encoded by the run's task (hftl/tasks/; a list of label names: single-label), for a 'target' evaluation. `check(splits) -> (splits, skipped)`
     is the modality's media check. A file is read as data.train_file is, a folder as data.data_dir is (every split)."""
+    if isinstance(task, list):
+        from ..tasks.single_label import SingleLabel
+
+        task = SingleLabel(task)
     path = Path(cfg.target)
     if path.is_dir():
         ds = datasets.concatenate_datasets(list(_load_dataset("target", str(path)).values()))
@@ -412,11 +328,11 @@ def load_target(cfg: DataConfig, names: list[str], input_keys: tuple[str, ...], 
     _check_columns(ds, role, cfg, input_keys, labelled)
     ds = ds.select_columns([getattr(cfg, k) for k in input_keys if getattr(cfg, k)] + ([cfg.label_column] if labelled else []))
     if labelled:  # before decoding any media file: an unknown label is found at once
-        ds = _encode_labels(ds, role, names, cfg)
+        ds = task.encode(ds, role, cfg)
     rows, skipped = check(DatasetDict(target=ds)) if check else (DatasetDict(target=ds), {})
     ds = rows["target"]
     inputs = ds.remove_columns("labels") if labelled else ds
-    splits = DatasetDict(train=inputs.add_column("labels", [0] * len(inputs), feature=ClassLabel(names=names)))
+    splits = DatasetDict(train=task.add_labels(inputs, task.blank(len(inputs))))
     if labelled:
         splits["target"] = ds
     return splits, skipped

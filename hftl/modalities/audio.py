@@ -1,18 +1,16 @@
-"""Recipe: audio classification (any AutoModelForAudioClassification checkpoint: wav2vec2, HuBERT, WavLM, ...).
+"""Speech: any AutoModelForAudioClassification checkpoint (wav2vec2, HuBERT, WavLM, ...); decoding, resampling and
+windows are in hftl/data/audio.py.
 
     hftl train recipes/configs/audio/wav2vec2_fsdd_lora.yaml [key=value ...]
-    hftl train recipes/configs/audio/wav2vec2_fsdd_head.yaml data.data_dir=my_audiofolder
-
-What is audio-specific lives here and in hftl/data/audio.py; the path every recipe shares is hftl/run.py.
 """
 from __future__ import annotations
 
 from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
-from hftl import models
-from hftl.config import Config
-from hftl.data import audio
-from hftl.run import Modality, run
+from .. import models
+from ..config import Config
+from ..data import audio
+from . import Modality
 
 
 def load_feature_extractor(path: str, cfg: Config):
@@ -23,7 +21,7 @@ def pipeline_inputs(rows, cfg: Config) -> list:
     return audio.inputs_for_pipeline(rows, cfg.data, load_feature_extractor(models.resolve(cfg.model)[0], cfg))
 
 
-AUDIO = Modality(
+MODALITY = AUDIO = Modality(
     pipeline_tag="audio-classification",
     auto_class=AutoModelForAudioClassification,
     load_processor=load_feature_extractor,
@@ -32,7 +30,3 @@ AUDIO = Modality(
     input_keys=("audio_column",),
     check=lambda splits, cfg: audio.check(splits, cfg.data),
 )
-
-
-def main(cfg: Config) -> dict:
-    return run(cfg, AUDIO)

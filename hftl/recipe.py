@@ -1,50 +1,42 @@
-"""The one path every recipe takes: config -> data -> model -> mode -> loop -> model folder + card.
+"""The one path every run takes: config -> data -> model -> mode -> loop -> model folder + card.
 
-A recipe (recipes/<task>.py) supplies only what depends on the modality, as a `Modality`: which
-AutoModelFor*Classification to load, its processor (tokenizer, feature extractor, image
-processor), how to turn raw splits into model inputs, and what `transformers.pipeline` takes.
+What depends on the modality (text, speech, images) is a `Modality` (hftl/modalities/): which
+AutoModelFor*Classification to load, its processor, how to turn raw splits into model inputs, and what
+`transformers.pipeline` takes.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
-from . import adapt, cache, cards, checkpoint, domain, hub, models, outdir, plots, pretrain
+from . import adapt, cache, cards, checkpoint, domain, hub, modalities, models, outdir, plots, pretrain
 from . import metrics as metrics_lib
 from .config import Config, ConfigError, to_dict, to_yaml
 from .errors import UserError
-from .data import DataError, load_splits, load_target
+from .data import DataError, load_labelled, load_target
+from .modalities import Modality
 from .train import fit, make_accelerator, tensor_core_padding
 
 
-@dataclass
-class Modality:
-    pipeline_tag: str  # e.g. "text-classification"; also the pipeline() task
-    auto_class: Any  # e.g. AutoModelForSequenceClassification
-    load_processor: Callable[[str, Config], Any]  # (path, cfg) -> tokenizer / feature extractor / image processor
-    prepare: Callable  # (splits, processor, cfg) -> (encoded DatasetDict with 'labels', collator)
-    pipeline_inputs: Callable  # (raw split rows, cfg) -> list that pipeline(pipeline_tag) accepts
-    input_keys: tuple[str, ...] = ("text_column", "text_pair_column")  # DataConfig keys naming the input columns
-    # Media: (splits, cfg) -> (splits without rows whose file cannot be decoded, {split: [ids of rows left out]}).
-    check: Callable | None = None
-
-
 def load_checked(cfg: Config, modality: Modality):
-    """`load_splits`, then the modality's check of every media file (data.on_bad_sample: error or skip)."""
-    splits, source = load_splits(cfg.data, cfg.train.seed, modality.input_keys)
+    """`load_labelled`, then the modality's check of every media file (data.on_bad_sample: error or skip).
+    Returns (splits, source, skipped rows, the task)."""
+    splits, source, task = load_labelled(cfg.data, cfg.train.seed, modality.input_keys)
     splits, skipped = modality.check(splits, cfg) if modality.check else (splits, {})
-    return splits, source, skipped
+    return splits, source, skipped, task
 
 
-def run(cfg: Config, modality: Modality) -> dict:
+def train(cfg: Config, modality: Modality | None = None) -> dict:
+    """Train, evaluate and save one run of `cfg` (its `task` picks the modality unless `modality` is given); returns
+    the final metrics by split."""
+    modality = modality or modalities.get(cfg.task)
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
     cache.check_settings(cfg)  # before minutes of loading and preprocessing
-    metrics_lib.load_metrics(cfg.train.metrics)  # a metric that cannot load fails now, not at the first evaluation
+    if cfg.train.metrics is not None:  # a metric that cannot load fails now, not at the first evaluation
+        metrics_lib.load_metrics(cfg.train.metrics)
     with claim(cfg, accelerator):
         return _run(cfg, modality, accelerator, mode)
 
@@ -130,12 +122,14 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     reads = models.representation(path, cfg.model, cfg.adapt, cfg.task, frozen=mode.frozen_features)
     accelerator.print(f"the head reads: {reads.describe()}")
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
-        splits, source, skipped = load_checked(cfg, modality)
+        splits, source, skipped, task = load_checked(cfg, modality)
+        given, cfg = cfg, task.configure(cfg)  # what the config leaves to the task (train.metrics, metric_for_best), or its refusal
+        metrics_lib.load_metrics(cfg.train.metrics)
         encoded, collator = modality.prepare(splits, processor, cfg)
         collator = tensor_core_padding(collator, accelerator)
         target = None
         if cfg.data.target:  # adapt.align / adapt.reweight read its inputs; its labels, if any, give a 'target' evaluation
-            target_rows, bad = load_target(cfg.data, splits["train"].features["labels"].names, modality.input_keys,
+            target_rows, bad = load_target(cfg.data, task, modality.input_keys,
                                     (lambda s: modality.check(s, cfg)) if modality.check else None)
             target_encoded, _ = modality.prepare(target_rows, processor, cfg)
             target, skipped = target_encoded.pop("train"), {**skipped, **bad}
@@ -143,7 +137,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     for split, ids in skipped.items():
         accelerator.print(f"data.on_bad_sample=skip: left out {len(ids)} {split} row(s) whose file cannot be read: " + "; ".join(ids[:20])
                           + (f"; ... (all in {Path(cfg.output.dir) / 'skipped_rows.json'})" if len(ids) > 20 else ""))
-    labels = splits["train"].features["labels"].names
+    labels = task.names
 
     if cfg.adapt.pretrain:  # continued self-supervised pretraining on unlabelled in-domain inputs; the classifier starts from its folder
         path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, target_rows["train"] if cfg.data.target else None,
@@ -158,19 +152,19 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     model = mode.apply(model, cfg.adapt, head)
     if cfg.adapt.freeze_feature_encoder:
         adapt.freeze_feature_encoder(model)
-    ctx = adapt.Context(cfg, head, encoded, collator, accelerator, target=target)
+    ctx = adapt.Context(cfg, head, encoded, collator, accelerator, target=target, task=task)
     hooks = adapt.build_hooks(model, mode, ctx)
     trainable, total = adapt.count_parameters(model)
     accelerator.print(f"mode={mode.name} head={head} trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     check_space(cfg, model, path, accelerator)
 
-    if mode.fit:  # a mode with stages of its own (lpft)
+    if mode.staged:  # a mode with stages of its own (lpft, contrastive)
         result = mode.fit(model, ctx, hooks)
     else:
         # A frozen backbone runs once over the data and the head trains on the cached features (hftl/cache.py);
         # hooks (reweighting, alignment, ...) need the whole model's forward.
-        result = (not hooks and cache.fit_on_features(model, mode.name, head, encoded, collator, cfg, accelerator)) \
-            or fit(model, encoded, collator, cfg, accelerator, hooks)
+        result = (mode.frozen_backbone and not hooks and cache.fit_on_features(model, head, encoded, collator, cfg, accelerator, task)) \
+            or fit(model, encoded, collator, cfg, accelerator, hooks, task=task)
     results = result["results"]
     accelerator.print("Final: " + " ".join(f"{s}/{k}={v:.4f}" for s, r in results.items() for k, v in r.items()))
     if not accelerator.is_main_process:  # only one process writes
@@ -220,7 +214,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         processor,
         card,
         extra={
-            "hftl_config.yaml": to_yaml(cfg),
+            "hftl_config.yaml": to_yaml(given),  # as given: what it leaves to the task is the task's again on a rerun
             "results.json": {"results": results, "history": result["history"], "train_seconds": result["train_seconds"],
                              "trainable_params": trainable, "total_params": total, "best_step": result["best_step"],
                              "mixed_precision": accelerator.mixed_precision,
@@ -236,7 +230,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         overwrite=cfg.output.overwrite,
         verify=verify,
         export=mode.export,
-        save_adapter=cfg.adapt.save_adapter and mode.name in adapt.lora.PEFT_MODES,
+        save_adapter=cfg.adapt.save_adapter and mode.peft,
         release=True,  # the run is done with it; the reload check loads the saved copy
         if_disk_full=_finish_later(result.get("checkpoint")),
     )
@@ -274,18 +268,19 @@ def reload_check(cfg: Config, modality: Modality, validation, predicted: list[st
     return [inputs[i] for i in keep], [predicted[i] for i in keep]
 
 
-def push(folder: str | Path, cfg: Config, modality: Modality) -> tuple[str, int]:
+def push(folder: str | Path, cfg: Config, modality: Modality | None = None) -> tuple[str, int]:
     """`hftl push OUT_DIR`: publish a folder `hftl train` wrote, with the same round trip as a run.
 
     The validation rows are re-read from the data its hftl_config.yaml names; the expected labels are
     its predictions_validation.json. Returns the commit URL and how many predictions were re-checked."""
+    modality = modality or modalities.get(cfg.task)
     folder = Path(folder)
     checked = "validation" if (folder / "predictions_validation.json").is_file() else "test"
     predicted = json.loads((folder / f"predictions_{checked}.json").read_text())
     inputs, expected = [], []
     if cfg.output.verify_reload:
         try:
-            splits, _, _ = load_checked(cfg, modality)
+            splits, _, _, _ = load_checked(cfg, modality)
         except DataError as e:
             raise DataError(f"{e} (`hftl push` re-reads the validation rows named in {folder / 'hftl_config.yaml'} to re-check the "
                             "pushed model: run it where training ran, override the data.* keys, or pass output.verify_reload=0 "

@@ -1,17 +1,15 @@
-"""Recipe: image classification (any AutoModelForImageClassification checkpoint: ViT, DeiT, ConvNeXT, ...).
+"""Images: any AutoModelForImageClassification checkpoint (ViT, DeiT, ConvNeXT, ...); decoding and augmentation are
+in hftl/data/image.py.
 
     hftl train recipes/configs/image/vit_digits_head.yaml [key=value ...]
-    hftl train recipes/configs/image/vit_digits_lora.yaml data.builtin=null data.data_dir=my_imagefolder
-
-What is image-specific lives here and in hftl/data/image.py; the path every recipe shares is hftl/run.py.
 """
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-from hftl.config import Config, ConfigError
-from hftl.data import image
-from hftl.run import Modality, run
+from ..config import Config, ConfigError
+from ..data import image
+from . import Modality
 
 
 def load_image_processor(path: str, cfg: Config):
@@ -23,7 +21,7 @@ def load_image_processor(path: str, cfg: Config):
     return AutoImageProcessor.from_pretrained(path, **kwargs)
 
 
-IMAGE = Modality(
+MODALITY = IMAGE = Modality(
     pipeline_tag="image-classification",
     auto_class=AutoModelForImageClassification,
     load_processor=load_image_processor,
@@ -32,7 +30,3 @@ IMAGE = Modality(
     input_keys=("image_column",),
     check=lambda splits, cfg: image.check(splits, cfg.data),
 )
-
-
-def main(cfg: Config) -> dict:
-    return run(cfg, IMAGE)

@@ -1,17 +1,14 @@
-"""Recipe: text classification (any AutoModelForSequenceClassification checkpoint).
+"""Text: any AutoModelForSequenceClassification checkpoint; its tokenizer; sentence pairs (data.text_pair_column).
 
     hftl train recipes/configs/text/minilm_vader_full.yaml [key=value ...]
-    accelerate launch -m hftl train recipes/configs/text/minilm_sst2_lora.yaml
-
-What is text-specific lives here; the path every recipe shares is hftl/run.py.
 """
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from hftl.config import Config, ConfigError
-from hftl.data import text
-from hftl.run import Modality, run
+from ..config import Config, ConfigError
+from ..data import text
+from . import Modality
 
 
 def load_tokenizer(path: str, cfg: Config):
@@ -25,14 +22,10 @@ def load_tokenizer(path: str, cfg: Config):
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
-TEXT = Modality(
+MODALITY = TEXT = Modality(
     pipeline_tag="text-classification",
     auto_class=AutoModelForSequenceClassification,
     load_processor=load_tokenizer,
     prepare=lambda splits, tokenizer, cfg: text.prepare(splits, tokenizer, cfg.data),
     pipeline_inputs=lambda rows, cfg: text.inputs_for_pipeline(rows, cfg.data),
 )
-
-
-def main(cfg: Config) -> dict:
-    return run(cfg, TEXT)

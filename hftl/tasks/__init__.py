@@ -1,0 +1,92 @@
+"""Tasks: what differs between kinds of target, one file each (single_label.py, and the others beside it).
+
+A task owns how labels are read and encoded, the head's `problem_type`, the loss, what a prediction is, the
+metrics, what the reload check compares, the pictures and the card's entries. The loop (hftl/train.py), the
+feature cache and the solved head (hftl/cache.py, hftl/solver.py), reweighting, the reload check (hftl/hub.py),
+the card and `hftl predict` / `hftl evaluate` ask the task instead of assuming cross-entropy and argmax.
+
+`Task` is also the interface `hftl.train.fit` trains and evaluates through, so a stage with a target of its own
+(contrastive pairs, masked-LM pretraining) passes a small task of its own. A task for labelled rows is chosen by
+the labels of the training split (today: single-label only); adding one means one new file that subclasses `Task` and registers itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ..config import LOWER_IS_BETTER, TASK_METRICS, Config, ConfigError
+
+
+class Task:
+    name = ""  # its name in messages and in TASK_METRICS
+    problem_type: str | None = None  # what transformers' config.problem_type calls it (pipeline() reads it)
+    metric_names: tuple[str, ...] = ()  # the shipped metric modules (hftl/metrics) it reports, its default train.metrics
+    default_metric_for_best = "loss"
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)  # one per model output: class, label or target names
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.names)
+
+    # ------------------------------------------------------------ training and evaluation (hftl.train)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The training loss of a batch; reduction='none': one value per row (reweighting, evaluation)."""
+        raise NotImplementedError
+
+    def predict(self, logits: np.ndarray) -> list:
+        """One prediction per row of model outputs (n x outputs), as the metrics take it."""
+        raise NotImplementedError
+
+    def references(self, labels: np.ndarray) -> list:
+        """The encoded 'labels' of rows as the metrics take them."""
+        return labels.tolist()
+
+    def compute(self, modules: dict, predictions: list, references: list) -> dict[str, float]:
+        from .. import metrics
+
+        return metrics.compute(modules, predictions, references)
+
+    # ------------------------------------------------------------ settings
+
+    def observe_train(self, train) -> None:
+        """The final training split (encoded 'labels'), for settings that depend on it (train.class_weights=balanced)."""
+
+    def configure(self, cfg: Config) -> Config:
+        """`cfg` with what it leaves to the task filled in (train.metrics, metric_for_best, greater_is_better), after
+        refusing the settings this task cannot serve."""
+        t = cfg.train
+        metrics = list(t.metrics) if t.metrics is not None else list(self.metric_names)
+        foreign = [m for m in metrics if m not in self.metric_names and any(m in names for names in TASK_METRICS.values())]
+        if foreign:
+            raise ConfigError(f"train.metrics has {foreign}, which the {self.name} task does not report; it reports "
+                              f"{', '.join(self.metric_names)} (or a Hub metric by name).")
+        best = t.metric_for_best or (self.default_metric_for_best if self.default_metric_for_best in [*metrics, "loss"] else metrics[0])
+        if best != "loss" and best not in metrics and all(m in self.metric_names for m in metrics):
+            raise ConfigError(f"train.metric_for_best='{best}' is not computed: validation reports {', '.join([*metrics, 'loss'])} "
+                              f"(train.metrics, plus loss, for the {self.name} task). Choose one of those, or add it to "
+                              "train.metrics.")
+        better = t.greater_is_better if t.greater_is_better is not None else best not in LOWER_IS_BETTER
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, metrics=metrics, metric_for_best=best, greater_is_better=better))
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    if cls.name in TASKS:
+        raise ValueError(f"hftl bug: task '{cls.name}' is registered twice")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def read(train, cfg) -> Task:
+    """The task for the training split `train` (raw rows) under DataConfig `cfg`, its label names fixed from them."""
+    return TASKS["single_label"].read(train, cfg)
+
+
+from . import single_label  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,195 @@
+"""Single-label classification: one class per row; softmax over the classes, cross-entropy, argmax.
+
+Labels may be a ClassLabel, integers 0..K-1 (named by data.label_names) or strings; the mapping is fixed from the
+training split (sorted names) and stored in the model's config (id2label / label2id).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset
+from torch.nn import functional as F
+
+from .. import solver
+from ..config import Config, ConfigError, DataConfig
+from ..data import DataError, source_of
+from . import Task, register
+
+# A float label column with more distinct values than this is a measurement (a regression target), not classes.
+MAX_FLOAT_CLASSES = 10
+
+
+def label_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
+    """Label names in id order, fixed from the training split."""
+    feature = train.features[cfg.label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    values = sorted(set(train[cfg.label_column]), key=lambda v: (str(type(v)), v))
+    fractional = [v for v in values if isinstance(v, float) and not v.is_integer()]
+    if fractional:  # whole numbers stored as floats (0.0/1.0, e.g. a column with gaps read by pandas) may still be classes
+        column = f"the train split's label column '{cfg.label_column}'{source_of('train', cfg)}"
+        shown = ", ".join(f"{v:g}" for v in fractional[:5])
+        if len(values) > MAX_FLOAT_CLASSES:
+            raise DataError(f"{column} holds {len(values)} distinct numbers with fractions ({shown}, ...): almost surely a "
+                            "regression target, not class labels, and hftl trains classifiers (one class per value would be "
+                            "meaningless). Set data.label_column to the column with the classes, or bin the values into "
+                            "classes first.")
+        raise DataError(f"{column} holds numbers with fractions ({shown}); class labels are strings or whole numbers "
+                        "0..K-1. Write the classes as such, or set data.label_column to the column that has them.")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        k = max(values) + 1
+        if min(values) < 0:
+            raise DataError(f"integer labels must be 0..K-1; the train split has {min(values)}.")
+        if cfg.label_names:
+            if len(cfg.label_names) < k:
+                raise DataError(f"data.label_names names {len(cfg.label_names)} labels but the train split has label {k - 1}.")
+            return [str(n) for n in cfg.label_names]
+        return [str(i) for i in range(k)]
+    if cfg.label_names:
+        raise DataError("data.label_names is only for integer labels; the train split's labels are strings already.")
+    return [str(v) for v in values]
+
+
+class SingleLabel(Task):
+    name = "single_label"
+    problem_type = "single_label_classification"
+    metric_names = ("accuracy", "f1", "precision", "recall")
+    default_metric_for_best = "accuracy"
+    stratify = True  # a carved validation split keeps the label shares
+
+    weight: torch.Tensor | None = None  # train.class_weights, one per class (configure)
+    smoothing = 0.0  # train.label_smoothing
+    counts: Counter | None = None  # training rows per class id (observe_train)
+
+    # ------------------------------------------------------------ settings
+
+    def observe_train(self, train: Dataset) -> None:
+        self.counts = Counter(train["labels"])
+
+    def configure(self, cfg: Config) -> Config:
+        cfg = super().configure(cfg)
+        t = cfg.train
+        self.smoothing, self.weight = t.label_smoothing, None
+        spec = t.class_weights
+        if spec == ["balanced"]:
+            if not self.counts:
+                raise ConfigError("train.class_weights=balanced weighs the classes by their training rows, which this run has not read.")
+            n, k = sum(self.counts.values()), len(self.counts)
+            # scikit-learn's 'balanced': n / (classes x rows of the class); a class without training rows weighs nothing
+            self.weight = torch.tensor([n / (k * self.counts[i]) if self.counts.get(i) else 0.0 for i in range(self.num_outputs)])
+        elif spec is not None:
+            if len(spec) != self.num_outputs or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in spec):
+                raise ConfigError(f"train.class_weights={spec}: give balanced, or {self.num_outputs} weights of at least 0, one per "
+                                  f"label in this order: {', '.join(self.names)}.")
+            self.weight = torch.tensor([float(w) for w in spec])
+        return cfg
+
+    # ------------------------------------------------------------ labels
+
+    @classmethod
+    def read(cls, train: Dataset, cfg: DataConfig) -> "SingleLabel":
+        names = label_names_of(train, cfg)
+        if len(names) < 2:
+            raise DataError(f"the train split has a single label {names}; classification needs at least two.")
+        return cls(names)
+
+    def encode(self, ds: Dataset, role: str, cfg: DataConfig) -> Dataset:
+        """Map the label column to ids (ClassLabel 'labels'), refusing labels training never saw."""
+        feature = ds.features[cfg.label_column]
+        raw = ds[cfg.label_column]
+        if isinstance(feature, ClassLabel):
+            raw = [feature.int2str(v) for v in raw]
+        elif cfg.label_names and all(isinstance(v, int) for v in raw):
+            raw = [self.names[v] if 0 <= v < len(self.names) else str(v) for v in raw]
+        else:
+            raw = [str(v) for v in raw]
+        index = {n: i for i, n in enumerate(self.names)}
+        unseen = sorted(set(raw) - set(index))
+        if unseen:
+            row = next(i for i, v in enumerate(raw) if v not in index)
+            raise DataError(
+                f"the {role} split has label(s) {unseen} (first at row {row}) that the train split never has; "
+                f"train labels are {self.names}."
+            )
+        return self.add_labels(ds.remove_columns(cfg.label_column), [index[v] for v in raw])
+
+    def add_labels(self, ds: Dataset, labels: list) -> Dataset:
+        if "labels" in ds.column_names:  # the model reads 'labels'; a stray one would shadow ours
+            ds = ds.remove_columns("labels")
+        return ds.add_column("labels", labels, feature=ClassLabel(names=self.names))
+
+    def blank(self, n: int) -> list:
+        """Labels for `n` unlabelled rows (data.target's, which are never trained on)."""
+        return [0] * n
+
+    def check_train(self, train: Dataset, cfg: DataConfig, after: str = "") -> None:
+        """A classifier needs rows of two labels or more to train on (the names may list more than the rows hold)."""
+        present = set(train["labels"])
+        if len(present) < 2:
+            raise DataError(f"the train split{source_of('train', cfg)} has rows of a single label{after} "
+                            f"({', '.join(repr(self.names[i]) for i in present)}); classification needs rows of at least two.")
+
+    def check_carved(self, whole: Dataset, train: Dataset, validation: Dataset, cfg: DataConfig) -> None:
+        """A validation split carved from train must hold every label training has, and training every label it holds:
+        a label only in validation is never learnt, one only in training is never measured."""
+        counts = Counter(whole["labels"])
+        in_train, in_val = set(train["labels"]), set(validation["labels"])
+        problems = [f"{where} {', '.join(f'{self.names[i]!r} ({counts[i]} row(s) in all)' for i in sorted(ids))}"
+                    for where, ids in (("only in validation:", set(counts) - in_train), ("only in training:", set(counts) - in_val)) if ids]
+        if problems:
+            raise DataError(f"carving data.validation_fraction={cfg.validation_fraction} of the train split{source_of('train', cfg)} "
+                            f"as validation leaves label(s) {'; '.join(problems)}. Add rows of those labels, raise "
+                            "data.validation_fraction, or give a validation split (data.validation_file / data.validation_split).")
+
+    def per_class(self, train: Dataset, k: int, seed: int) -> Dataset:
+        """The label budget (data.samples_per_class): k seeded-random training rows of every label, in shuffled order."""
+        shuffled = train.shuffle(seed=seed)
+        labels = list(shuffled["labels"])
+        counts = Counter(labels)
+        short = [f"'{name}' has {counts[i]}" for i, name in enumerate(self.names) if counts[i] < k]
+        if short:
+            raise DataError(f"data.samples_per_class={k}, but in the train split (after validation is carved) label "
+                            f"{', '.join(short)} row(s); lower data.samples_per_class to at most "
+                            f"{min(counts[i] for i in range(len(self.names)))} or add rows.")
+        taken, keep = Counter(), []
+        for i, y in enumerate(labels):
+            if taken[y] < k:
+                taken[y] += 1
+                keep.append(i)
+        return shuffled.select(keep)
+
+    # ------------------------------------------------------------ loss and predictions
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(logits.device)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), weight=weight,
+                               label_smoothing=self.smoothing, reduction=reduction)
+
+    def predict(self, logits: np.ndarray) -> list[int]:
+        return np.asarray(logits).argmax(-1).tolist()
+
+    # ------------------------------------------------------------ the solved head (adapt.solve_head)
+
+    def solve(self, x, y, x_val, y_val, t, modules):
+        """Multinomial logistic regression on frozen features, C chosen by train.metric_for_best (hftl/solver.py)."""
+        if self.weight is not None or self.smoothing:
+            return "train.class_weights / train.label_smoothing change the loss, which the solved logistic regression does not minimise"
+        sign = 1 if t.greater_is_better else -1
+
+        def score(clf, z, labels) -> float:
+            if t.metric_for_best == "loss":
+                from sklearn.metrics import log_loss
+
+                return sign * log_loss(labels, clf.predict_proba(z), labels=clf.classes_)
+            return sign * self.compute(modules, clf.predict(z).tolist(), labels.tolist())[t.metric_for_best]
+
+        return solver.solve_logistic(x, y, self.num_outputs, x_val, y_val, score, seed=t.seed), "logistic regression (L2, lbfgs)"
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """What pipeline() reports per label: softmax probabilities."""
+        return torch.as_tensor(np.asarray(logits), dtype=torch.float32).softmax(-1).numpy()
+
+
+register(SingleLabel)
