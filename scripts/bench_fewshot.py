@@ -146,6 +146,8 @@ def fewshot_part(args, results: Results) -> list[str]:
                     continue
                 out = args.work / "fewshot" / f"{arm}-k{k}-s{seed}"
                 key = f"fewshot|{arm}|{k}|{seed}"
+                if args.cached_only and key not in results.data:
+                    continue
                 if arm in PEER_ARMS:
                     job = results.get(key, lambda: peer_job(SETFIT, train, test, out, seed, PEERS[arm]))
                 else:
@@ -162,7 +164,9 @@ def fewshot_part(args, results: Results) -> list[str]:
             acc = [100 * j["accuracy"] for j in jobs]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             timed_jobs = [j for j in jobs if j["seed"] in (args.time_seeds or args.seeds)]
-            cells.append(f"{statistics.mean(acc):.1f} ± {sd:.1f} ({statistics.mean(j['seconds'] for j in timed_jobs):.0f} s)")
+            seconds = f"{statistics.mean(j['seconds'] for j in timed_jobs):.0f} s" if timed_jobs else "untimed"
+            fewer = f", seeds {[j['seed'] for j in jobs]}" if len(jobs) < len(args.seeds) else ""
+            cells.append(f"{statistics.mean(acc):.1f} ± {sd:.1f} ({seconds}{fewer})")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     loads = [float(j["load"].split()[0]) for jobs in table.values() for j in jobs if j["seed"] in (args.time_seeds or args.seeds)]
     lines += ["", f"1-minute load average just before each timed run: {min(loads):.2f} to {max(loads):.2f} (2 cores)."]
@@ -227,6 +231,8 @@ def main() -> None:
                    "many rows per class (two rows per label from its name weigh little beside 64 real ones)")
     p.add_argument("--time-seeds", nargs="+", type=int, help="fewshot part: the seconds shown are the mean over these seeds' "
                    "runs only (default: every seed), e.g. those run alone on the machine when the others were not")
+    p.add_argument("--cached-only", action="store_true", help="fewshot part: report the runs --work/results.json holds, run "
+                   "none (a cell lists its seeds when it has fewer than --seeds)")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_fewshot")
     p.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "fewshot.md")
     args = p.parse_args()
