@@ -51,6 +51,46 @@ class Task:
 
         return metrics.compute(modules, predictions, references)
 
+    # ------------------------------------------------------------ what users see (predictions files, reload check, hftl predict)
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """What pipeline() reports per output (n x outputs): probabilities, or the scores themselves."""
+        raise NotImplementedError
+
+    def readable(self, predictions: list) -> list:
+        """`predict`'s predictions as written in predictions_<split>.json and compared by the reload check: label
+        names, lists of them, or numbers."""
+        raise NotImplementedError
+
+    def readable_from_scores(self, scores: np.ndarray) -> list:
+        """The readable predictions that `scores` (n x outputs, as pipeline() reports them) stand for."""
+        raise NotImplementedError
+
+    def row(self, scores: np.ndarray) -> dict:
+        """One row of `hftl predict`'s output from its scores (one per output, as pipeline() reports them)."""
+        raise NotImplementedError
+
+    def near_tie(self, scores: np.ndarray, expected) -> float:
+        """How far `scores` (one row, as pipeline() reports them) are from giving the `expected` readable prediction:
+        0 when they give it; the reload check lets a mixed-precision run differ by up to hftl.hub.MIXED_PRECISION_TIE."""
+        raise NotImplementedError
+
+    def figure(self, references: list, predictions: list, path, title: str = ""):
+        """The task's picture of one split's predictions (a confusion matrix, a scatter plot), written to `path`."""
+        raise NotImplementedError
+
+    figure_name = ""  # its file name in the model folder
+    figure_caption = ""  # '... on the {split} split'
+
+    def model_config(self) -> dict:
+        """What the saved model's config.json keeps of the task besides id2label and problem_type (a decision
+        threshold, target statistics), read back by `from_model_config`."""
+        return {}
+
+    def card_rows(self, references: list, predictions: list) -> list[dict] | None:
+        """Per-output rows for the card's table of labels (name, support, F1 ...), or None for the plain list."""
+        return None
+
     # ------------------------------------------------------------ settings
 
     def observe_train(self, train) -> None:
@@ -87,6 +127,16 @@ def register(cls: type[Task]) -> type[Task]:
 def read(train, cfg) -> Task:
     """The task for the training split `train` (raw rows) under DataConfig `cfg`, its label names fixed from them."""
     return TASKS["single_label"].read(train, cfg)
+
+
+def from_model_config(config) -> Task:
+    """The task a saved model (its transformers config) was trained for, as `hftl predict` / `hftl evaluate` use it:
+    its output names from id2label, what `Task.model_config` stored, the kind from problem_type."""
+    kind = {cls.problem_type: cls for cls in TASKS.values() if cls.problem_type}.get(config.problem_type or "single_label_classification")
+    if kind is None:
+        raise ConfigError(f"the model's config has problem_type={config.problem_type!r}; hftl knows "
+                          f"{', '.join(c.problem_type for c in TASKS.values() if c.problem_type)}.")
+    return kind.from_model_config(config)
 
 
 from . import single_label  # noqa: E402,F401  (registers itself)

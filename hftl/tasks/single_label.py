@@ -187,9 +187,38 @@ class SingleLabel(Task):
 
         return solver.solve_logistic(x, y, self.num_outputs, x_val, y_val, score, seed=t.seed), "logistic regression (L2, lbfgs)"
 
+    # ------------------------------------------------------------ what users see
+
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """What pipeline() reports per label: softmax probabilities."""
         return torch.as_tensor(np.asarray(logits), dtype=torch.float32).softmax(-1).numpy()
+
+    def readable(self, predictions: list) -> list[str]:
+        return [self.names[p] for p in predictions]
+
+    def readable_from_scores(self, scores: np.ndarray) -> list[str]:
+        return self.readable(np.asarray(scores).argmax(-1).tolist())
+
+    def row(self, scores: np.ndarray) -> dict:
+        scores = np.asarray(scores)
+        return {"label": self.names[int(scores.argmax())], "scores": {n: float(s) for n, s in zip(self.names, scores)}}
+
+    def near_tie(self, scores: np.ndarray, expected: str) -> float:
+        scores = np.asarray(scores)
+        return float(scores.max() - scores[self.names.index(expected)]) if expected in self.names else float("inf")
+
+    figure_name = "confusion_matrix.png"
+    figure_caption = "Confusion matrix"
+
+    def figure(self, references: list, predictions: list, path, title: str = ""):
+        from .. import plots
+
+        return plots.confusion_matrix_png(plots.confusion_counts(list(references), list(predictions), self.num_outputs),
+                                          self.names, path, title)
+
+    @classmethod
+    def from_model_config(cls, config) -> "SingleLabel":
+        return cls([config.id2label[i] for i in range(config.num_labels)])
 
 
 register(SingleLabel)
