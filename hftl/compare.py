@@ -217,10 +217,9 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     returns report.json's content. `command` is quoted in the report. Learning rates per (mode, budget): the grid
     base rate x `lr_scales` (widened once at an edge), or `lr_trials` Optuna trials over its range (hftl[tune])."""
     out = Path(out)
-    from .tasks.single_label import SingleLabel
+    from .tasks import resolve_metrics
 
-    # Label budgets are rows per class: compare's runs are single-label, whose task fills in what the config leaves.
-    base = SingleLabel([]).configure(base)
+    base = resolve_metrics(base)  # what the config leaves to the task (read from the labels): the score's metric and direction
     metric, better = base.train.metric_for_best, base.train.greater_is_better
     modes, budgets = modes_to_run(modes), parse_budgets(budgets)
     if not seeds or not all(str(s).isdigit() for s in seeds):

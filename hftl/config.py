@@ -36,9 +36,12 @@ AUGMENTS = {"audio-classification": ("speed", "gain", "noise"), "image-classific
 SHIPPED_METRICS = tuple(sorted(p.name for p in (Path(__file__).parent / "metrics").iterdir() if (p / f"{p.name}.py").is_file()))
 # What each task (hftl/tasks/, by its name) reports: its shipped metrics (its train.metrics when that is null), the
 # first being its train.metric_for_best when that is null. Evaluation adds 'loss'.
-TASK_METRICS = {"single_label": ("accuracy", "f1", "precision", "recall")}
+TASK_METRICS = {"single_label": ("accuracy", "f1", "precision", "recall"),
+                "multi_label": ("micro_f1", "macro_f1", "micro_precision", "micro_recall", "subset_accuracy"),
+                "regression": ("mse", "mae", "pearson", "spearman")}
+PROBLEM_TYPES = ("auto", *TASK_METRICS)  # data.problem_type (hftl/tasks/)
 # Metrics that are better lower (train.greater_is_better=null follows this); any other is better higher.
-LOWER_IS_BETTER = ("loss",)
+LOWER_IS_BETTER = ("loss", "mse", "mae")
 
 
 @dataclass
@@ -64,8 +67,10 @@ class DataConfig:
     test_split: Optional[str] = field(default=None, metadata={"help": "Split name for a final test evaluation."})
     text_column: str = field(default="text", metadata={"help": "Column with the text."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
-    label_column: str = field(default="label", metadata={"help": "Column with the label (ClassLabel, int or string)."})
-    label_names: Optional[list] = field(default=None, metadata={"help": "Names for integer labels 0..K-1, e.g. [negative, positive]."})
+    label_column: str = field(default="label", metadata={"help": "Column with the label: a class (ClassLabel, int or string), a list of labels (names or ids: multi-label) or a number (regression)."})
+    label_columns: Optional[list] = field(default=None, metadata={"help": "Several label columns instead of data.label_column: 0/1 columns, one per label (multi-label; the column names are the labels), or number columns, one per target (regression)."})
+    problem_type: str = field(default="auto", metadata={"help": "What the labels are: single_label (one class per row: softmax, cross-entropy), multi_label (a set of labels per row: sigmoid, binary cross-entropy, train.threshold), regression (numbers: MSE or Huber, train.regression_loss). auto: from the training split's label column(s): lists or several 0/1 columns -> multi_label, numbers with fractions -> regression, else single_label.", "choices": PROBLEM_TYPES})
+    label_names: Optional[list] = field(default=None, metadata={"help": "Names for integer labels 0..K-1, e.g. [negative, positive] (multi-label: the names its label ids index, and their order)."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given. 0: no validation split, every labelled row trains (few labels): nothing is selected during training (the last state is kept; a solved head cross-validates its penalty on the training rows) and results come from data.test_file / the test split, which is then required.", "range": "[0, 1)"})
     max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row).", "range": "[1, inf)"})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows (after shuffling with the seed).", "range": "[1, inf)"})
@@ -143,8 +148,12 @@ class TrainConfig:
     group_by_length: bool = field(default=True, metadata={"help": "Batch rows of similar length together (less padding, same rows each epoch); evaluation always runs length-sorted."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step.", "range": "[1, inf)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 turns clipping off).", "range": "[0, inf)"})
-    class_weights: Optional[list] = field(default=None, metadata={"help": "Single-label: weigh each class's cross-entropy: balanced (n / (classes x rows of the class) over the training split, scikit-learn's) or a list of one weight per label, in label order. null: all 1."})
+    class_weights: Optional[list] = field(default=None, metadata={"help": "Single-label: weigh each class's cross-entropy: balanced (n / (classes x rows of the class) over the training split, scikit-learn's) or a list of one weight per label, in label order. Multi-label: the positive weight of each label's binary cross-entropy (torch's pos_weight): balanced (its negative rows / positive rows in the training split) or a list, one per label. null: all 1."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Single-label: cross-entropy against targets smoothed by this much (torch's label_smoothing).", "range": "[0, 1)"})
+    threshold: float = field(default=0.5, metadata={"help": "Multi-label: a label is predicted when its sigmoid probability exceeds this.", "range": "(0, 1)"})
+    tune_thresholds: bool = field(default=False, metadata={"help": "Multi-label: after training, choose each label's threshold to maximise its F1 on the validation split (stored in the model's config.json as hftl_thresholds; validation results are then optimistic, test results are not)."})
+    regression_loss: str = field(default="mse", metadata={"help": "Regression: mse, or huber (torch's smooth L1 family, delta 1 on normalised targets: less pull from outliers).", "choices": ("mse", "huber")})
+    normalize_targets: bool = field(default=True, metadata={"help": "Regression: train on targets standardised by the training split's mean and standard deviation (the head starts near 0 either way); the saved head is rescaled, so the model outputs the targets' own scale (the statistics are kept in config.json)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each layer's activations in backward instead of keeping them (transformers' activation checkpointing; works with the peft modes): less memory, about a third more time per step."})
     compile: bool = field(default=False, metadata={"help": "Compile the model's forward with torch.compile (in place, nn.Module.compile) before training; the first steps take longer while it compiles."})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (fp32 on every device: on an H200 bf16 was slower for MiniLM and bert-base, see scripts/results/precision_h200.md), no, bf16 or fp16 (autocast; worth it for large models: measure with scripts/bench_precision.py).", "choices": ("auto", "no", "bf16", "fp16")})

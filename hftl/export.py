@@ -57,6 +57,9 @@ def export(model_dir: str | Path, out: str | Path | None = None, int8: bool = Fa
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
+    if model.config.problem_type not in (None, "single_label_classification"):  # the check below compares argmax labels
+        raise OutputError(f"'{folder}' holds a {model.config.problem_type} model; `hftl export --onnx` checks the export by its "
+                          "predicted class and exports single-label classifiers only so far.")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     inputs, expected, truth, rows_from = _rows(folder, cfg, texts)
     feeds = [_feed(tokenizer, inputs[i:i + BATCH], cfg.data.max_length) for i in range(0, len(inputs), BATCH)]

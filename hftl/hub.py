@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import numpy as np
 from huggingface_hub import HfApi, get_token, is_offline_mode, snapshot_download
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 
@@ -47,35 +48,47 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
 MIXED_PRECISION_TIE = 0.05
 
 
-def verify_reload(folder: Path, task: str, inputs: list, expected: list[str], tie: float = 0.0) -> int:
-    """Run pipeline(task) from the saved folder; fail loudly if any prediction differs (by more than `tie`, see
-    MIXED_PRECISION_TIE, for a mixed-precision run). Returns how many rows were compared."""
-    if pooling.is_sentence_transformers_classifier(folder):  # a pooling transformers' heads cannot express (hftl/pooling.py)
-        names, logits = pooling.predict_sentence_transformers(folder, inputs)
-        got, probabilities = [names[i] for i in logits.argmax(-1).tolist()], logits.float().softmax(-1)
-
-        def gap(i: int) -> float:
-            return float(probabilities[i].max() - probabilities[i][names.index(expected[i])])
-    else:
-        from transformers import pipeline  # here, not at import: loading pipelines takes seconds that writing a folder does not need
-
-        clf = pipeline(task, model=str(folder), device=-1, model_kwargs={"use_safetensors": True})
-        got = [r["label"] if isinstance(r, dict) else r[0]["label"] for r in clf(inputs, batch_size=8)]
-
-        def gap(i: int) -> float:
-            ranked = clf([inputs[i]], top_k=clf.model.config.num_labels)[0]
-            return ranked[0]["score"] - next((x["score"] for x in ranked if x["label"] == expected[i]), 0.0)
-    diff = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
-    if diff and tie:
-        diff = [i for i in diff if gap(i) > tie]
+def verify_reload(folder: Path, task: str, inputs: list, expected: list, tie: float = 0.0) -> int:
+    """Run pipeline(task) from the saved folder; fail loudly if any prediction differs from `expected` (the readable
+    predictions training's evaluation made: labels, label lists or numbers) by more than `tie` (see MIXED_PRECISION_TIE)
+    for a mixed-precision run. What a prediction is, and how far a row is from another, is the task's (hftl/tasks/),
+    rebuilt from the saved config (thresholds, problem_type), so the check also proves those were saved. Returns how
+    many rows were compared."""
+    scores, kind = reload_scores(folder, task, inputs)
+    got = kind.readable_from_scores(scores)
+    diff = [i for i, e in enumerate(expected) if kind.near_tie(scores[i], e) > tie]
     if diff:
         i = diff[0]
-        allowed = f" beyond near-ties of {tie} in probability (mixed precision)" if tie else ""
+        allowed = f" beyond near-ties of {tie} (mixed precision)" if tie else ""
         raise OutputError(
             f"the saved model in '{folder}' predicts differently from training's evaluation on {len(diff)} of "
             f"{len(expected)} validation rows{allowed} (first: row {i}, pipeline says {got[i]!r}, evaluation said {expected[i]!r})."
         )
     return len(expected)
+
+
+def reload_scores(folder: Path, task: str, inputs: list):
+    """(scores per row and output, as pipeline() reports them, in id order; the folder's task) from the saved folder."""
+    from transformers import AutoConfig
+
+    from . import tasks
+
+    if pooling.is_sentence_transformers_classifier(folder):  # a pooling transformers' heads cannot express (hftl/pooling.py)
+        kind = tasks.from_model_config(AutoConfig.from_pretrained(Path(folder) / pooling.PooledClassifier.processor_subfolder))
+        _, logits = pooling.predict_sentence_transformers(folder, inputs)
+        # pipeline()'s function_to_apply: softmax, sigmoid, none; the saved head already gives the targets' scale
+        return kind.scores(logits.float().numpy()), kind
+    from transformers import pipeline  # here, not at import: loading pipelines takes seconds that writing a folder does not need
+
+    clf = pipeline(task, model=str(folder), device=-1, model_kwargs={"use_safetensors": True})
+    kind = tasks.from_model_config(clf.model.config)
+    k = clf.model.config.num_labels
+    index = {name: i for i, name in enumerate(kind.names)}
+    scores = np.zeros((len(inputs), k))
+    for row, ranked in enumerate(clf(inputs, batch_size=8, top_k=k)):
+        for entry in ranked if isinstance(ranked, list) else [ranked]:
+            scores[row, index[entry["label"]]] = entry["score"]
+    return scores, kind
 
 
 def save_output(out_dir: str, model, processor, card, extra: dict[str, object], overwrite: bool,

@@ -118,3 +118,35 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, format="png")
     return path
+
+
+def scatter_png(targets, predictions, names: list[str], path: str | Path, title: str = "") -> Path:
+    """Regression: predicted against true value, one panel per target, with the diagonal (a perfect prediction)."""
+    targets, predictions = np.asarray(targets, dtype=float), np.asarray(predictions, dtype=float)
+    targets, predictions = targets.reshape(len(targets), -1), predictions.reshape(len(predictions), -1)
+    k = targets.shape[1]
+    fig = _figure(figsize=(4.5 * k + 0.5, 4.5))
+    for j, ax in enumerate(fig.subplots(1, k, squeeze=False)[0]):
+        t, p = targets[:, j], predictions[:, j]
+        ax.scatter(t, p, s=6, alpha=0.4)
+        low, high = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+        ax.plot([low, high], [low, high], color="grey", linewidth=1, label="prediction = target")
+        _label(ax, f"true {names[j]}", f"predicted {names[j]}", True)
+    fig.suptitle(title or f"Predictions against targets ({len(targets)} rows)")
+    return _save(fig, path)
+
+
+def per_label_png(scores: dict[str, list[float]], names: list[str], support: list[int], path: str | Path, title: str = "") -> Path:
+    """Multi-label: per label (one row each, with its positive rows), a bar per score (precision, recall, F1)."""
+    n = len(names)
+    fig = _figure(figsize=(7, min(max(3.0, 0.3 * n + 1.5), 30.0)))
+    ax = fig.add_subplot()
+    height = 0.8 / max(1, len(scores))
+    for i, (metric, values) in enumerate(scores.items()):
+        ax.barh(np.arange(n) + i * height, values, height=height, label=metric)
+    ax.set_yticks(np.arange(n) + height * (len(scores) - 1) / 2, [f"{name} ({s})" for name, s in zip(names, support)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    _label(ax, "score", "label (positive rows)", True)
+    ax.set_title(title or "Per-label scores")
+    return _save(fig, path)

@@ -33,7 +33,11 @@ def rank(cfg: Config, modality: Modality, candidates: list[str]) -> dict:
     if not candidates:
         raise ConfigError("`hftl rank` needs checkpoints to compare: --models NAME [NAME ...] (Hub ids, local folders, or scratch:NAME).")
     accelerator = make_accelerator(cfg.train)
-    splits, source, _, _ = load_checked(cfg, modality)  # the raw rows do not depend on the checkpoint: read them once
+    splits, source, _, task = load_checked(cfg, modality)  # the raw rows do not depend on the checkpoint: read them once
+    if task.name != "single_label":  # LogME and H-score as computed here score class labels
+        raise ConfigError(f"`hftl rank` scores checkpoints by how well their features separate the classes (LogME, H-score); "
+                          f"these labels are {task.name}, which it does not score yet. Compare checkpoints with short "
+                          "`hftl train` runs (or `hftl compare`) instead.")
     labels = splits["train"].features["labels"].names
     # Every candidate's processor first, so a misspelt name fails now rather than after the others' features.
     loaded = [_processor(cfg, modality, candidate) for candidate in candidates]

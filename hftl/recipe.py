@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from . import adapt, cache, cards, checkpoint, domain, hub, modalities, models, outdir, plots, pretrain
 from . import metrics as metrics_lib
 from .config import Config, ConfigError, to_dict, to_yaml
@@ -124,6 +126,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     with accelerator.main_process_first():  # one process preprocesses, the others read its cache
         splits, source, skipped, task = load_checked(cfg, modality)
         given, cfg = cfg, task.configure(cfg)  # what the config leaves to the task (train.metrics, metric_for_best), or its refusal
+        mode.check_task(task)
         metrics_lib.load_metrics(cfg.train.metrics)
         encoded, collator = modality.prepare(splits, processor, cfg)
         collator = tensor_core_padding(collator, accelerator)
@@ -134,6 +137,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             target_encoded, _ = modality.prepare(target_rows, processor, cfg)
             target, skipped = target_encoded.pop("train"), {**skipped, **bad}
             encoded.update(target_encoded)
+    checked = reported_split(splits)  # the split the reload check, the picture and predictions_<split>.json use
     for split, ids in skipped.items():
         accelerator.print(f"data.on_bad_sample=skip: left out {len(ids)} {split} row(s) whose file cannot be read: " + "; ".join(ids[:20])
                           + (f"; ... (all in {Path(cfg.output.dir) / 'skipped_rows.json'})" if len(ids) > 20 else ""))
@@ -143,6 +147,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, target_rows["train"] if cfg.data.target else None,
                                             modality)
     model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model, reads)
+    model.config.problem_type = task.problem_type  # what pipeline() reads: softmax, sigmoid or the scores themselves
     if not reads.native:  # saved for sentence-transformers, which must truncate as training did
         model.max_seq_length = cfg.data.max_length
     head = adapt.head_modules(model, new_keys)
@@ -165,6 +170,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         # hooks (reweighting, alignment, ...) need the whole model's forward.
         result = (mode.frozen_backbone and not hooks and cache.fit_on_features(model, head, encoded, collator, cfg, accelerator, task)) \
             or fit(model, encoded, collator, cfg, accelerator, hooks, task=task)
+    calibrated = task.calibrate(result, splits, cfg, metrics_lib.load_metrics(cfg.train.metrics))  # multi-label thresholds
     results = result["results"]
     accelerator.print("Final: " + " ".join(f"{s}/{k}={v:.4f}" for s, r in results.items() for k, v in r.items()))
     if not accelerator.is_main_process:  # only one process writes
@@ -192,21 +198,28 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             train_seconds=result["train_seconds"],
             skipped={s: len(ids) for s, ids in skipped.items()},
             greater_is_better=cfg.train.greater_is_better,
-            figures={plots.CONFUSION_PNG: f"Confusion matrix on the {reported_split(splits)} split",
+            figures={task.figure_name: f"{task.figure_caption} on the {reported_split(splits)} split",
                      plots.CURVES_PNG: "Training and validation loss, and validation " + cfg.train.metric_for_best},
             domain_gap=domain_gap,
             library_name=reads.library,
             representation=reads.describe(),
             solver=result.get("solver"),
             pretrain=json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None,
+            task=task.name,
+            per_label=task.card_rows(task.references(np.asarray(splits[checked]["labels"])), result["predictions"][checked]),
+            calibrated=calibrated,
         ),
         cfg.train.metrics,
     )
-    checked = reported_split(splits)
-    predicted = [labels[p] for p in result["predictions"][checked]]
+    predicted = task.readable(result["predictions"][checked])
     inputs, expected = reload_check(cfg, modality, splits[checked], predicted)
     tie = hub.MIXED_PRECISION_TIE if accelerator.mixed_precision != "no" else 0.0
     verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, inputs, expected, tie)) if expected else None
+
+    def export(trained):
+        saved = mode.export(trained)  # merged adapters, a plain transformers model
+        saved.config.update(task.model_config())  # thresholds, target statistics: read back by tasks.from_model_config
+        return task.export(saved, head)
     outdir.unreserve(outdir.real(cfg.output.dir))  # the space set aside for this write
     out = hub.save_output(
         cfg.output.dir,
@@ -220,16 +233,17 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
                              "mixed_precision": accelerator.mixed_precision,
                              "feature_cache": result.get("feature_cache"), "step_log": result.get("step_log"), "domain_gap": domain_gap,
                              "representation": {**vars(reads), "library": reads.library}, "solver": result.get("solver"),
-                             "pretrain": json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None},
+                             "pretrain": json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None,
+                             "task": task.name, "calibrated": calibrated},
             f"predictions_{checked}.json": predicted,
-            plots.CONFUSION_PNG: lambda file: plots.confusion_matrix_png(
-                plots.confusion_counts(list(splits[checked]["labels"]), result["predictions"][checked], len(labels)), labels, file),
+            task.figure_name: lambda file: task.figure(task.references(np.asarray(splits[checked]["labels"])),
+                                                       result["predictions"][checked], file),
             plots.CURVES_PNG: lambda file: plots.learning_curves_png(result.get("step_log") or [], result["history"], cfg.train.metric_for_best, file),
             **({"skipped_rows.json": skipped} if skipped else {}),
         },
         overwrite=cfg.output.overwrite,
         verify=verify,
-        export=mode.export,
+        export=export,
         save_adapter=cfg.adapt.save_adapter and mode.peft,
         release=True,  # the run is done with it; the reload check loads the saved copy
         if_disk_full=_finish_later(result.get("checkpoint")),

@@ -127,6 +127,59 @@ def solve_logistic(x: np.ndarray, y: np.ndarray, num_labels: int, x_val: np.ndar
     return Solution(weight, bias, path[best]["C"], path, selected_on)
 
 
+RIDGE_GRID = tuple(float(10.0 ** k) for k in range(-6, 2))  # ridge penalty per training row (alpha / n), weakest first
+
+
+def solve_ridge(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, score, seed: int = 0,
+                grid=RIDGE_GRID) -> Solution:
+    """Ridge regression of y (n x targets) on x, its penalty chosen by score(predict, features, targets) -> float
+    (higher is better) on (x_val, y_val), or by 5-fold cross-validation on (x, y) when validation has fewer than
+    MIN_VALIDATION rows. One SVD per fit gives every penalty's solution in closed form. `Solution.c` is the inverse
+    penalty 1 / (alpha / n), as for the logistic solver."""
+    x, x_val = np.asarray(x, dtype=np.float64), np.asarray(x_val, dtype=np.float64)
+    y, y_val = np.asarray(y, dtype=np.float64).reshape(len(x), -1), np.asarray(y_val, dtype=np.float64).reshape(len(x_val), -1)
+    mean, std = _standardise(x)
+    z, z_val = (x - mean) / std, (x_val - mean) / std
+
+    def fit(rows: np.ndarray):
+        zr, yr = z[rows], y[rows]
+        zm, ym = zr.mean(0), yr.mean(0)
+        u, s, vt = np.linalg.svd(zr - zm, full_matrices=False)
+        uty = u.T @ (yr - ym)
+
+        def solution(penalty: float) -> tuple[np.ndarray, np.ndarray]:
+            w = vt.T @ ((s / (s ** 2 + penalty * len(rows)))[:, None] * uty)  # (features, targets)
+            return w, ym - zm @ w
+        return solution
+
+    if len(y_val) >= MIN_VALIDATION:
+        folds, selected_on = [(np.arange(len(y)), None)], "validation"
+    elif len(y) >= 2 * FOLDS:
+        from sklearn.model_selection import KFold
+
+        folds = list(KFold(FOLDS, shuffle=True, random_state=seed).split(z))
+        selected_on = f"cross-validation ({FOLDS} folds of the training rows)"
+    else:
+        folds, selected_on = [], "no selection (too few rows to hold any out)"
+    fits = [(fit(rows), held) for rows, held in folds]
+
+    def evaluate(penalty: float) -> float:
+        values = []
+        for solution, held in fits:
+            w, b = solution(penalty)
+            features, targets = (z_val, y_val) if held is None else (z[held], y[held])
+            values.append(score(lambda f: f @ w + b, features, targets))
+        return float(np.mean(values))
+
+    path = [{"C": 1.0 / a, "score": evaluate(a)} for a in grid] if fits else []
+    best = max(range(len(path)), key=lambda i: (path[i]["score"], -path[i]["C"])) if path else None
+    penalty = 1.0 / path[best]["C"] if path else 1e-2
+    w, b = fit(np.arange(len(y)))(penalty)
+    weight = (w / std).T  # (targets, features) on raw features
+    bias = b - weight @ mean
+    return Solution(weight, bias, 1.0 / penalty, path, selected_on)
+
+
 def linear_chain(layers: list[nn.Module], num_labels: int) -> bool:
     """Whether `layers` (a head's modules, applied in order) are linear layers that can carry any (labels x features)
     map: each one nn.Linear with a bias, every intermediate width at least the number of labels."""

@@ -205,9 +205,9 @@ def tune(base: Config, space: list[Param], trials: int, out: str | Path, study_n
     check_space(base, space)
     out = Path(out)
     storage = storage or f"journal:{out / 'study.journal'}"
-    from .tasks.single_label import SingleLabel
+    from .tasks import resolve_metrics
 
-    base = SingleLabel([]).configure(base)  # what the config leaves to the task: the score's metric and direction
+    base = resolve_metrics(base)  # what the config leaves to the task (read from the labels): the score's metric and direction
     metric, better = base.train.metric_for_best, base.train.greater_is_better
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=open_storage(storage), study_name=study_name, load_if_exists=True,

@@ -198,7 +198,7 @@ CASES = [
     Case("config.json with auto_map", lambda c: c.base(f"model.name_or_path={c.model_copy(json_edit('config.json', auto_map={'AutoModel': 'm.M'}))}"),
          r"'.*/model/config\.json' has auto_map \(AutoModel\), which hftl runs only with model\.trust_remote_code=true", "model"),
     Case("metric that does not load", lambda c: c.base("train.metrics=[nosuchmetric]", "train.metric_for_best=nosuchmetric"),
-         r"train\.metrics: cannot load the metric 'nosuchmetric' \(FileNotFoundError: .*hftl ships accuracy, f1, precision, recall", "model"),
+         r"train\.metrics: cannot load the metric 'nosuchmetric' \(FileNotFoundError: .*hftl ships accuracy, f1, .*precision, recall", "model"),
     Case("an image checkpoint for a text task", lambda c: c.base(f"model.name_or_path={tiny_vit(c.tmp / 'vit')}"),
          r"model\.name_or_path='.*/vit': cannot load it for task=text-classification", "model"),
     Case("data.max_length above the model's positions", lambda c: c.base("data.max_length=100"),
@@ -218,12 +218,38 @@ CASES = [
     Case("duplicate tsv column", data("validation_file", "dup.tsv"),
          r"data\.validation_file: '.*dup\.tsv' has column name\(s\) \['label'\] more than once", "data"),
     Case("missing column", lambda c: c.base("data.label_column=sentiment"), r"no column 'sentiment' \(data\.label_column\); its columns are", "data"),
-    Case("list-valued labels", lambda c: c.base(f"data.train_file={c.rows('multi.jsonl', [{'text': f'good {i}', 'label': ['positive', 'negative'][: 1 + i % 2]} for i in range(20)])}"),
-         r"the train split's label column 'label' \(file '.*multi\.jsonl'\) holds lists \(row 0: \['positive'\]\).*multi-label classification is not supported yet", "data"),
-    Case("regression target as labels", lambda c: c.base(f"data.train_file={c.rows('scores.csv', [{'text': f'good {i}', 'label': round(i * 0.37, 2)} for i in range(30)])}"),
-         r"label column 'label' \(file '.*scores\.csv'\) holds 30 distinct numbers with fractions \(0\.37, 0\.74, .*almost surely a regression target", "data"),
-    Case("fractional labels", lambda c: c.base(f"data.train_file={c.rows('halves.csv', [{'text': f'good {i}', 'label': 0.5 + i % 2} for i in range(20)])}"),
+    Case("list-valued labels read as single-label", lambda c: c.base("data.problem_type=single_label", f"data.train_file={c.rows('multi.jsonl', [{'text': f'good {i}', 'label': ['positive', 'negative'][: 1 + i % 2]} for i in range(20)])}"),
+         r"the train split's label column 'label' \(file '.*multi\.jsonl'\) holds lists \(row 0: \['positive'\]\), but data\.problem_type=single_label reads one label per row: set data\.problem_type=multi_label", "data"),
+    Case("regression target read as single-label", lambda c: c.base("data.problem_type=single_label", f"data.train_file={c.rows('scores.csv', [{'text': f'good {i}', 'label': round(i * 0.37, 2)} for i in range(30)])}"),
+         r"label column 'label' \(file '.*scores\.csv'\) holds 30 distinct numbers with fractions \(0\.37, 0\.74, .*a regression target.*Set data\.problem_type=regression", "data"),
+    Case("fractional labels", lambda c: c.base("data.problem_type=single_label", f"data.train_file={c.rows('halves.csv', [{'text': f'good {i}', 'label': 0.5 + i % 2} for i in range(20)])}"),
          r"label column 'label' \(file '.*halves\.csv'\) holds numbers with fractions \(0\.5, 1\.5\); class labels are strings or whole numbers", "data"),
+    Case("regression on words", lambda c: c.base("data.problem_type=regression"),
+         r"the train split \(file '.*train\.csv'\) has '(positive|negative)' in target column 'label' at row 0; regression targets are finite numbers", "data"),
+    Case("regression validation row without a number", lambda c: c.base(f"data.train_file={c.rows('scores.csv', [{'text': f'good {i}', 'label': round(i * 0.37, 2)} for i in range(30)])}"),
+         r"the validation split \(file '.*validation\.csv'\) has '(positive|negative)' in target column 'label' at row 0", "data"),
+    Case("multi-label column that is not 0/1", lambda c: c.base("data.problem_type=multi_label", "data.validation_file=null", "data.label_columns=[a, b]",
+                                                                f"data.train_file={c.rows('flags.csv', [{'text': f'good {i}', 'a': i % 2, 'b': i % 3} for i in range(20)])}"),
+         r"the train split \(file '.*flags\.csv'\) has 2 in label column 'b' at row 2; multi-label columns \(data\.label_columns\) hold 0 or 1", "data"),
+    Case("label columns missing", lambda c: c.base("data.label_columns=[label, joy]"),
+         r"the train split has no column\(s\) \['joy'\] \(data\.label_columns\); its columns are \['text', 'label'\]", "data"),
+    Case("multi-label validation label unseen", lambda c: c.base(f"data.train_file={c.rows('multi.jsonl', [{'text': f'good {i}', 'label': ['positive', 'negative'][: 1 + i % 2]} for i in range(20)])}",
+                                                                 f"data.validation_file={c.rows('mva.jsonl', [{'text': 'meh', 'label': ['neutral']}])}"),
+         r"the validation split \(file '.*mva\.jsonl'\) has label 'neutral' \(row 0\) that the train split never has; the labels are \['negative', 'positive'\]", "data"),
+    Case("multi-label row that is not a list", lambda c: c.base("data.problem_type=multi_label", "data.validation_file=null"),
+         r"has '(positive|negative)' in label column 'label' at row 0; multi-label rows hold a list of labels", "data"),
+    Case("label budget for multi-label rows", lambda c: c.base("data.samples_per_class=4", "data.validation_file=null",
+                                                               f"data.train_file={c.rows('multi.jsonl', [{'text': f'good {i}', 'label': ['positive', 'negative'][: 1 + i % 2]} for i in range(20)])}"),
+         r"data\.samples_per_class keeps k rows of each class, which multi-label rows \(several labels each\) do not have", "data"),
+    Case("label smoothing for multi-label rows", lambda c: c.base("train.label_smoothing=0.1", "data.validation_file=null",
+                                                                  f"data.train_file={c.rows('multi.jsonl', [{'text': f'good {i}', 'label': ['positive', 'negative'][: 1 + i % 2]} for i in range(20)])}"),
+         r"train\.label_smoothing is for single-label cross-entropy", "data"),
+    Case("thresholds for regression", lambda c: c.base("train.tune_thresholds=true", "data.validation_file=null",
+                                                       f"data.train_file={c.rows('scores.csv', [{'text': f'good {i}', 'label': round(i * 0.37, 2)} for i in range(30)])}"),
+         r"train\.tune_thresholds is for multi-label classification; set it to false for regression", "data"),
+    Case("contrastive pairs for regression", lambda c: c.base("adapt.mode=contrastive", "data.validation_file=null",
+                                                              f"data.train_file={c.rows('scores.csv', [{'text': f'good {i}', 'label': round(i * 0.37, 2)} for i in range(30)])}"),
+         r"adapt\.mode=contrastive pairs rows of the same class against rows of others, which regression labels do not define", "data"),
     Case("unseen validation label", lambda c: c.base(f"data.validation_file={c.rows('va.csv', [{'text': 'meh', 'label': 'neutral'}])}"),
          r"the validation split has label\(s\) \['neutral'\] \(first at row 0\)", "data"),
     Case("single label", lambda c: c.base(f"data.train_file={c.rows('one.csv', [{'text': 'good', 'label': 'positive'}] * 8)}"),
@@ -362,7 +388,7 @@ def test_every_case_id_is_unique():
 
 
 def test_config_choices_match_what_the_code_implements():
-    from hftl import adapt, hub, pretrain
+    from hftl import adapt, hub, pretrain, tasks
     from hftl.adapt import align
     from hftl.data import audio, builtin, image, media
 
@@ -375,7 +401,8 @@ def test_config_choices_match_what_the_code_implements():
     assert set(choices["data.on_bad_sample"]) == set(media.POLICIES)
     assert set(choices["data.audio_decoder"]) == set(audio.DECODERS)
     assert config.AUGMENTS == {"audio-classification": audio.AUGMENTS, "image-classification": image.AUGMENTS}
-    assert set(config.SHIPPED_METRICS) == {"accuracy", "f1", "precision", "recall"}
+    assert set(config.SHIPPED_METRICS) == {m for names in config.TASK_METRICS.values() for m in names}
+    assert set(config.TASK_METRICS) == set(tasks.TASKS) and set(choices["data.problem_type"]) == {"auto", *tasks.TASKS}
     # adapt.mode's choices are the registry itself; its help text lists every mode for --help-config
     mode_help = config.all_keys()["adapt.mode"][1].metadata["help"]
     assert all(re.search(rf"\b{name}\b", mode_help) for name in adapt.MODES), mode_help

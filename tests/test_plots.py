@@ -86,7 +86,7 @@ def run_out(make_cfg, tmp_path_factory) -> tuple[Path, list]:
     cfg = make_cfg(tmp_path_factory.mktemp("plots"), adapt__mode="full", train__epochs=3, train__evals_per_epoch=2)
     drawn, original = [], plots.confusion_matrix_png
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plots, "confusion_matrix_png", lambda counts, names, path: drawn.append((counts, names)) or original(counts, names, path))
+        mp.setattr(plots, "confusion_matrix_png", lambda counts, names, path, title="": drawn.append((counts, names)) or original(counts, names, path))
         main(cfg)
     return Path(cfg.output.dir), drawn
 

@@ -47,6 +47,14 @@ class Mode:
     frozen_backbone: bool = False
     # The trained model is a peft model: adapt.save_adapter writes its unmerged adapter to OUTPUT/adapter.
     peft: bool = False
+    # The tasks (hftl/tasks/ names) it can train; None: every task. Checked once the labels are read, before the model loads.
+    tasks: tuple[str, ...] | None = None
+    why_not: str = ""  # what a refused task is told
+
+    def check_task(self, task) -> None:
+        if self.tasks is not None and task.name not in self.tasks:
+            raise ConfigError(f"adapt.mode={self.name} {self.why_not}, which {task.name} labels do not define; "
+                              "use adapt.mode=head, lora or full (or lpft).")
 
     @property
     def staged(self) -> bool:
@@ -75,13 +83,13 @@ OPTIONS: dict[str, Callable[[nn.Module, Context], Any]] = {}
 
 
 def register_mode(name: str, apply, export=lambda model: model, hooks=None, fit=None, frozen_features: bool = False,
-                  frozen_backbone: bool = False, peft: bool = False) -> Mode:
+                  frozen_backbone: bool = False, peft: bool = False, tasks: tuple[str, ...] | None = None, why_not: str = "") -> Mode:
     """A mode's name and help are declared in hftl/modes.py (read without torch by `hftl modes`)."""
     if name not in HELP:
         raise KeyError(f"adaptation mode '{name}' has no entry in hftl/modes.py HELP; add its one-line help there.")
     if name in MODES:  # two files claiming one name: whichever imported last would silently win
         raise ValueError(f"hftl bug: adaptation mode '{name}' is registered twice")
-    MODES[name] = Mode(name, apply, export, HELP[name], hooks, fit, frozen_features or frozen_backbone, frozen_backbone, peft)
+    MODES[name] = Mode(name, apply, export, HELP[name], hooks, fit, frozen_features or frozen_backbone, frozen_backbone, peft, tasks, why_not)
     return MODES[name]
 
 

@@ -124,4 +124,6 @@ def fit(model, ctx, hooks) -> dict:
     }
 
 
-register_mode("contrastive", apply, fit=fit, frozen_features=True)
+# Pairs are 'same class' or not: a set of labels or a number defines no such pairs.
+register_mode("contrastive", apply, fit=fit, frozen_features=True, tasks=("single_label",),
+              why_not="pairs rows of the same class against rows of others")

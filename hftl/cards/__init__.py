@@ -14,7 +14,16 @@ TEMPLATES = next(
     (p for p in (Path(__file__).resolve().parents[1] / "model_cards", Path(__file__).resolve().parents[2] / "model_cards") if p.is_dir()),
     Path(__file__).resolve().parents[2] / "model_cards",
 )
-METRIC_TYPES = {"f1": "f1", "precision": "precision", "recall": "recall", "accuracy": "accuracy"}
+# The Hub's metric ids (model-index `type`) and the names shown for hftl's metrics.
+METRIC_TYPES = {"f1": "f1", "precision": "precision", "recall": "recall", "accuracy": "accuracy", "micro_f1": "f1",
+                "macro_f1": "f1", "micro_precision": "precision", "micro_recall": "recall", "subset_accuracy": "accuracy",
+                "mse": "mse", "mae": "mae", "pearson": "pearsonr", "spearman": "spearmanr"}
+METRIC_NAMES = {"f1": "f1 (macro)", "precision": "precision (macro)", "recall": "recall (macro)", "micro_f1": "f1 (micro)",
+                "macro_f1": "f1 (macro)", "micro_precision": "precision (micro)", "micro_recall": "recall (micro)",
+                "subset_accuracy": "subset accuracy (exact match)", "pearson": "Pearson r", "spearman": "Spearman rho"}
+# What the card's first line says the labels are, by task (hftl/tasks/).
+TASK_SUMMARY = {"single_label": "{n} classes", "multi_label": "{n} labels, multi-label: any number per input",
+                "regression": "regression: {n} target(s)"}
 
 
 @dataclass
@@ -48,6 +57,9 @@ class CardData:
     representation: str | None = None  # what the head reads (hftl.pooling.Representation.describe)
     solver: dict | None = None  # the solved head's method and penalty (hftl.cache.solve_head), when it was solved
     pretrain: dict | None = None  # adapt.pretrain's pretrain.json: objective, inputs, steps, held-out loss before/after
+    task: str = "single_label"  # hftl/tasks/ name
+    per_label: list[dict] | None = None  # multi-label: each label's precision, recall, F1, support, threshold (Task.card_rows)
+    calibrated: dict | None = None  # multi-label: thresholds tuned on validation (Task.calibrate)
 
 
 # The overfitting check (see `overfitting_check`).
@@ -108,7 +120,7 @@ def render(data: CardData, metric_names: list[str], template: str = "classificat
             dataset_name=data.dataset_name,
             dataset_split=split,
             metric_type=METRIC_TYPES.get(m, m),
-            metric_name=f"{m} (macro)" if m in ("f1", "precision", "recall") else m,
+            metric_name=METRIC_NAMES.get(m, m),
             metric_value=row[m],
         )
         for split, row in data.results.items()
@@ -122,7 +134,7 @@ def render(data: CardData, metric_names: list[str], template: str = "classificat
         library_name=data.library_name,
         pipeline_tag=data.pipeline_tag,
         tags=["hftl", f"hftl-{data.mode}", "transfer-learning", data.pipeline_tag],
-        metrics=[METRIC_TYPES.get(m, m) for m in metric_names],
+        metrics=list(dict.fromkeys(METRIC_TYPES.get(m, m) for m in metric_names)),
         eval_results=eval_results or None,
     )
     return ModelCard.from_template(
@@ -132,6 +144,7 @@ def render(data: CardData, metric_names: list[str], template: str = "classificat
         base_model_ref=data.base_model or "a local checkpoint",
         model_ref=data.model_name,
         num_labels=len(data.labels),
+        task_summary=TASK_SUMMARY.get(data.task, "{n} outputs").format(n=len(data.labels)),
         labels=list(enumerate(data.labels)),
         hardware=_hardware(),
         overfitting=overfitting_check(data.history, data.metric_for_best, data.greater_is_better),

@@ -194,10 +194,15 @@ def load_raw(cfg: DataConfig, path_columns=()) -> tuple[dict[str, Dataset], str]
     raise DataError("no data given: set data.train_file (local csv/tsv/json/jsonl/parquet), data.data_dir (local audiofolder/imagefolder), data.name (Hub) or data.builtin.")
 
 
+def label_columns(cfg: DataConfig) -> list[str]:
+    """The columns that hold a row's label(s): data.label_columns, else data.label_column."""
+    return list(cfg.label_columns) if cfg.label_columns else [cfg.label_column]
+
+
 def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[str, ...], labelled: bool = True) -> None:
     if len(ds) == 0:
         raise DataError(f"the {role} split is empty; it needs at least one row.")
-    for key in (*input_keys, *(["label_column"] if labelled else [])):
+    for key in input_keys:
         col = getattr(cfg, key)
         if col and col not in ds.column_names:
             raise DataError(
@@ -206,17 +211,27 @@ def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[st
             )
     if not labelled:
         return
-    feature = ds.features[cfg.label_column]
-    if not isinstance(feature, (ClassLabel, Value)):  # a list (multi-label), a record, an image, ...
-        row, value = next(((i, v) for i, v in enumerate(ds[cfg.label_column]) if v is not None), (0, None))
-        holds = "lists" if isinstance(value, (list, tuple)) else "records" if isinstance(value, dict) else f"{type(feature).__name__} values"
-        raise DataError(f"the {role} split's label column '{cfg.label_column}'{source_of(role, cfg)} holds {holds} "
-                        f"(row {row}: {str(value)[:80]}), not one label per row. hftl trains single-label classifiers; "
-                        "multi-label classification is not supported yet. Give one label per row, or set data.label_column "
-                        "to the column that has it.")
-    nulls = [i for i, v in enumerate(ds[cfg.label_column]) if v is None]
-    if nulls:
-        raise DataError(f"the {role} split has an empty label in column '{cfg.label_column}' at row(s) {nulls[:10]}.")
+    if cfg.label_columns is not None and len(cfg.label_columns) < 1:
+        raise DataError("data.label_columns=[] names no column; give the label columns, or set it to null to read data.label_column.")
+    key = "label_columns" if cfg.label_columns else "label_column"
+    missing = [c for c in label_columns(cfg) if c not in ds.column_names]
+    if missing:
+        named = f"column(s) {missing}" if cfg.label_columns else f"column '{missing[0]}'"
+        raise DataError(f"the {role} split has no {named} (data.{key}); its columns are {ds.column_names}. "
+                        f"Set data.{key} to {'some' if cfg.label_columns else 'one'} of those.")
+    for col in label_columns(cfg):
+        feature = ds.features[col]
+        # A column of lists is a multi-label column (hftl/tasks/multi_label.py); records, images, ... are no labels.
+        if not isinstance(feature, (ClassLabel, Value, datasets.Sequence, datasets.LargeList)):
+            row, value = next(((i, v) for i, v in enumerate(ds[col]) if v is not None), (0, None))
+            holds = "records" if isinstance(value, dict) else f"{type(feature).__name__} values"
+            raise DataError(f"the {role} split's label column '{col}'{source_of(role, cfg)} holds {holds} "
+                            f"(row {row}: {str(value)[:80]}), not labels: a class, a list of labels (multi-label) or a number "
+                            "(regression) per row. Set data.label_column to the column that has them.")
+        nulls = [i for i, v in enumerate(ds[col]) if v is None]
+        if nulls:
+            raise DataError(f"the {role} split has an empty label in column '{col}' at row(s) {nulls[:10]}"
+                            f"{' (a row with no labels is [], not empty)' if isinstance(feature, datasets.Sequence) else ''}.")
 
 
 def source_of(role: str, cfg: DataConfig) -> str:
@@ -324,9 +339,9 @@ def load_target(cfg: DataConfig, task, input_keys: tuple[str, ...], check=None) 
     else:
         ds = _load_file(cfg.target, "target", [getattr(cfg, k) for k in input_keys if k in PATH_KEYS])
     role = f"target (data.target '{cfg.target}')"
-    labelled = cfg.label_column in ds.column_names
+    labelled = all(c in ds.column_names for c in label_columns(cfg))
     _check_columns(ds, role, cfg, input_keys, labelled)
-    ds = ds.select_columns([getattr(cfg, k) for k in input_keys if getattr(cfg, k)] + ([cfg.label_column] if labelled else []))
+    ds = ds.select_columns([getattr(cfg, k) for k in input_keys if getattr(cfg, k)] + (label_columns(cfg) if labelled else []))
     if labelled:  # before decoding any media file: an unknown label is found at once
         ds = task.encode(ds, role, cfg)
     rows, skipped = check(DatasetDict(target=ds)) if check else (DatasetDict(target=ds), {})

@@ -17,24 +17,33 @@ from ..config import SHIPPED_METRICS, ConfigError
 SHIPPED = Path(__file__).parent
 
 
-def make_module(name: str, score_fn, citation: str, **defaults):
-    """An `evaluate.Metric` class over a scikit-learn score; `defaults` (e.g. average='macro') apply
-    unless the caller passes them."""
+# What a metric module's predictions and references are, by the task that reports it (hftl/tasks/).
+INPUTS = {
+    "ids": ("lists of class ids", datasets.Value("int64")),
+    "multi_hot": ("lists of 0/1 vectors, one entry per label (multi-label)", datasets.Sequence(datasets.Value("int64"))),
+    "values": ("lists of vectors of numbers, one entry per target (regression)", datasets.Sequence(datasets.Value("float64"))),
+}
+
+
+def make_module(name: str, score_fn, citation: str, inputs: str = "ids", **defaults):
+    """An `evaluate.Metric` class over a scikit-learn-style score `score_fn(references, predictions, **kwargs)`;
+    `defaults` (e.g. average='macro') apply unless the caller passes them."""
+    what, feature = INPUTS[inputs]
 
     class SklearnMetric(evaluate.Metric):
         def _info(self):
             return evaluate.MetricInfo(
                 description=f"{name} ({score_fn.__module__}.{score_fn.__name__}), shipped with hftl for offline use.",
                 citation=citation,
-                inputs_description="predictions and references: lists of class ids.",
-                features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+                inputs_description=f"predictions and references: {what}.",
+                features=datasets.Features({"predictions": feature, "references": feature}),
             )
 
         def _compute(self, predictions, references, **kwargs):
             kwargs = {**defaults, **kwargs}
             if "average" in kwargs:
                 kwargs.setdefault("zero_division", 0)
-            return {name: float(score_fn(references, predictions, **kwargs))}
+            return {name: float(score_fn(np.asarray(references), np.asarray(predictions), **kwargs))}
 
     SklearnMetric.__name__ = name.capitalize()
     return SklearnMetric

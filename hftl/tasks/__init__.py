@@ -7,7 +7,7 @@ the card and `hftl predict` / `hftl evaluate` ask the task instead of assuming c
 
 `Task` is also the interface `hftl.train.fit` trains and evaluates through, so a stage with a target of its own
 (contrastive pairs, masked-LM pretraining) passes a small task of its own. A task for labelled rows is chosen by
-the labels of the training split (today: single-label only); adding one means one new file that subclasses `Task` and registers itself.
+data.problem_type or the labels of the training split (`kind_of`); adding one means one new file that subclasses `Task` and registers itself.
 """
 from __future__ import annotations
 
@@ -82,6 +82,25 @@ class Task:
     figure_name = ""  # its file name in the model folder
     figure_caption = ""  # '... on the {split} split'
 
+    def export(self, model, head: list[str]):
+        """The trained model as it is saved (regression: the target scaling folded into the head)."""
+        return model
+
+    def calibrate(self, result: dict, splits, cfg: Config, modules) -> dict | None:
+        """After training, before saving: settings chosen on the validation outputs (multi-label thresholds), with
+        `result`'s predictions and metrics updated to them. Returns what to record, or None."""
+        return None
+
+    def solve(self, x, y, x_val, y_val, t, modules):
+        """The head solved on frozen features (adapt.solve_head): (hftl.solver.Solution, its method), or why not."""
+        return f"the {self.name} task has no solved head"
+
+    def per_class(self, train, k: int, seed: int):
+        from ..data import DataError
+
+        raise DataError(f"data.samples_per_class keeps k rows of each class, which {self.name} labels do not have; set "
+                        "data.samples_per_class=null.")
+
     def model_config(self) -> dict:
         """What the saved model's config.json keeps of the task besides id2label and problem_type (a decision
         threshold, target statistics), read back by `from_model_config`."""
@@ -125,8 +144,46 @@ def register(cls: type[Task]) -> type[Task]:
 
 
 def read(train, cfg) -> Task:
-    """The task for the training split `train` (raw rows) under DataConfig `cfg`, its label names fixed from them."""
-    return TASKS["single_label"].read(train, cfg)
+    """The task for the training split `train` (raw rows) under DataConfig `cfg` (data.problem_type, else what the
+    label column(s) hold), its label names fixed from them."""
+    return TASKS[kind_of(train, cfg)].read(train, cfg)
+
+
+def kind_of(train, cfg) -> str:
+    """data.problem_type, or for auto: several columns of 0/1 or a column of lists -> multi_label, numbers with
+    fractions -> regression (several number columns: regression), else single_label."""
+    from datasets import LargeList, Sequence, Value
+
+    if cfg.problem_type != "auto":
+        return cfg.problem_type
+    columns = cfg.label_columns or [cfg.label_column]
+    if cfg.label_columns:
+        flags = all(isinstance(v, (bool, int, float)) and v in (0, 1) for c in columns for v in train[c])
+        return "multi_label" if flags else "regression"
+    feature = train.features[columns[0]]
+    if isinstance(feature, (Sequence, LargeList, list)) or (not isinstance(feature, Value) and isinstance(train[0][columns[0]], list)):
+        return "multi_label"
+    if isinstance(feature, Value) and feature.dtype.startswith("float"):
+        values = [v for v in train[columns[0]] if v is not None]
+        if any(not float(v).is_integer() for v in values):
+            return "regression"
+    return "single_label"
+
+
+def for_config(cfg: Config) -> Task:
+    """The task `cfg`'s data is trained as, without label names: what `hftl compare` / `hftl tune` resolve before their
+    runs (metrics, metric_for_best). data.problem_type=auto reads the training split's label column(s) to decide."""
+    kind = cfg.data.problem_type
+    if kind == "auto":
+        from ..data import load_raw
+
+        kind = kind_of(load_raw(cfg.data)[0]["train"], cfg.data)
+    return TASKS[kind]([])
+
+
+def resolve_metrics(cfg: Config) -> Config:
+    """`cfg` with train.metrics, metric_for_best and greater_is_better filled in as its task's runs will fill them."""
+    return Task.configure(for_config(cfg), cfg)
 
 
 def from_model_config(config) -> Task:
@@ -139,4 +196,4 @@ def from_model_config(config) -> Task:
     return kind.from_model_config(config)
 
 
-from . import single_label  # noqa: E402,F401  (registers itself)
+from . import multi_label, regression, single_label  # noqa: E402,F401  (each registers itself)

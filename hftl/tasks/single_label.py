@@ -9,7 +9,7 @@ from collections import Counter
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Value
 from torch.nn import functional as F
 
 from .. import solver
@@ -32,10 +32,10 @@ def label_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
         column = f"the train split's label column '{cfg.label_column}'{source_of('train', cfg)}"
         shown = ", ".join(f"{v:g}" for v in fractional[:5])
         if len(values) > MAX_FLOAT_CLASSES:
-            raise DataError(f"{column} holds {len(values)} distinct numbers with fractions ({shown}, ...): almost surely a "
-                            "regression target, not class labels, and hftl trains classifiers (one class per value would be "
-                            "meaningless). Set data.label_column to the column with the classes, or bin the values into "
-                            "classes first.")
+            raise DataError(f"{column} holds {len(values)} distinct numbers with fractions ({shown}, ...): a regression "
+                            "target, not class labels (one class per value would be meaningless), but data.problem_type="
+                            "single_label. Set data.problem_type=regression (or auto), or data.label_column to the column "
+                            "with the classes.")
         raise DataError(f"{column} holds numbers with fractions ({shown}); class labels are strings or whole numbers "
                         "0..K-1. Write the classes as such, or set data.label_column to the column that has them.")
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -50,6 +50,16 @@ def label_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
     if cfg.label_names:
         raise DataError("data.label_names is only for integer labels; the train split's labels are strings already.")
     return [str(v) for v in values]
+
+
+def one_per_row(ds: Dataset, role: str, cfg: DataConfig) -> None:
+    """Refuse a label column of lists: those are multi-label rows."""
+    if not isinstance(ds.features[cfg.label_column], (ClassLabel, Value)):
+        raw = ds[cfg.label_column]
+        row = next((i for i, v in enumerate(raw) if isinstance(v, (list, tuple))), 0)
+        raise DataError(f"the {role} split's label column '{cfg.label_column}'{source_of(role, cfg)} holds lists (row {row}: "
+                        f"{str(raw[row])[:80]}), but data.problem_type=single_label reads one label per row: set "
+                        "data.problem_type=multi_label (or auto), or give one label per row.")
 
 
 class SingleLabel(Task):
@@ -90,6 +100,11 @@ class SingleLabel(Task):
 
     @classmethod
     def read(cls, train: Dataset, cfg: DataConfig) -> "SingleLabel":
+        if cfg.label_columns:
+            raise DataError(f"data.label_columns={cfg.label_columns} gives several label columns, but data.problem_type="
+                            "single_label reads one: set data.label_column (and data.label_columns=null), or "
+                            "data.problem_type=multi_label / regression (or auto).")
+        one_per_row(train, "train", cfg)
         names = label_names_of(train, cfg)
         if len(names) < 2:
             raise DataError(f"the train split has a single label {names}; classification needs at least two.")
@@ -97,6 +112,7 @@ class SingleLabel(Task):
 
     def encode(self, ds: Dataset, role: str, cfg: DataConfig) -> Dataset:
         """Map the label column to ids (ClassLabel 'labels'), refusing labels training never saw."""
+        one_per_row(ds, role, cfg)
         feature = ds.features[cfg.label_column]
         raw = ds[cfg.label_column]
         if isinstance(feature, ClassLabel):

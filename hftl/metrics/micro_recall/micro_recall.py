@@ -1,0 +1,7 @@
+"""Multi-label: recall over every (row, label) decision pooled (micro average)."""
+from sklearn.metrics import recall_score
+
+from hftl.metrics import make_module
+
+SCIKIT = """@article{scikit-learn, title={Scikit-learn: Machine Learning in {P}ython}, author={Pedregosa, F. and others}, journal={JMLR}, volume={12}, pages={2825--2830}, year={2011}}"""
+Metric = make_module("micro_recall", recall_score, SCIKIT, inputs="multi_hot", average="micro")
