@@ -127,6 +127,44 @@ def solve_logistic(x: np.ndarray, y: np.ndarray, num_labels: int, x_val: np.ndar
     return Solution(weight, bias, path[best]["C"], path, selected_on)
 
 
+def solve_one_vs_rest(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, score, seed: int = 0,
+                      grid=GRID) -> Solution:
+    """Multi-label: one binary logistic regression per label (y: n x labels of 0/1), one C for all, chosen by
+    score(logits_fn, features, labels) -> float (higher is better) on (x_val, y_val), or on a held-out fifth of the
+    training rows when validation has fewer than MIN_VALIDATION rows. A label that the training rows never have (or
+    always have) gets no model: a constant logit of -1e4 (or 1e4)."""
+    x, x_val = np.asarray(x, dtype=np.float32), np.asarray(x_val, dtype=np.float32)
+    y, y_val = np.asarray(y).round().astype(int), np.asarray(y_val).round().astype(int)
+    mean, std = _standardise(x)
+    z, z_val = (x - mean) / std, (x_val - mean) / std
+    if len(y_val) >= MIN_VALIDATION:
+        rows, held, selected_on = np.arange(len(y)), None, "validation"
+    else:
+        order = np.random.default_rng(seed).permutation(len(y))
+        cut = max(1, len(y) // FOLDS)
+        rows, held, selected_on = order[cut:], order[:cut], "a held-out fifth of the training rows"
+    varying = [j for j in range(y.shape[1]) if 0 < y[rows, j].sum() < len(rows)]
+
+    def fit(c: float, fit_rows, models=None, tol=1e-4, max_iter=1000):
+        models = models or {j: _logistic(c, seed, tol, max_iter) for j in varying}
+        w, b = np.zeros((y.shape[1], z.shape[1])), np.where(y[fit_rows].mean(0) > 0.5, 1e4, -1e4)
+        for j, clf in models.items():
+            clf.set_params(C=c)
+            clf.fit(z[fit_rows], y[fit_rows, j])
+            w[j], b[j] = clf.coef_[0], clf.intercept_[0]
+        return w, b, models
+
+    models, path = None, []
+    for c in grid:  # strongest penalty first, each fit warm-started from the last
+        w, b, models = fit(c, rows, models)
+        features, labels = (z_val, y_val) if held is None else (z[held], y[held])
+        path.append({"C": c, "score": float(score(lambda f: f @ w.T + b, features, labels))})
+    best = max(range(len(path)), key=lambda i: (path[i]["score"], -i))
+    w, b, _ = fit(path[best]["C"], np.arange(len(y)), tol=FINAL_TOL, max_iter=5000)
+    weight = w / std
+    return Solution(weight, b - weight @ mean, path[best]["C"], path, selected_on)
+
+
 RIDGE_GRID = tuple(float(10.0 ** k) for k in range(-6, 2))  # ridge penalty per training row (alpha / n), weakest first
 
 

@@ -93,10 +93,12 @@ def test_multi_label_learns_and_the_saved_folder_reproduces_it(multi_run, data):
     saved = read_json(out / "results.json")
     assert saved["task"] == "multi_label"
     assert set(results["validation"]) >= {"micro_f1", "macro_f1", "micro_precision", "micro_recall", "subset_accuracy", "loss"}
-    # the labels are the words' kinds; predicting every label scores about 0.67 here, and a head on the random tiny
-    # backbone's frozen features does little better than that
-    assert results["validation"]["micro_f1"] > (0.6 if mode == "head" else 0.72)
-    assert saved["history"][-1]["train_loss"] < saved["history"][0]["train_loss"]
+    # the labels are the words' kinds; predicting every label scores about 0.67 here
+    assert results["validation"]["micro_f1"] > 0.72
+    if mode == "head":  # a frozen backbone: one logistic regression per label, solved, not trained
+        assert saved["solver"]["method"].startswith("one-vs-rest logistic regression")
+    else:
+        assert saved["history"][-1]["train_loss"] < saved["history"][0]["train_loss"]
     config = json.loads((out / "config.json").read_text())
     assert config["problem_type"] == "multi_label_classification" and config["hftl_thresholds"] == [0.5, 0.5, 0.5]
     predictions = read_json(out / "predictions_validation.json")

@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset, Sequence, Value
 from torch.nn import functional as F
 
+from .. import solver
 from ..config import Config, ConfigError, DataConfig
 from ..data import DataError, label_columns, source_of
 from . import Task, register
@@ -184,6 +185,22 @@ class MultiLabel(Task):
             result["results"][split] = {**result["results"][split], **scores}
             result["predictions"][split] = preds
         return {"thresholds": dict(zip(self.names, self.thresholds.tolist())), "tuned_on": "validation"}
+
+    def solve(self, x, y, x_val, y_val, t, modules):
+        """One-vs-rest logistic regression on frozen features, one C chosen by train.metric_for_best (hftl/solver.py)."""
+        if self.pos_weight is not None:
+            return "train.class_weights weighs the positive rows, which the solved logistic regressions do not"
+        if (self.thresholds != 0.5).any():
+            return "train.threshold is not 0.5, where the solved logistic regressions put the decision"
+        sign = 1 if t.greater_is_better else -1
+
+        def score(logits_of, z, labels) -> float:
+            logits = logits_of(z)
+            if t.metric_for_best == "loss":
+                return -float(self.loss(torch.as_tensor(logits), torch.as_tensor(labels, dtype=torch.float32)))
+            return sign * self.compute(modules, self.predict(logits), labels.tolist())[t.metric_for_best]
+
+        return solver.solve_one_vs_rest(x, y, x_val, y_val, score, seed=t.seed), "one-vs-rest logistic regression (L2, lbfgs)"
 
     # ------------------------------------------------------------ what users see
 
