@@ -12,6 +12,7 @@ architecture and the default column names.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,9 +33,31 @@ from .errors import UserError
 from .hub import OutputError
 from .train import average_windows, eval_dataloader, token_slices
 
-# The architecture's class name ends like this for each modality (transformers' AutoModelFor*Classification heads).
-ARCHITECTURES = {"ForSequenceClassification": "text-classification", "ForAudioClassification": "audio-classification",
-                 "ForImageClassification": "image-classification"}
+# What each modality's AutoModelFor*Classification maps to (transformers' own tables, by name: wav2vec2's audio head is
+# Wav2Vec2ForSequenceClassification); audio and images first, whose heads the text table does not list.
+AUTO_TABLES = {"audio-classification": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+               "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+               "text-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}
+# A class the tables do not know (remote code): its name's ending.
+ARCHITECTURES = {"ForAudioClassification": "audio-classification", "ForImageClassification": "image-classification",
+                 "ForSequenceClassification": "text-classification"}
+
+
+def classifier_kind(config) -> str | None:
+    """The modality of the classifier `config` describes (its `architectures`), or None when it is no classifier."""
+    from transformers.models.auto import modeling_auto
+
+    for name in config.architectures or []:
+        for kind, table in AUTO_TABLES.items():
+            classes = [c for v in getattr(modeling_auto, table).values() for c in ((v,) if isinstance(v, str) else v)]
+            if name in classes:
+                return kind
+        for suffix, kind in ARCHITECTURES.items():
+            if name.endswith(suffix):
+                return kind
+    return None
+
+
 ROW = "_hftl_row"  # the input row each prepared row comes from (a media check may leave rows out)
 TAG = "hftl_predict_file"  # what _load_file calls the file in its messages; replaced by the file's own name
 
@@ -81,6 +104,8 @@ def load(source: str, overrides: list[str] = ()) -> Loaded:
     # The training config as given, then the overrides; model.* is this folder's now (its revision was the base model's).
     cfg = load_config(config_file, list(overrides))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=path, revision=None, from_scratch=False))
+    if folder.is_dir():  # before transformers reads a config.json whose auto_map would need code: say why in hftl's words
+        models.check_code(str(folder / pooling.PooledClassifier.processor_subfolder) if st else path, cfg.model)
     try:
         config = AutoConfig.from_pretrained(str(folder / pooling.PooledClassifier.processor_subfolder) if st else path,
                                             trust_remote_code=cfg.model.trust_remote_code)
@@ -90,12 +115,11 @@ def load(source: str, overrides: list[str] = ()) -> Loaded:
     if st:
         kind = "text-classification"
     else:
-        heads = [k for a in (config.architectures or []) for s, k in ARCHITECTURES.items() if a.endswith(s)]
-        if not heads:
+        kind = classifier_kind(config)
+        if kind is None:
             raise ConfigError(f"MODEL_DIR '{source}' holds {', '.join(config.architectures or [config.model_type])}, not a "
                               "classifier (an AutoModelForSequenceClassification, AudioClassification or ImageClassification "
                               "model, as `hftl train` writes): there are no labels to predict.")
-        kind = heads[0]
     if config_file is None and "task" not in given:
         cfg = dataclasses.replace(cfg, task=kind)
     if cfg.task != kind:
@@ -244,15 +268,13 @@ def predict(model_dir: str, file: str, out: str | None = None, overrides: list[s
     if out:
         _check_out(Path(out), model_dir, overwrite, "predict", folder=False)
     check_file(file)
-    loaded = load(model_dir, overrides)
-    # One output row per input row: a media file that cannot be read stops here, whatever training's data.on_bad_sample.
-    loaded.cfg = dataclasses.replace(loaded.cfg, data=dataclasses.replace(loaded.cfg.data, on_bad_sample="error"))
-    ds, _ = read(loaded, file, labelled=False)
-    logits, _ = infer(loaded, ds, "Predicting")
-    scores = loaded.task.scores(logits)
-    lines = "".join(json.dumps(loaded.task.row(s)) + "\n" for s in scores)
+    stdout = sys.stdout
+    # Without --out the predictions are stdout: what the libraries print on the way (audio decoding: ...) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if not out else contextlib.nullcontext():
+        scores, task = _predict_scores(model_dir, file, overrides)
+    lines = "".join(json.dumps(task.row(s)) + "\n" for s in scores)
     if not out:
-        sys.stdout.write(lines)
+        stdout.write(lines)
         return len(scores)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +283,15 @@ def predict(model_dir: str, file: str, out: str | None = None, overrides: list[s
         f.write(lines)
     _replace(Path(tmp), target)
     return len(scores)
+
+
+def _predict_scores(model_dir: str, file: str, overrides) -> tuple[np.ndarray, tasks.Task]:
+    loaded = load(model_dir, overrides)
+    # One output row per input row: a media file that cannot be read stops here, whatever training's data.on_bad_sample.
+    loaded.cfg = dataclasses.replace(loaded.cfg, data=dataclasses.replace(loaded.cfg.data, on_bad_sample="error"))
+    ds, _ = read(loaded, file, labelled=False)
+    logits, _ = infer(loaded, ds, "Predicting")
+    return loaded.task.scores(logits), loaded.task
 
 
 def default_eval_dir(model_dir: str, file: str) -> Path:

@@ -180,3 +180,31 @@ def test_image_folder_round_trip(tmp_path):
     trained = read_json(run / "results.json")["results"]["validation"]
     assert read_json(tmp_path / "e" / "metrics.json")["metrics"] == pytest.approx(trained, abs=1e-5)
     assert snapshot(run) == before
+
+
+def test_audio_round_trip_with_windowed_clips(tmp_path, capsys):
+    """Speech: paths in a csv (relative to it), clips longer than a window evaluated as the mean of their windows."""
+    from test_audio import audio_cfg, tiny_speech_model, write_clips
+
+    from hftl.recipe import train
+
+    train_csv, val_csv = write_clips(tmp_path / "clips", "train.csv", 16, seed=0), write_clips(tmp_path / "clips", "validation.csv", 8, seed=1, long_every=3)
+    cfg = audio_cfg(tmp_path / "out", tiny_speech_model(tmp_path / "w2v"), train_csv, val_csv, adapt__mode="head", train__epochs=2)
+    train(cfg)
+    run = Path(cfg.output.dir)
+    from transformers import AutoConfig
+
+    from hftl.predict import classifier_kind
+
+    # Wav2Vec2ForSequenceClassification: an audio head by transformers' table, not by its name (a folder without hftl_config.yaml)
+    assert classifier_kind(AutoConfig.from_pretrained(run)) == "audio-classification"
+    before = snapshot(run)
+    capsys.readouterr()
+    assert hftl("predict", run, val_csv) == 0  # to stdout: only the predictions (the media check's log goes to stderr)
+    captured = capsys.readouterr()
+    assert "audio decoding" in captured.err
+    assert [json.loads(line)["label"] for line in captured.out.splitlines()] == read_json(run / "predictions_validation.json")
+    assert hftl("evaluate", run, val_csv, "--out", tmp_path / "e") == 0
+    trained = read_json(run / "results.json")["results"]["validation"]
+    assert read_json(tmp_path / "e" / "metrics.json")["metrics"] == pytest.approx(trained, abs=1e-5)
+    assert snapshot(run) == before
