@@ -158,17 +158,6 @@ def test_sentence_transformers_folder(make_cfg, toy_data, tmp_path):
     assert hftl("evaluate", run, toy_data["validation"], "--out", tmp_path / "e") == 0
     trained = read_json(run / "results.json")["results"]["validation"]
     assert read_json(tmp_path / "e" / "metrics.json")["metrics"] == pytest.approx(trained, abs=1e-5)
-    # A file that cannot be decoded: predict stops (one output row per input row); evaluate follows data.on_bad_sample.
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(images / "validation", broken)
-    (broken / "h" / "0.png").write_bytes(b"not an image")
-    assert "cannot read image file" in error_of(capsys, "predict", run, broken)
-    assert hftl("evaluate", run, broken, "--out", tmp_path / "e2", "data.on_bad_sample=skip") == 0
-    result = read_json(tmp_path / "e2" / "metrics.json")
-    assert result["rows"] == 7 and len(result["skipped_rows"]) == 1 and "0.png" in result["skipped_rows"][0]
-    assert len(jsonl(tmp_path / "e2" / "predictions.jsonl")) == 7
     assert snapshot(run) == before
 
 
@@ -190,6 +179,17 @@ def test_image_folder_round_trip(tmp_path, capsys):
     assert hftl("evaluate", run, images / "validation", "--out", tmp_path / "e") == 0
     trained = read_json(run / "results.json")["results"]["validation"]
     assert read_json(tmp_path / "e" / "metrics.json")["metrics"] == pytest.approx(trained, abs=1e-5)
+    # A file that cannot be decoded: predict stops (one output row per input row); evaluate follows data.on_bad_sample.
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(images / "validation", broken)
+    (broken / "h" / "0.png").write_bytes(b"not an image")
+    assert "cannot read image file" in error_of(capsys, "predict", run, broken)
+    assert hftl("evaluate", run, broken, "--out", tmp_path / "e2", "data.on_bad_sample=skip") == 0
+    result = read_json(tmp_path / "e2" / "metrics.json")
+    assert result["rows"] == 7 and len(result["skipped_rows"]) == 1 and "0.png" in result["skipped_rows"][0]
+    assert len(jsonl(tmp_path / "e2" / "predictions.jsonl")) == 7
     assert snapshot(run) == before
 
 
