@@ -171,7 +171,10 @@ def read(loaded: Loaded, file: str, labelled: bool) -> tuple[Dataset, dict]:
     if path.is_dir():
         if not loaded.modality.check:
             raise DataError(f"FILE '{file}' is a folder; a text model reads a csv/tsv/json/jsonl/parquet file.")
-        ds = concatenate_datasets(list(_load_dataset("data_dir", str(path)).values()))  # audiofolder / imagefolder, every split
+        try:  # audiofolder / imagefolder, every split of it
+            ds = concatenate_datasets(list(_load_dataset("data_dir", str(path)).values()))
+        except DataError as e:
+            raise DataError(str(e).replace("data.data_dir: ", "FILE: ", 1)) from e
     else:
         check_file(file)
         try:
@@ -190,12 +193,12 @@ def read(loaded: Loaded, file: str, labelled: bool) -> tuple[Dataset, dict]:
                         f"its columns are {ds.column_names}. `hftl evaluate` needs labelled rows: pass data.label_column=<one of "
                         "those>, or use `hftl predict` for unlabelled rows.")
     role = f"FILE '{file}'"
-    _check_columns(ds, role, data, keys, labelled)  # the label column's kind and empty labels, as for a training split
-    ds = ds.select_columns([getattr(data, k) for k in keys if getattr(data, k)] + ([data.label_column] if labelled else []))
-    # Before any media file is decoded: a label the model does not know is found at once.
     try:
+        _check_columns(ds, role, data, keys, labelled)  # the label column's kind and empty labels, as for a training split
+        ds = ds.select_columns([getattr(data, k) for k in keys if getattr(data, k)] + ([data.label_column] if labelled else []))
+        # Before any media file is decoded: a label the model does not know is found at once.
         ds = loaded.task.encode(ds, role, data) if labelled else loaded.task.add_labels(ds, loaded.task.blank(len(ds)))
-    except DataError as e:  # the task words it for a split of a training run: say it of this file and this model
+    except DataError as e:  # worded for a split of a training run: say it of this file and this model
         raise DataError(str(e).replace(f"the {role} split", role).replace("the train split never has", "the model was not trained on")
                         .replace("train labels are", "the model's labels are")) from e
     ds = ds.add_column(ROW, list(range(len(ds))))
