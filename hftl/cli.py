@@ -2,7 +2,8 @@
 `hftl rank [CONFIG] --models NAME ... [--out FILE.json] [key=value ...]`,
 `hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] [--lr-scales X ...] --out REPORT_DIR [key=value ...]`,
 `hftl tune [CONFIG] --trials N [--study-name S] [--storage URL] [--out DIR] key=range ... [key=value ...]`,
-`hftl export MODEL_DIR --onnx [--int8] [--out DIR]`, `hftl --version`.
+`hftl export MODEL_DIR --onnx [--int8] [--out DIR]`, `hftl predict MODEL_DIR FILE [--out PRED.jsonl] [key=value ...]`,
+`hftl evaluate MODEL_DIR FILE [--out FOLDER] [key=value ...]`, `hftl --version`.
 
 Nothing heavy (torch, transformers, datasets) is imported here: `--help`, `--version`, `hftl modes` and
 `hftl train --help-config` answer at once; each command imports what it runs.
@@ -41,6 +42,8 @@ EPILOG = """examples:
   hftl tune recipes/configs/text/minilm_sst2_lora.yaml --trials 20 train.learning_rate=log:1e-4:3e-3 adapt.lora_r=int:4:32:4 \\
       train.epochs=choice:1,2,3 --out outputs/tune/sst2    # Optuna search; best config as a preset (pip install 'hftl[tune]')
   hftl export outputs/sst2 --onnx --int8       # ONNX (fp32 and int8) in outputs/sst2/onnx, checked against its predictions
+  hftl predict outputs/sst2 new.csv --out pred.jsonl   # label and probabilities per row of a file
+  hftl evaluate outputs/sst2 test.csv --out reports/sst2_test   # metrics.json, predictions.jsonl, confusion matrix
 """
 
 
@@ -172,6 +175,24 @@ def _export(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from hftl.predict import predict
+
+    rows = predict(args.model_dir, args.file, args.out, list(args.overrides), args.overwrite)
+    if args.out:
+        print(f"Wrote {args.out}: {rows} prediction(s), one JSON line per row of {args.file}", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from hftl.predict import evaluate
+
+    result = evaluate(args.model_dir, args.file, args.out, list(args.overrides), args.overwrite)
+    print(" ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float)) + f" ({result['rows']} rows)")
+    print(f"Wrote {result['out']} (metrics.json, predictions.jsonl and the figure)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["torchrun"], ["launch"]):  # every argument is the launcher's, --help included
@@ -270,6 +291,38 @@ def main(argv: list[str] | None = None) -> int:
                    help="check on these texts against the PyTorch model, instead of the validation rows the folder's "
                         "hftl_config.yaml names (compared with its predictions_validation.json)")
     p.set_defaults(func=_export)
+    settings = ("key=value on top of MODEL_DIR/hftl_config.yaml (the training config), e.g. data.text_column=sentence "
+                "for a file whose column is named otherwise, train.eval_batch_size=64")
+    what = "predict the label (and every label's probability) of each row of a file with a model folder"
+    predict = sub.add_parser("predict", help=what)
+    p = argparse.ArgumentParser(prog="hftl predict", description=what, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  hftl predict outputs/sst2 new.csv --out pred.jsonl\n"
+                                       "  hftl predict outputs/sst2 reviews.jsonl data.text_column=review > pred.jsonl\n"
+                                       "  hftl predict outputs/digits images/   # an imagefolder / audiofolder")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the output.dir of a finished `hftl train` run, another classifier "
+                                                          "folder save_pretrained wrote, or a Hub id (offline: a cached one)")
+    p.add_argument("file", metavar="FILE", help="csv/tsv/json/jsonl/parquet file with the input column, or an audio/image folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=settings)
+    p.add_argument("--out", metavar="PRED.jsonl", help="write the predictions here, one JSON line per input row in its order "
+                                                        "(default: to stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_predict)
+    predict.parse_known_args = p.parse_known_intermixed_args
+    what = "score a model folder on a labelled file: the task's metrics, predictions and figure, in a folder of their own"
+    evaluate = sub.add_parser("evaluate", help=what)
+    p = argparse.ArgumentParser(prog="hftl evaluate", description=what, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  hftl evaluate outputs/sst2 test.csv --out reports/sst2_test\n"
+                                       "  hftl evaluate outputs/sst2 other.tsv data.text_column=sentence data.label_column=gold\n"
+                                       "The model folder is only read: nothing in it changes.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the output.dir of a finished `hftl train` run (or another classifier folder)")
+    p.add_argument("file", metavar="FILE", help="csv/tsv/json/jsonl/parquet file with the input and label columns, or an "
+                                                "audio/image folder with class sub-folders")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=settings)
+    p.add_argument("--out", metavar="FOLDER", help="folder to write metrics.json, predictions.jsonl and the figure "
+                                                   "(default: outputs/evaluate/<MODEL_DIR name>-<FILE name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
+    p.set_defaults(func=_evaluate)
+    evaluate.parse_known_args = p.parse_known_intermixed_args
     args, unknown = parser.parse_known_args(argv)
     if args.command == "export" and not args.onnx:
         parser.error("export: name the format: --onnx (the only one so far)")

@@ -76,7 +76,8 @@ def _fresh(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
 
 
-@pytest.mark.parametrize("argv", [["modes"], ["train", "--help-config"], ["--version"], ["--help"], ["export", "--help"]])
+@pytest.mark.parametrize("argv", [["modes"], ["train", "--help-config"], ["--version"], ["--help"], ["export", "--help"],
+                                  ["predict", "--help"], ["evaluate", "--help"]])
 def test_help_and_modes_import_nothing_heavy(argv):
     code = (
         "import sys\nfrom hftl.cli import main\n"
