@@ -298,3 +298,24 @@ def test_speech_regression_and_image_multi_label(tmp_path):
     assert json.loads((out / "config.json").read_text())["problem_type"] == "multi_label_classification"
     assert all(isinstance(p, list) for p in read_json(out / "predictions_validation.json"))
     assert 0 <= results["validation"]["micro_f1"] <= 1
+
+
+# ---------------------------------------------------------------- hftl predict / evaluate serve both tasks
+
+
+def test_predict_and_evaluate_round_trip_both_tasks(multi_run, pair_run, data, tmp_path):
+    from hftl import cli
+
+    for (mode, out, results), file in ((multi_run, data["multi_validation"]), (pair_run, data["pairs_validation"])):
+        predicted = tmp_path / f"{out.parent.name}.jsonl"
+        assert cli.main(["predict", str(out), str(file), "--out", str(predicted)]) == 0
+        rows = [json.loads(line) for line in predicted.read_text().splitlines()]
+        expected = read_json(out / "predictions_validation.json")
+        if "labels" in rows[0]:  # multi-label: the labels above their thresholds, and every label's probability
+            assert [r["labels"] for r in rows] == expected and all(set(r["scores"]) == set(LABELS) for r in rows)
+        else:
+            assert [r["score"] for r in rows] == pytest.approx(expected, abs=1e-4)
+        folder = tmp_path / f"eval-{out.parent.name}"
+        assert cli.main(["evaluate", str(out), str(file), "--out", str(folder)]) == 0
+        metrics = read_json(folder / "metrics.json")["metrics"]
+        assert metrics == pytest.approx(results["validation"], abs=1e-5)  # the loss too: the same unit as training's

@@ -45,6 +45,7 @@ class Regression(Task):
         self.normalize = True
         self.observed: tuple[np.ndarray, np.ndarray] | None = None  # the training split's (mean, std)
         self.spread = self.std  # the targets' standard deviations: the reload check's unit
+        self.unit = self.std  # the loss's unit: the spread with train.normalize_targets, else 1
 
     # ------------------------------------------------------------ settings
 
@@ -66,6 +67,7 @@ class Regression(Task):
         if self.observed is not None:
             self.mean, self.std = self.observed if self.normalize else (np.zeros(self.num_outputs), np.ones(self.num_outputs))
             self.spread = self.observed[1]
+            self.unit = self.spread if self.normalize else np.ones(self.num_outputs)
         return cfg
 
     # ------------------------------------------------------------ labels
@@ -109,11 +111,13 @@ class Regression(Task):
     # ------------------------------------------------------------ loss and predictions
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The error in units of the targets' spread (with train.normalize_targets): training's head outputs standardised
+        targets, a saved model's the targets themselves; both give the same loss for the same predictions."""
         logits = logits.float().view(len(logits), -1)
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=logits.device)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=logits.device)
-        target = (labels.float().view(logits.shape) - mean) / std
-        per = (F.huber_loss if self.huber else F.mse_loss)(logits, target, reduction="none").mean(-1)
+        as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=logits.device)  # noqa: E731
+        unit = as_tensor(self.unit)
+        predicted = (logits * as_tensor(self.std) + as_tensor(self.mean)) / unit
+        per = (F.huber_loss if self.huber else F.mse_loss)(predicted, labels.float().view(logits.shape) / unit, reduction="none").mean(-1)
         return per if reduction == "none" else per.mean() if reduction == "mean" else per.sum()
 
     def predict(self, logits: np.ndarray) -> list[list[float]]:
@@ -159,7 +163,8 @@ class Regression(Task):
 
     def model_config(self) -> dict:
         mean, std = self.observed if self.observed is not None else (self.mean, self.spread)
-        return {"hftl_target_mean": list(map(float, mean)), "hftl_target_std": list(map(float, std))}
+        return {"hftl_target_mean": list(map(float, mean)), "hftl_target_std": list(map(float, std)),
+                "hftl_normalized_targets": bool(self.normalize)}
 
     @classmethod
     def from_model_config(cls, config) -> "Regression":
@@ -167,6 +172,7 @@ class Regression(Task):
         task = cls([config.id2label[i] for i in range(config.num_labels)])
         if getattr(config, "hftl_target_std", None):
             task.spread = np.asarray(config.hftl_target_std, dtype=np.float64)
+            task.unit = task.spread if getattr(config, "hftl_normalized_targets", True) else np.ones(task.num_outputs)
         return task
 
     # ------------------------------------------------------------ what users see
