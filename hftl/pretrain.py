@@ -4,7 +4,8 @@ Domain- and task-adaptive pretraining (Gururangan et al. 2020, "Don't Stop Pretr
 the encoder's own self-supervised objective on unlabelled in-domain text, then classify from that
 checkpoint. The stage writes `<output.dir>.pretrained` (weights with their MLM head, tokenizer,
 pretrain.json, README) and the classifier loads from there; 5% of the texts are held out to show the
-masked-LM loss the stage started and ended with.
+masked-LM loss the stage started and ended with. The stage trains on the shared loop (hftl.train.fit), as the speech
+and image stages do (hftl/pretrain_media.py): checkpoints, train.resume, stop signals, the non-finite-loss guard.
 """
 from __future__ import annotations
 
@@ -21,14 +22,16 @@ import torch
 from accelerate.utils import set_seed
 from datasets import Dataset, Value
 from huggingface_hub import ModelCard
+from datasets import DatasetDict
+from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import AutoModel, AutoModelForMaskedLM, DataCollatorForLanguageModeling
+from transformers import AutoModel, AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorWithPadding
+from transformers.modeling_outputs import ModelOutput
 
-from . import hub, models, pretrain_media
+from . import checkpoint, hub, models, pretrain_media
 from .config import Config, ConfigError
 from .data import FORMATS, DataError, _load_file, load_target
-from .train import NonFiniteLossError, _lengths, make_scheduler, param_groups, return_freed_blocks, train_dataloader
+from .train import NonFiniteLossError, _lengths, fit
 
 OBJECTIVES = ("auto", "mlm", "wav2vec2", "mim")  # speech and images: hftl/pretrain_media.py
 HELDOUT = 0.05  # share of the texts that only measure the masked-LM loss
@@ -72,52 +75,41 @@ def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator,
         texts, source = _texts(cfg, splits, target)
         parts = texts.train_test_split(test_size=HELDOUT, seed=t.seed)
         encoded = parts.map(_tokenize(tokenizer, cfg.data.max_length), batched=True, remove_columns=["text"], desc="Tokenizing (mlm)")
-    model = _load(AutoModelForMaskedLM, path, cfg)
-    model.train()  # from_pretrained returns eval mode: dropout on while training
-    return_freed_blocks(t.cpu_mmap_threshold_mib, accelerator.device)
+    model = _load(AutoModelForMaskedLM, path, cfg).to(accelerator.device)
 
     start = time.perf_counter()
-    # Training masks differ per process; the held-out masks are drawn once, so before and after see the same ones.
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=a.mlm_probability, seed=t.seed + accelerator.process_index)
-    # A small held-out set is masked several times over (other masks each pass), so the loss averages enough tokens.
+    # Held-out masks are drawn once, by a seeded collator, so before and after see the same ones.
     passes = min(MAX_PASSES, math.ceil(MASKED_TOKENS / max(1.0, a.mlm_probability * sum(_lengths(encoded["test"])))))
     heldout_dl = DataLoader(encoded["test"], batch_size=t.eval_batch_size,
                             collate_fn=DataCollatorForLanguageModeling(tokenizer, mlm_probability=a.mlm_probability, seed=t.seed))
     heldout = [batch for _ in range(passes) for batch in heldout_dl]
-    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), t.weight_decay), lr=a.pretrain_learning_rate)
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dataloader(encoded["train"], collator, t))
-    total = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps * a.pretrain_epochs))
-    # Linear warmup and decay, as BERT/RoBERTa pretraining (train.scheduler is the classifier stage's).
-    scheduler = make_scheduler(optimizer, replace(t, scheduler="linear"), total)
     before = _heldout_loss(model, heldout, accelerator)
-    bar = tqdm(total=total, desc="Pretraining (mlm)", disable=not accelerator.is_local_main_process)
-    step = epoch = 0
-    while step < total:
-        train_dl.set_epoch(epoch)
-        for batch in train_dl:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                if step >= total:
-                    break
-        epoch += 1
-    bar.close()
+    # The stage runs on the shared loop (hftl.train.fit: checkpoints in <train.checkpoint_dir>/pretrain, train.resume,
+    # stop signals, the non-finite-loss guard, many processes), as the speech and image stages do. Training masks are
+    # drawn in the objective's forward from torch's global RNG, which checkpoints save per process (the data loader reads
+    # a batch ahead, so masks drawn there would not resume exactly); each process draws its own.
+    root = checkpoint.root(cfg) / "pretrain"
+    resume = t.resume if t.resume in (None, "auto") or Path(t.resume).resolve().is_relative_to(root.resolve()) else None
+    stage = replace(cfg, train=replace(t, epochs=a.pretrain_epochs, max_steps=None, min_steps=None, learning_rate=a.pretrain_learning_rate,
+                                       scheduler="linear", checkpoint_dir=str(root), resume=resume, early_stopping_patience=None,
+                                       metrics=[], metric_for_best="loss", greater_is_better=False),
+                    hub=replace(cfg.hub, strategy="end"))
+    rows = encoded["train"].remove_columns([c for c in ("special_tokens_mask",) if c in encoded["train"].column_names])
+    rows = rows.add_column("labels", [0] * len(rows))  # the loop's placeholder: the objective makes its own targets
+    torch.manual_seed(t.seed + accelerator.process_index)
+    objective = MaskedLM(model, DataCollatorForLanguageModeling(tokenizer, mlm_probability=a.mlm_probability))
+    result = fit(objective, DatasetDict(train=rows), DataCollatorWithPadding(tokenizer), stage, accelerator,
+                 task=pretrain_media.SelfSupervised(["unlabelled"]))
+    model, step = result["model"].model, result["steps"]
     after = _heldout_loss(model, heldout, accelerator)
     if after is not None and not math.isfinite(after):
         raise NonFiniteLossError(f"adapt.pretrain: the held-out masked-LM loss is {after} after {step} steps; lower "
                                  "adapt.pretrain_learning_rate or set train.max_grad_norm.")
+    log = result["step_log"]
     info = {"objective": "mlm", "source": source, "texts": len(parts["train"]), "rows": len(encoded["train"]),
             "heldout_texts": len(parts["test"]), "heldout_masked_tokens": sum(int((b["labels"] != -100).sum()) for b in heldout),
             "steps": step, "heldout_loss_before": before, "heldout_loss_after": after,
+            "train_loss_first": log[0]["loss"] if log else None, "train_loss_last": log[-1]["loss"] if log else None,
             "heldout_perplexity_before": _perplexity(before), "heldout_perplexity_after": _perplexity(after),
             "seconds": round(time.perf_counter() - start, 2), "folder": str(out), "settings": settings}
     accelerator.print(f"adapt.pretrain=mlm: held-out masked-LM loss {_fmt(before)} -> {_fmt(after)} (perplexity "
@@ -130,10 +122,34 @@ def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator,
         _save(accelerator.unwrap_model(model), path, tokenizer, info, cfg)
         accelerator.print(f"Saved {out}; the classifier starts from it")
     accelerator.wait_for_everyone()  # the others load the classifier from the folder only once it is there
-    accelerator.free_memory(model, optimizer)
+    accelerator.free_memory(model)
     # The classifier stage draws its head initialisation and data order as a run without this stage would.
     set_seed(t.seed)
     return str(out)
+
+
+class MaskedLM(nn.Module):
+    """The masked-LM loss of a batch whose masks it draws itself (transformers' DataCollatorForLanguageModeling rule:
+    mlm_probability of the tokens, 80% [MASK], 10% a random token, 10% kept; special and padding tokens never), from
+    torch's global RNG. A batch that already has its masked 'labels' (the held-out ones) is scored as it is."""
+
+    def __init__(self, model, masker: DataCollatorForLanguageModeling):
+        super().__init__()
+        self.model, self.masker = model, masker
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **inputs) -> ModelOutput:
+        if labels is None:
+            device = input_ids.device
+            special = torch.tensor([self.masker.tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+                                    for row in input_ids.tolist()], dtype=torch.bool)
+            if attention_mask is not None:
+                special |= attention_mask.cpu() == 0
+            input_ids, labels = self.masker.torch_mask_tokens(input_ids.cpu().clone(), special_tokens_mask=special)
+            input_ids, labels = input_ids.to(device), labels.to(device)
+        loss = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **inputs).loss
+        if not (labels != -100).any():  # nothing masked in this batch (very short texts): a zero that still touches the weights
+            loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+        return ModelOutput(loss=loss, logits=loss)  # 'logits': what SelfSupervised hands the loop as the loss
 
 
 def _load(auto_cls, path: str, cfg: Config):

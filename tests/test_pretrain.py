@@ -156,3 +156,44 @@ def test_errors(make_cfg, tmp_path, extra, error, match):
     with pytest.raises(error, match=match):
         pretrain_only(cfg)
     assert not Path(cfg.output.dir + ".pretrained").exists()
+
+
+def test_stage_runs_on_the_shared_loop_and_a_stopped_one_resumes_exactly(make_cfg, corpus, tmp_path, monkeypatch, capsys):
+    """The MLM stage is hftl.train.fit's: checkpoints in <checkpoints>/pretrain, a stop signal saves and exits 143, and
+    train.resume=auto continues it to the weights and losses of an uninterrupted stage."""
+    import itertools
+    import os
+    import signal
+
+    import hftl.pretrain as pretrain
+    from hftl.checkpoint import EXIT_PREEMPTED
+    from hftl.recipe import train as main
+
+    def cfg(folder, **more):
+        return make_cfg(tmp_path / folder, extra={**FAST, "adapt.pretrain_file": str(corpus), "adapt.pretrain_epochs": 1,
+                                                  "train.epochs": 1, "train.save_every": 20, "train.batch_size": 16, **more})
+
+    main(cfg("whole"))
+    reference = tmp_path / "whole" / "out.pretrained"
+    forwards, original = itertools.count(1), pretrain.MaskedLM.forward
+
+    def signalling(self, *args, **kwargs):
+        if self.training and next(forwards) == 22:  # after the checkpoint of step 20
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(pretrain.MaskedLM, "forward", signalling)
+        with pytest.raises(SystemExit) as stopped:
+            main(cfg("stopped"))
+    assert stopped.value.code == EXIT_PREEMPTED
+    checkpoints = tmp_path / "stopped" / "out.checkpoints" / "pretrain"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-20", "step-22"]
+    assert not (tmp_path / "stopped" / "out.pretrained").exists()
+    main(cfg("stopped", **{"train.resume": "auto"}))
+    assert f"Resumed from {checkpoints}/step-22: step 22 of 24" in capsys.readouterr().out
+    want, got = read_json(reference / "pretrain.json"), read_json(tmp_path / "stopped" / "out.pretrained" / "pretrain.json")
+    for key in ("steps", "heldout_loss_before", "heldout_loss_after", "train_loss_first", "train_loss_last"):
+        assert got[key] == want[key], key
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(tmp_path / "stopped" / "out.pretrained" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
