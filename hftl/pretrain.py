@@ -13,7 +13,6 @@ import json
 import math
 import pickle
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorWithPadding
 from transformers.modeling_outputs import ModelOutput
 
-from . import checkpoint, hub, models, pretrain_media
+from . import hub, models, pretrain_media
 from .config import Config, ConfigError
 from .data import FORMATS, DataError, _load_file, load_target
 from .train import NonFiniteLossError, _lengths, fit
@@ -88,12 +87,7 @@ def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator,
     # stop signals, the non-finite-loss guard, many processes), as the speech and image stages do. Training masks are
     # drawn in the objective's forward from torch's global RNG, which checkpoints save per process (the data loader reads
     # a batch ahead, so masks drawn there would not resume exactly); each process draws its own.
-    root = checkpoint.root(cfg) / "pretrain"
-    resume = t.resume if t.resume in (None, "auto") or Path(t.resume).resolve().is_relative_to(root.resolve()) else None
-    stage = replace(cfg, train=replace(t, epochs=a.pretrain_epochs, max_steps=None, min_steps=None, learning_rate=a.pretrain_learning_rate,
-                                       scheduler="linear", checkpoint_dir=str(root), resume=resume, early_stopping_patience=None,
-                                       metrics=[], metric_for_best="loss", greater_is_better=False),
-                    hub=replace(cfg.hub, strategy="end"))
+    stage = pretrain_media.stage_config(cfg)
     rows = encoded["train"].remove_columns([c for c in ("special_tokens_mask",) if c in encoded["train"].column_names])
     rows = rows.add_column("labels", [0] * len(rows))  # the loop's placeholder: the objective makes its own targets
     torch.manual_seed(t.seed + accelerator.process_index)

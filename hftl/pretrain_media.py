@@ -254,6 +254,19 @@ def inputs(cfg: Config, objective: str, splits, target, modality) -> tuple[datas
 # ---------------------------------------------------------------- the stage
 
 
+def stage_config(cfg: Config) -> Config:
+    """The config a pretraining stage trains with on the shared loop: its epochs and rate (adapt.pretrain_*), a linear
+    schedule, its checkpoints beside the classifier's (<checkpoints>/pretrain; train.resume applies when it names
+    none of the classifier's), no validation split, nothing selected, nothing pushed."""
+    a, t = cfg.adapt, cfg.train
+    root = checkpoint.root(cfg) / "pretrain"
+    resume = t.resume if t.resume in (None, "auto") or Path(t.resume).resolve().is_relative_to(root.resolve()) else None
+    return replace(cfg, train=replace(t, epochs=a.pretrain_epochs, max_steps=None, min_steps=None, learning_rate=a.pretrain_learning_rate,
+                                      scheduler="linear", checkpoint_dir=str(root), resume=resume, early_stopping_patience=None,
+                                      metrics=[], metric_for_best="loss", greater_is_better=False),
+                   hub=replace(cfg.hub, strategy="end"))
+
+
 def heldout_batches(encoded, collator, objective_module, cfg: Config) -> list[dict]:
     """The held-out batches with their masks (and negatives) drawn once, from a seeded RNG that leaves the global one
     as it was: before and after see the same masks."""
@@ -319,13 +332,7 @@ def continue_pretraining(cfg: Config, objective: str, path: str, splits, process
     heldout = heldout_batches(encoded["validation"], collator, objective_module, cfg)
     before = heldout_loss(objective_module, heldout, accelerator)
 
-    # Its checkpoints go beside the classifier's; the stage has no validation split and selects nothing.
-    root = checkpoint.root(cfg) / "pretrain"
-    resume = t.resume if t.resume in (None, "auto") or Path(t.resume).resolve().is_relative_to(root.resolve()) else None
-    stage = replace(cfg, train=replace(t, epochs=a.pretrain_epochs, max_steps=None, min_steps=None, learning_rate=a.pretrain_learning_rate,
-                                       scheduler="linear", checkpoint_dir=str(root), resume=resume, early_stopping_patience=None,
-                                       metrics=[], metric_for_best="loss", greater_is_better=False),
-                    hub=replace(cfg.hub, strategy="end"))
+    stage = stage_config(cfg)
     np.random.seed(t.seed + accelerator.process_index)  # each process its own masks (the loop saves and restores this state)
     accelerator.print(f"adapt.pretrain={objective}: {len(parts['train'])} unlabelled inputs from {source} "
                       f"({len(parts['test'])} held out)")

@@ -240,7 +240,7 @@ CASES = [
          r"has '(positive|negative)' in label column 'label' at row 0; multi-label rows hold a list of labels", "data"),
     Case("label budget for multi-label rows", lambda c: c.base("data.samples_per_class=4", "data.validation_file=null",
                                                                f"data.train_file={c.rows('multi.jsonl', [{'text': f'good {i}', 'label': ['positive', 'negative'][: 1 + i % 2]} for i in range(20)])}"),
-         r"data\.samples_per_class keeps k rows of each class, which multi-label rows \(several labels each\) do not have", "data"),
+         r"data\.samples_per_class keeps k rows of each class, which multi_label labels do not have", "data"),
     Case("label smoothing for multi-label rows", lambda c: c.base("train.label_smoothing=0.1", "data.validation_file=null",
                                                                   f"data.train_file={c.rows('multi.jsonl', [{'text': f'good {i}', 'label': ['positive', 'negative'][: 1 + i % 2]} for i in range(20)])}"),
          r"train\.label_smoothing is for single-label cross-entropy", "data"),

@@ -98,8 +98,23 @@ class Task:
     def per_class(self, train, k: int, seed: int):
         from ..data import DataError
 
-        raise DataError(f"data.samples_per_class keeps k rows of each class, which {self.name} labels do not have; set "
-                        "data.samples_per_class=null.")
+        raise DataError(f"data.samples_per_class keeps k rows of each class, which {self.name} labels do not have (a row has "
+                        "several labels, or a number); set data.samples_per_class=null (data.max_train_samples bounds the rows).")
+
+    def check_carved(self, whole, train, validation, cfg) -> None:
+        """Refuse a carved validation split that cannot measure what training learns; by default, nothing to refuse."""
+
+    # Labels as a vector per row (multi-label 0/1, regression targets), one entry per output.
+    def add_labels(self, ds, labels: list):
+        from datasets import Sequence, Value
+
+        if "labels" in ds.column_names:  # the model reads 'labels'; a stray one would shadow ours
+            ds = ds.remove_columns("labels")
+        return ds.add_column("labels", labels, feature=Sequence(Value("float32"), length=self.num_outputs))
+
+    def blank(self, n: int) -> list:
+        """Labels for `n` unlabelled rows (data.target's, which are never trained on)."""
+        return [[0.0] * self.num_outputs for _ in range(n)]
 
     def model_config(self) -> dict:
         """What the saved model's config.json keeps of the task besides id2label and problem_type (a decision

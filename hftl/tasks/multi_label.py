@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from datasets import Dataset, Sequence, Value
+from datasets import Dataset
 from torch.nn import functional as F
 
 from .. import solver
@@ -120,27 +120,12 @@ class MultiLabel(Task):
                 vectors.append(vector)
         return self.add_labels(ds.remove_columns([c for c in label_columns(cfg) if c in ds.column_names]), vectors)
 
-    def add_labels(self, ds: Dataset, labels: list) -> Dataset:
-        if "labels" in ds.column_names:
-            ds = ds.remove_columns("labels")
-        return ds.add_column("labels", labels, feature=Sequence(Value("float32"), length=len(self.names)))
-
-    def blank(self, n: int) -> list:
-        return [[0.0] * len(self.names) for _ in range(n)]
-
     def check_train(self, train: Dataset, cfg: DataConfig, after: str = "") -> None:
         """Every label should have a positive training row; one that has none cannot be learnt (it is never predicted)."""
         positives = np.asarray(train["labels"]).reshape(len(train), -1).sum(0)
         if not positives.any():
             raise DataError(f"the train split{source_of('train', cfg)} has no row with any label{after}; multi-label training "
                             "needs rows that carry labels.")
-
-    def check_carved(self, whole, train, validation, cfg) -> None:
-        """Nothing to refuse: a label absent from one split only lowers what macro F1 can say."""
-
-    def per_class(self, train: Dataset, k: int, seed: int) -> Dataset:
-        raise DataError("data.samples_per_class keeps k rows of each class, which multi-label rows (several labels each) do "
-                        "not have; set data.samples_per_class=null (data.max_train_samples bounds the rows).")
 
     # ------------------------------------------------------------ loss and predictions
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from datasets import Dataset, Sequence, Value
+from datasets import Dataset
 from torch import nn
 from torch.nn import functional as F
 
@@ -87,26 +87,11 @@ class Regression(Task):
                                 "regression targets are finite numbers.")
         return self.add_labels(ds.remove_columns(columns), [[float(v) for v in row] for row in zip(*values)])
 
-    def add_labels(self, ds: Dataset, labels: list) -> Dataset:
-        if "labels" in ds.column_names:
-            ds = ds.remove_columns("labels")
-        return ds.add_column("labels", labels, feature=Sequence(Value("float32"), length=len(self.names)))
-
-    def blank(self, n: int) -> list:
-        return [[0.0] * len(self.names) for _ in range(n)]
-
     def check_train(self, train: Dataset, cfg: DataConfig, after: str = "") -> None:
         y = np.asarray(train["labels"]).reshape(len(train), -1)
         if len(y) < 2 or not np.ptp(y, axis=0).any():
             raise DataError(f"the train split{source_of('train', cfg)}{after} has {len(y)} row(s) whose targets are all the same; "
                             "regression needs targets that vary.")
-
-    def check_carved(self, whole, train, validation, cfg) -> None:
-        """Nothing to refuse: any carved rows are targets to measure."""
-
-    def per_class(self, train: Dataset, k: int, seed: int) -> Dataset:
-        raise DataError("data.samples_per_class keeps k rows of each class, and regression targets have no classes; set "
-                        "data.samples_per_class=null (data.max_train_samples bounds the rows).")
 
     # ------------------------------------------------------------ loss and predictions
 
