@@ -49,6 +49,18 @@ def make_module(name: str, score_fn, citation: str, inputs: str = "ids", **defau
     return SklearnMetric
 
 
+def per_target(correlation):
+    """A score(references, predictions) that averages scipy's `correlation` over target columns; a constant column (no
+    spread) correlates 0 (scipy would return nan)."""
+    def score(references, predictions) -> float:
+        references, predictions = np.atleast_2d(references.T).T, np.atleast_2d(predictions.T).T
+        return float(np.mean([correlation(r, p).statistic if np.ptp(r) and np.ptp(p) else 0.0
+                              for r, p in zip(references.T, predictions.T)]))
+
+    score.__name__ = correlation.__name__
+    return score
+
+
 def load_metrics(names: list[str]) -> dict[str, evaluate.EvaluationModule]:
     out = {}
     for name in names:
