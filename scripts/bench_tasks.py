@@ -28,8 +28,8 @@ and its peak resident memory.
                  hftl also evaluates the first --validation-samples validation rows after every epoch and keeps the
                  best epoch's weights (the Trainer keeps the last), saves a model folder with its card, and reloads it
                  through pipeline() to re-check 64 predictions: all of that is in its time.
-  hftl-default   (head only) hftl's own head mode: MiniLM's mean pooling, and for STS-B the ridge-solved head (the
-                 multi-label task has no solved head, so it trains the head for the epochs).
+  hftl-default   (head only) hftl's own head mode: MiniLM's mean pooling and the solved head (GoEmotions: one-vs-rest
+                 logistic regressions; STS-B: ridge regression), each penalty chosen on validation.
 
 Test metrics are hftl's results.json (its shipped sklearn/scipy modules, zero_division=0 as here) and the Trainer's
 predictions scored here. Known differences that are not budget: hftl standardises regression targets for the loss
