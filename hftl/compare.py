@@ -43,6 +43,8 @@ NEEDS_SEEDS = f"needs at least {MIN_SEEDS} seeds"
 CONFIDENCE = 0.95
 CARD_SECTION = "## Transfer check"
 NOT_COMPARED = ", and this run did not compare against such a baseline"  # the card template's words when it has no transfer check
+# ... and its Checks section's line
+CHECK_NOT_COMPARED = "- Negative transfer: not assessed: this run was not compared with a from-scratch baseline (`hftl compare` does)."
 PNGS = {"accuracy_vs_labels.png": "labels per class", "accuracy_vs_params.png": "trainable parameters",
         "accuracy_vs_time.png": "training time"}
 # Keys whose setting presumes pretrained weights (keep part of them as they are, pull them back towards their
@@ -198,7 +200,8 @@ def write_card_check(folder: Path, text: str) -> None:
     section = f"{CARD_SECTION}\n\n`hftl compare` trained this configuration against a from-scratch baseline (same architecture, " \
               f"random weights, every weight trainable, full mode; each at the learning rate validation chose): {text}\n\n"
     body = body.replace("\n## Training\n", f"\n{section}## Training\n", 1) if "\n## Training\n" in body else f"{body.rstrip()}\n\n{section}"
-    card.text = body.replace(NOT_COMPARED, ": see the transfer check above")
+    card.text = body.replace(NOT_COMPARED, ": see the transfer check above").replace(
+        CHECK_NOT_COMPARED, f"- Negative transfer: {text} (see the transfer check below)")
     card.save(path)
 
 
