@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 from pathlib import Path
 
@@ -43,8 +44,6 @@ NEEDS_SEEDS = f"needs at least {MIN_SEEDS} seeds"
 CONFIDENCE = 0.95
 CARD_SECTION = "## Transfer check"
 NOT_COMPARED = ", and this run did not compare against such a baseline"  # the card template's words when it has no transfer check
-# ... and its Checks section's line
-CHECK_NOT_COMPARED = "- Negative transfer: not assessed: this run was not compared with a from-scratch baseline (`hftl compare` does)."
 PNGS = {"accuracy_vs_labels.png": "labels per class", "accuracy_vs_params.png": "trainable parameters",
         "accuracy_vs_time.png": "training time"}
 # Keys whose setting presumes pretrained weights (keep part of them as they are, pull them back towards their
@@ -200,8 +199,10 @@ def write_card_check(folder: Path, text: str) -> None:
     section = f"{CARD_SECTION}\n\n`hftl compare` trained this configuration against a from-scratch baseline (same architecture, " \
               f"random weights, every weight trainable, full mode; each at the learning rate validation chose): {text}\n\n"
     body = body.replace("\n## Training\n", f"\n{section}## Training\n", 1) if "\n## Training\n" in body else f"{body.rstrip()}\n\n{section}"
-    card.text = body.replace(NOT_COMPARED, ": see the transfer check above").replace(
-        CHECK_NOT_COMPARED, f"- Negative transfer: {text} (see the transfer check below)")
+    # The Checks section's line (not assessed, or an earlier verdict) says this verdict
+    line = f"- Negative transfer: {text} (see the transfer check below)"
+    card.text = re.sub(r"^- Negative transfer: .*$", lambda _: line, body.replace(NOT_COMPARED, ": see the transfer check above"),
+                       count=1, flags=re.M)
     card.save(path)
 
 

@@ -157,4 +157,5 @@ def card_tables(task, record: dict) -> dict:
 
 
 def log_lines(record: dict) -> list[str]:
-    return [f"check {c['check']} ({c['split']}): {c['verdict'].upper()}: {c['text']}" for c in record["list"]]
+    return [f"check {c['check']} ({c['split']}): {c['verdict'].upper()}: {c['text'].removeprefix('Not assessed: ')}"
+            for c in record["list"]]

@@ -256,3 +256,36 @@ def test_the_reload_check_catches_a_temperature_left_out_of_the_head(make_cfg, t
         train(cfg)
     assert not Path(cfg.output.dir).exists()
     assert Task.export is not SingleLabel.export
+
+
+def test_multi_label_run_calibrates_with_tuned_thresholds_and_every_split_gets_its_checks(tiny_bert, tmp_path):
+    """Thresholds tuned, then the temperature: the saved folder's pipeline() scores are the calibrated ones, and its
+    thresholds (moved with the temperature) give the evaluated label sets."""
+    from test_multilabel_regression import multi_rows
+
+    from hftl.recipe import train
+
+    noisy = multi_rows(32, 1)
+    for r in noisy[::3]:
+        r["label"] = ["letter"]  # labels the words do not support: confident scores are wrong here
+    data = {"train": write_rows(tmp_path / "train.jsonl", multi_rows(64, 0)), "validation": write_rows(tmp_path / "val.jsonl", noisy),
+            "test": write_rows(tmp_path / "test.jsonl", multi_rows(12, 2))}
+    out = tmp_path / "out"
+    train(load_config(None, [f"model.name_or_path={tiny_bert}", "data.max_length=24", f"output.dir={out}", "train.batch_size=8",
+                             "train.epochs=4", "train.min_steps=null", "train.learning_rate=0.005", "adapt.mode=full",
+                             f"data.train_file={data['train']}", f"data.validation_file={data['validation']}",
+                             f"data.test_file={data['test']}", "train.tune_thresholds=true", "train.calibrate=true"]))
+    saved, config = json.loads((out / "results.json").read_text()), json.loads((out / "config.json").read_text())
+    t = saved["calibrated"]["temperature"]
+    assert config["hftl_temperature"] == pytest.approx(t) and t != pytest.approx(1.0, abs=0.05)
+    # The stored thresholds are the tuned ones moved to the new scale: sigmoid(logit(tuned) / T).
+    tuned = np.array(list(saved["calibrated"]["thresholds"].values()))
+    assert np.allclose(config["hftl_thresholds"], 1 / (1 + np.exp(-np.log(tuned / (1 - tuned)) / t)))
+    assert set(saved["checks"]["collapse"]) == set(saved["checks"]["calibration"]) == {"validation", "test"}
+    assert (out / "per_label_f1_test.png").is_file() and len(json.loads((out / "predictions_test.json").read_text())) == 12
+
+    scores, kind = hub.reload_scores(out, "text-classification", [r["text"] for r in noisy])
+    truth = np.array([[float(n in r["label"]) for n in kind.names] for r in noisy])
+    ece = np.mean([trust.reliability(scores[:, j], truth[:, j])[0] for j in range(len(kind.names))])
+    assert ece == pytest.approx(saved["checks"]["calibration"]["validation"]["ece"], abs=1e-4)
+    assert kind.readable_from_scores(scores) == json.loads((out / "predictions_validation.json").read_text())
