@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 from pathlib import Path
 
@@ -198,7 +199,10 @@ def write_card_check(folder: Path, text: str) -> None:
     section = f"{CARD_SECTION}\n\n`hftl compare` trained this configuration against a from-scratch baseline (same architecture, " \
               f"random weights, every weight trainable, full mode; each at the learning rate validation chose): {text}\n\n"
     body = body.replace("\n## Training\n", f"\n{section}## Training\n", 1) if "\n## Training\n" in body else f"{body.rstrip()}\n\n{section}"
-    card.text = body.replace(NOT_COMPARED, ": see the transfer check above")
+    # The Checks section's line (not assessed, or an earlier verdict) says this verdict
+    line = f"- Negative transfer: {text} (see the transfer check below)"
+    card.text = re.sub(r"^- Negative transfer: .*$", lambda _: line, body.replace(NOT_COMPARED, ": see the transfer check above"),
+                       count=1, flags=re.M)
     card.save(path)
 
 

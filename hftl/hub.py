@@ -48,13 +48,25 @@ def check_output_dir(out_dir: str, overwrite: bool) -> None:
 MIXED_PRECISION_TIE = 0.05
 
 
-def verify_reload(folder: Path, task: str, inputs: list, expected: list, tie: float = 0.0) -> int:
+# train.calibrate: pipeline()'s scores must equal the calibrated ones (float rounding of the folded head aside).
+SCORE_ATOL = 1e-4
+
+
+def verify_reload(folder: Path, task: str, inputs: list, expected: list, tie: float = 0.0, scores=None) -> int:
     """Run pipeline(task) from the saved folder; fail loudly if any prediction differs from `expected` (the readable
     predictions training's evaluation made: labels, label lists or numbers) by more than `tie` (see MIXED_PRECISION_TIE)
     for a mixed-precision run. What a prediction is, and how far a row is from another, is the task's (hftl/tasks/),
     rebuilt from the saved config (thresholds, problem_type), so the check also proves those were saved. Returns how
-    many rows were compared."""
+    many rows were compared. `scores` (rows x outputs), when given: the scores pipeline() must report, to SCORE_ATOL
+    (train.calibrate's temperature, which changes them and not the predictions)."""
+    want = scores
     scores, kind = reload_scores(folder, task, inputs)
+    if want is not None:
+        gap = float(np.abs(np.asarray(scores) - np.asarray(want)).max()) if len(want) else 0.0
+        if gap > SCORE_ATOL + tie:
+            raise OutputError(f"the saved model in '{folder}' reports scores up to {gap:.2e} away from the calibrated ones "
+                              f"training's evaluation gives (allowed {SCORE_ATOL + tie:g}): the temperature (train.calibrate) "
+                              "did not reach the saved head.")
     got = kind.readable_from_scores(scores)
     diff = [i for i, e in enumerate(expected) if kind.near_tie(scores[i], e) > tie]
     if diff:

@@ -150,3 +150,23 @@ def per_label_png(scores: dict[str, list[float]], names: list[str], support: lis
     _label(ax, "score", "label (positive rows)", True)
     ax.set_title(title or "Per-label scores")
     return _save(fig, path)
+
+
+def reliability_png(bins: list[dict], path: str | Path, title: str = "", ece: float | None = None) -> Path:
+    """Reliability diagram (hftl/trust.py's bins): per confidence bin, the share of outcomes that came true against
+    the mean confidence, beside the diagonal a calibrated model follows; bar widths are the bins, their shade the rows."""
+    fig = _figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    if bins:
+        most = max(b["rows"] for b in bins)
+        for b in bins:
+            ax.bar(b["low"], b["outcome"], width=b["high"] - b["low"], align="edge", color="tab:blue",
+                   alpha=0.3 + 0.7 * b["rows"] / most, edgecolor="black", linewidth=0.5)
+        ax.plot([b["confidence"] for b in bins], [b["outcome"] for b in bins], marker="o", color="tab:orange",
+                label="mean confidence per bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    _label(ax, "confidence (predicted probability)", "share right (or label present)", True)
+    ax.set_title(title or ("Reliability" + (f" (ECE {ece:.3f})" if ece is not None else "")))
+    return _save(fig, path)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import adapt, cache, cards, checkpoint, domain, hub, modalities, models, outdir, plots, pretrain
+from . import adapt, cache, cards, checkpoint, domain, hub, modalities, models, outdir, plots, pretrain, trust
 from . import metrics as metrics_lib
 from .config import Config, ConfigError, to_dict, to_yaml
 from .errors import UserError
+from .outdir import OutputError
 from .data import DataError, load_labelled, load_target
 from .modalities import Modality
 from .train import fit, make_accelerator, tensor_core_padding
@@ -170,11 +171,31 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         # hooks (reweighting, alignment, ...) need the whole model's forward.
         result = (mode.frozen_backbone and not hooks and cache.fit_on_features(model, head, encoded, collator, cfg, accelerator, task)) \
             or fit(model, encoded, collator, cfg, accelerator, hooks, task=task)
-    calibrated = task.calibrate(result, splits, cfg, metrics_lib.load_metrics(cfg.train.metrics))  # multi-label thresholds
+    # multi-label thresholds, train.calibrate's temperature
+    calibrated = task.calibrate(result, splits, cfg, metrics_lib.load_metrics(cfg.train.metrics))
     results = result["results"]
     accelerator.print("Final: " + " ".join(f"{s}/{k}={v:.4f}" for s, r in results.items() for k, v in r.items()))
+    # Whether to trust it (hftl/trust.py): majority baseline, collapse, per-class scores, calibration, on every
+    # evaluated split; a 'target' evaluation's rows are data.target's.
+    labelled = {**splits, **({"target": target_rows["target"]} if "target" in result["predictions"] else {})}
+    overfitting = cards.overfitting_check(result["history"], cfg.train.metric_for_best, cfg.train.greater_is_better)
+    checks = trust.assess(task, labelled, result, overfitting, domain_gap)
+    for line in trust.log_lines(checks):
+        accelerator.print(line)
+    if cfg.train.fail_on_collapse and trust.collapsed(checks):  # every process stops here; nothing is written
+        raise OutputError(
+            "train.fail_on_collapse=true: the predictions collapsed on the "
+            + " ".join(f"{s} split: {checks['collapse'][s]['text'].removeprefix('COLLAPSED: ')}" for s in trust.collapsed(checks))
+            + f" Nothing was written to output.dir '{cfg.output.dir}' (an existing folder there is as it was). Train "
+            "longer or at another train.learning_rate, try train.class_weights=balanced for lopsided classes, or set "
+            "train.fail_on_collapse=false to save the model with the check's warning in its card.")
     if not accelerator.is_main_process:  # only one process writes
         return results
+    evaluated = list(result["predictions"])
+
+    def figure_of(split: str) -> str:  # the reported split's picture keeps the task's name; the others add the split's
+        return task.figure_name if split == checked else task.figure_name.replace(".png", f"_{split}.png")
+    reliability_split = checked if checked in checks["calibration"] else None
 
     card = cards.render(
         cards.CardData(
@@ -198,7 +219,8 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             train_seconds=result["train_seconds"],
             skipped={s: len(ids) for s, ids in skipped.items()},
             greater_is_better=cfg.train.greater_is_better,
-            figures={task.figure_name: f"{task.figure_caption} on the {reported_split(splits)} split",
+            figures={**{figure_of(s): f"{task.figure_caption} on the {s} split" for s in [checked, *(s for s in evaluated if s != checked)]},
+                     **({trust.RELIABILITY_PNG: f"Reliability diagram on the {reliability_split} split"} if reliability_split else {}),
                      plots.CURVES_PNG: "Training and validation loss, and validation " + cfg.train.metric_for_best},
             domain_gap=domain_gap,
             library_name=reads.library,
@@ -206,15 +228,19 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             solver=result.get("solver"),
             pretrain=json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None,
             task=task.name,
-            per_label=task.card_rows(task.references(np.asarray(splits[checked]["labels"])), result["predictions"][checked]),
+            per_class=trust.card_tables(task, checks),
             calibrated=calibrated,
+            checks=checks["list"],
         ),
         cfg.train.metrics,
     )
-    predicted = task.readable(result["predictions"][checked])
-    inputs, expected = reload_check(cfg, modality, splits[checked], predicted)
+    predicted = {s: task.readable(p) for s, p in result["predictions"].items()}
+    inputs, expected, kept = reload_check(cfg, modality, splits[checked], predicted[checked])
     tie = hub.MIXED_PRECISION_TIE if accelerator.mixed_precision != "no" else 0.0
-    verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, inputs, expected, tie)) if expected else None
+    # A fitted temperature changes the scores, not the predictions: the reload check compares the scores too, which
+    # proves it was folded into the saved head.
+    scores = task.scores(np.asarray(result["logits"][checked])[kept]) if task.temperature != 1.0 else None
+    verify = (lambda folder: hub.verify_reload(folder, modality.pipeline_tag, inputs, expected, tie, scores)) if expected else None
 
     def export(trained):
         saved = mode.export(trained)  # merged adapters, a plain transformers model
@@ -234,10 +260,14 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
                              "feature_cache": result.get("feature_cache"), "step_log": result.get("step_log"), "domain_gap": domain_gap,
                              "representation": {**vars(reads), "library": reads.library}, "solver": result.get("solver"),
                              "pretrain": json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None,
-                             "task": task.name, "calibrated": calibrated},
-            f"predictions_{checked}.json": predicted,
-            task.figure_name: lambda file: task.figure(task.references(np.asarray(splits[checked]["labels"])),
-                                                       result["predictions"][checked], file),
+                             "task": task.name, "calibrated": calibrated, "checks": checks},
+            **{f"predictions_{s}.json": predicted[s] for s in evaluated},
+            **{figure_of(s): (lambda file, s=s: task.figure(task.references(np.asarray(labelled[s]["labels"])), result["predictions"][s],
+                                                            file, f"{task.figure_caption} on the {s} split"))
+               for s in evaluated},
+            **({trust.RELIABILITY_PNG: lambda file: plots.reliability_png(checks["calibration"][reliability_split]["bins"], file,
+                                                                            ece=checks["calibration"][reliability_split]["ece"])}
+               if reliability_split else {}),
             plots.CURVES_PNG: lambda file: plots.learning_curves_png(result.get("step_log") or [], result["history"], cfg.train.metric_for_best, file),
             **({"skipped_rows.json": skipped} if skipped else {}),
         },
@@ -279,7 +309,7 @@ def reload_check(cfg: Config, modality: Modality, validation, predicted: list[st
     inputs = modality.pipeline_inputs(validation.select(range(n)), cfg)
     # None: a row pipeline() does not reproduce (audio: a clip evaluated in several windows); it is not compared.
     keep = [i for i, x in enumerate(inputs) if x is not None]
-    return [inputs[i] for i in keep], [predicted[i] for i in keep]
+    return [inputs[i] for i in keep], [predicted[i] for i in keep], keep
 
 
 def push(folder: str | Path, cfg: Config, modality: Modality | None = None) -> tuple[str, int]:
@@ -299,7 +329,7 @@ def push(folder: str | Path, cfg: Config, modality: Modality | None = None) -> t
             raise DataError(f"{e} (`hftl push` re-reads the validation rows named in {folder / 'hftl_config.yaml'} to re-check the "
                             "pushed model: run it where training ran, override the data.* keys, or pass output.verify_reload=0 "
                             "to compare files only.)") from e
-        inputs, expected = reload_check(cfg, modality, splits[checked], predicted)
+        inputs, expected, _ = reload_check(cfg, modality, splits[checked], predicted)
     results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
     tie = hub.MIXED_PRECISION_TIE if results.get("mixed_precision", "no") != "no" else 0.0
     return hub.publish(folder, cfg.hub, modality.pipeline_tag, inputs, expected, tie), len(expected)

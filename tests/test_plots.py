@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import read_json
-from hftl import plots
+from hftl import plots, trust
 from hftl.cards import LOSS_RISE, overfitting_check
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -99,7 +99,8 @@ def test_train_writes_both_pictures_and_the_card_links_them(run_out, toy_rows_va
         assert image.width > image.height  # two panels side by side
     card = (run_out / "README.md").read_text()
     links = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", card)
-    assert links == [plots.CONFUSION_PNG, plots.CURVES_PNG]  # relative: the Hub resolves them in the repo
+    assert links == [plots.CONFUSION_PNG, trust.RELIABILITY_PNG, plots.CURVES_PNG]  # relative: the Hub resolves them in the repo
+    check_png(run_out / trust.RELIABILITY_PNG)
     assert "- Overfitting check: " in card and ("No sign" in card or "Signs of overfitting" in card)
     assert "Domain mismatch" not in card and "## Transfer check" not in card  # no data.target, no compare
     # The matrix drawn is the hand count of the saved predictions against the validation file's labels, row by row.

@@ -58,8 +58,9 @@ class CardData:
     solver: dict | None = None  # the solved head's method and penalty (hftl.cache.solve_head), when it was solved
     pretrain: dict | None = None  # adapt.pretrain's pretrain.json: objective, inputs, steps, held-out loss before/after
     task: str = "single_label"  # hftl/tasks/ name
-    per_label: list[dict] | None = None  # multi-label: each label's precision, recall, F1, support, threshold (Task.card_rows)
-    calibrated: dict | None = None  # multi-label: thresholds tuned on validation (Task.calibrate)
+    per_class: dict = field(default_factory=dict)  # split -> the per-class table (hftl.trust.card_tables of Task.card_rows)
+    calibrated: dict | None = None  # thresholds tuned / the temperature fitted on validation (Task.calibrate)
+    checks: list[dict] = field(default_factory=list)  # hftl.trust.assess's checks: check, split, verdict, text
 
 
 # The overfitting check (see `overfitting_check`).

@@ -83,13 +83,75 @@ class Task:
     figure_caption = ""  # '... on the {split} split'
 
     def export(self, model, head: list[str]):
-        """The trained model as it is saved (regression: the target scaling folded into the head)."""
+        """The trained model as it is saved (regression: the target scaling folded into the head; train.calibrate: the
+        temperature folded into it, so pipeline()'s scores are the calibrated ones)."""
+        if self.temperature != 1.0:
+            layer = last_linear(model, head, self.num_outputs)
+            with torch.no_grad():  # logits / T: the head's last linear layer divided through
+                layer.weight.div_(self.temperature)
+                if layer.bias is not None:
+                    layer.bias.div_(self.temperature)
         return model
 
     def calibrate(self, result: dict, splits, cfg: Config, modules) -> dict | None:
-        """After training, before saving: settings chosen on the validation outputs (multi-label thresholds), with
-        `result`'s predictions and metrics updated to them. Returns what to record, or None."""
+        """After training, before saving: settings chosen on the validation outputs (train.calibrate's temperature;
+        multi-label thresholds), with `result`'s predictions and metrics updated to them. Returns what to record, or None."""
+        return self.fit_temperature(result, splits, cfg, modules)
+
+    # ------------------------------------------------------------ whether to trust the run (hftl/trust.py)
+
+    # train.calibrate's temperature: scores are of logits / temperature. Folded into the saved head by `export`, so a
+    # task rebuilt from a saved folder (from_model_config) keeps 1 (config.json's hftl_temperature is the record).
+    temperature = 1.0
+
+    def majority(self, train_references: list):
+        """The majority baseline's one prediction for every row (as `predict` gives them), from the training split's
+        references."""
+        raise NotImplementedError
+
+    def above_baseline(self, model: dict, baseline: dict, n: int) -> tuple[bool | None, str]:
+        """Whether the model's scores (the task's metrics on `n` rows) are clearly above the majority baseline's, and a
+        sentence saying so; None: not assessable."""
+        raise NotImplementedError
+
+    def collapse(self, predictions: list, references: list) -> dict:
+        """How much of one split's predictions are one and the same: {'collapsed': bool or None, 'text': ..., ...}."""
+        raise NotImplementedError
+
+    def calibration(self, logits: np.ndarray, references: list) -> dict | None:
+        """Expected calibration error of the scores on one split ({'ece', 'ece_uncalibrated', 'bins', 'what'}), or None
+        for a task whose scores are not probabilities."""
         return None
+
+    def calibration_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The negative log-likelihood train.calibrate's temperature minimises on validation."""
+        raise ConfigError(f"train.calibrate fits a temperature to class probabilities, which the {self.name} task does not "
+                          "output; set train.calibrate=false.")
+
+    def set_temperature(self, temperature: float) -> None:
+        self.temperature = float(temperature)
+
+    def fit_temperature(self, result: dict, splits, cfg: Config, modules) -> dict | None:
+        """train.calibrate: the temperature minimising the validation split's negative log-likelihood; then every
+        split's predictions and metrics under it (the decisions stay the same: argmax, and thresholds moved with it)."""
+        if not cfg.train.calibrate:
+            return None
+        from .. import trust
+
+        if "validation" not in result["logits"]:
+            raise ConfigError("train.calibrate=true fits the temperature on the validation split, which this run has none "
+                              "of (data.validation_fraction=0): give one, or set train.calibrate=false.")
+        logits, labels = result["logits"]["validation"], np.asarray(splits["validation"]["labels"])
+        nll = lambda t: float(self.calibration_loss(torch.as_tensor(np.asarray(logits), dtype=torch.float64) / t,  # noqa: E731
+                                                    torch.as_tensor(labels)))
+        temperature = trust.fit_temperature(self.calibration_loss, logits, labels)
+        self.set_temperature(temperature)
+        for split, z in result["logits"].items():
+            preds = self.predict(z)
+            result["predictions"][split] = preds
+            result["results"][split] = {**result["results"][split], **self.compute(modules, preds, self.references(np.asarray(splits[split]["labels"])))}
+        return {"temperature": temperature, "fitted_on": "validation", "validation_nll_before": nll(1.0),
+                "validation_nll_after": nll(temperature)}
 
     def solve(self, x, y, x_val, y_val, t, modules):
         """The head solved on frozen features (adapt.solve_head): (hftl.solver.Solution, its method), or why not."""
@@ -118,11 +180,13 @@ class Task:
 
     def model_config(self) -> dict:
         """What the saved model's config.json keeps of the task besides id2label and problem_type (a decision
-        threshold, target statistics), read back by `from_model_config`."""
-        return {}
+        threshold, target statistics), read back by `from_model_config`; hftl_temperature (train.calibrate) is the
+        record of what `export` folded into the head."""
+        return {"hftl_temperature": self.temperature} if self.temperature != 1.0 else {}
 
     def card_rows(self, references: list, predictions: list) -> list[dict] | None:
-        """Per-output rows for the card's table of labels (name, support, F1 ...), or None for the plain list."""
+        """Per-output rows of one split (name, support, precision, recall, F1 ...; regression: per target errors) for
+        results.json and the card's per-class table."""
         return None
 
     # ------------------------------------------------------------ settings
@@ -146,6 +210,17 @@ class Task:
                               "train.metrics.")
         better = t.greater_is_better if t.greater_is_better is not None else best not in LOWER_IS_BETTER
         return dataclasses.replace(cfg, train=dataclasses.replace(t, metrics=metrics, metric_for_best=best, greater_is_better=better))
+
+
+def last_linear(model, head: list[str], outputs: int):
+    """The head's last nn.Linear layer with `outputs` outputs: where `export` folds a scaling of the logits."""
+    from torch import nn
+
+    found = [m for name, m in model.named_modules() if any(name == h or name.endswith("." + h) or name.startswith(h + ".")
+                                                            for h in head) and isinstance(m, nn.Linear) and m.out_features == outputs]
+    if not found:
+        raise RuntimeError(f"hftl bug: no linear layer with {outputs} outputs in the head {head} to rescale")
+    return found[-1]
 
 
 TASKS: dict[str, type[Task]] = {}

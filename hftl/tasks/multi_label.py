@@ -18,6 +18,10 @@ from ..data import DataError, label_columns, source_of
 from . import Task, register
 
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # train.tune_thresholds tries these per label
+# The trust checks (hftl/trust.py): collapse when one label set has this share of the predictions or more; "clearly
+# above the majority baseline" needs this much more micro-F1.
+COLLAPSE_SHARE = 0.95
+BASELINE_MARGIN = 0.05
 
 
 def _is_flag(v) -> bool:
@@ -159,7 +163,7 @@ class MultiLabel(Task):
         """train.tune_thresholds: thresholds from the validation split's outputs, then every split's predictions and
         metrics again under them. Returns what to record, or None."""
         if not cfg.train.tune_thresholds:
-            return None
+            return self.fit_temperature(result, splits, cfg, modules)
         if "validation" not in result["logits"]:
             raise ConfigError("train.tune_thresholds=true chooses thresholds on the validation split, which this run has "
                               "none of (data.validation_fraction=0): give one, or set train.tune_thresholds=false.")
@@ -169,7 +173,16 @@ class MultiLabel(Task):
             scores = self.compute(modules, preds, self.references(np.asarray(splits[split]["labels"])))
             result["results"][split] = {**result["results"][split], **scores}
             result["predictions"][split] = preds
-        return {"thresholds": dict(zip(self.names, self.thresholds.tolist())), "tuned_on": "validation"}
+        tuned = {"thresholds": dict(zip(self.names, self.thresholds.tolist())), "tuned_on": "validation"}
+        temperature = self.fit_temperature(result, splits, cfg, modules)  # after: the thresholds move with it
+        return {**tuned, **(temperature or {})}
+
+    def set_temperature(self, temperature: float) -> None:
+        """The thresholds move with the temperature, so every decision stays as it was: a label's logit z passes its
+        threshold th at temperature T exactly when sigmoid(z / T') > sigmoid(T * logit(th) / T')."""
+        z = self.temperature * np.log(self.thresholds / (1 - self.thresholds))
+        super().set_temperature(temperature)
+        self.thresholds = 1 / (1 + np.exp(-z / self.temperature))
 
     def solve(self, x, y, x_val, y_val, t, modules):
         """One-vs-rest logistic regression on frozen features, one C chosen by train.metric_for_best (hftl/solver.py)."""
@@ -189,8 +202,10 @@ class MultiLabel(Task):
 
     # ------------------------------------------------------------ what users see
 
-    def scores(self, logits: np.ndarray) -> np.ndarray:
-        return torch.as_tensor(np.asarray(logits), dtype=torch.float32).sigmoid().numpy()
+    def scores(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+        """Each label's sigmoid probability (of logits / train.calibrate's temperature)."""
+        t = self.temperature if temperature is None else temperature
+        return (torch.as_tensor(np.asarray(logits), dtype=torch.float32) / t).sigmoid().numpy()
 
     def readable(self, predictions: list) -> list[list[str]]:
         return [[n for n, p in zip(self.names, row) if p] for row in predictions]
@@ -223,11 +238,64 @@ class MultiLabel(Task):
         from sklearn.metrics import precision_recall_fscore_support
 
         p, r, f, support = precision_recall_fscore_support(np.asarray(references), np.asarray(predictions), zero_division=0)
-        return [{"name": n, "precision": float(a), "recall": float(b), "f1": float(c), "support": int(s),
+        return [{"name": n, "support": int(s), "precision": float(a), "recall": float(b), "f1": float(c),
                  "threshold": float(th)} for n, a, b, c, s, th in zip(self.names, p, r, f, support, self.thresholds)]
 
     def model_config(self) -> dict:
-        return {"hftl_thresholds": [float(t) for t in self.thresholds]}
+        return {"hftl_thresholds": [float(t) for t in self.thresholds], **super().model_config()}
+
+    # ------------------------------------------------------------ whether to trust the run (hftl/trust.py)
+
+    def majority(self, train_references: list) -> list[int]:
+        """Each label as most training rows have it (present in more than half: predicted)."""
+        return (np.asarray(train_references, dtype=np.float64).reshape(-1, self.num_outputs).mean(0) > 0.5).astype(int).tolist()
+
+    def above_baseline(self, model: dict, baseline: dict, n: int) -> tuple[bool | None, str]:
+        """Clearly above: micro-F1 at least BASELINE_MARGIN above the majority baseline's."""
+        if not n:
+            return None, "Not assessed: the split has no rows."
+        scores = (f"micro-F1 {model['micro_f1']:.4f} against {baseline['micro_f1']:.4f}, subset accuracy "
+                  f"{model['subset_accuracy']:.4f} against {baseline['subset_accuracy']:.4f} for predicting each label as most "
+                  "training rows have it")
+        if model["micro_f1"] >= baseline["micro_f1"] + BASELINE_MARGIN:
+            return True, f"clearly above the majority baseline: {scores}."
+        return False, f"NOT clearly above the majority baseline: {scores} (clearly above needs micro-F1 {BASELINE_MARGIN:g} higher)."
+
+    def collapse(self, predictions: list, references: list) -> dict:
+        """Collapsed: one label set (often none, or all) is COLLAPSE_SHARE of the predictions or more while the split's
+        label sets are not that uniform themselves."""
+        from collections import Counter
+
+        n = len(predictions)
+        if not n:
+            return {"collapsed": None, "text": "Not assessed: the split has no rows."}
+        pred, truth = np.asarray(predictions).reshape(n, -1), np.asarray(references).reshape(n, -1)
+        top, count = Counter(map(tuple, pred.tolist())).most_common(1)[0]
+        true_share = Counter(map(tuple, truth.tolist())).most_common(1)[0][1] / n
+        share, none, every = count / n, float((pred.sum(1) == 0).mean()), float((pred.sum(1) == self.num_outputs).mean())
+        collapsed = share >= COLLAPSE_SHARE and true_share < COLLAPSE_SHARE
+        label_set = self.readable([list(top)])[0]
+        text = (f"{100 * share:.1f}% of the {n} rows get the same labels {label_set} (the most common true set: "
+                f"{100 * true_share:.1f}%); rows with no label {100 * none:.1f}%, with every label {100 * every:.1f}%")
+        text = f"COLLAPSED: {text}. The model gives every input the same labels." if collapsed else text + "."
+        return {"collapsed": collapsed, "share": share, "labels": label_set, "label_share": true_share, "no_label": none,
+                "every_label": every, "text": text}
+
+    def calibration(self, logits: np.ndarray, references: list) -> dict:
+        """Per label, its probability against whether it applies; the mean over the labels (the diagram pools them)."""
+        from ..trust import ECE_BINS, reliability
+
+        truth = np.asarray(references, dtype=np.float64).reshape(len(references), -1)
+        out = {}
+        for key, t in (("ece", None), ("ece_uncalibrated", 1.0)):
+            p = self.scores(logits, t)
+            out[key] = float(np.mean([reliability(p[:, j], truth[:, j])[0] for j in range(self.num_outputs)]))
+            out.setdefault("per_label", dict(zip(self.names, (reliability(p[:, j], truth[:, j])[0] for j in range(self.num_outputs)))))
+            out.setdefault("bins", reliability(p, truth)[1])
+        return {**out, "what": f"each label's probability against whether it applies, {ECE_BINS} bins, averaged over the labels"}
+
+    def calibration_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
     @classmethod
     def from_model_config(cls, config) -> "MultiLabel":

@@ -18,11 +18,15 @@ from torch.nn import functional as F
 from .. import solver
 from ..config import Config, ConfigError, DataConfig
 from ..data import DataError, label_columns, source_of
-from . import Task, register
+from . import Task, last_linear, register
 
 # The reload check's tolerance: pipeline() runs the saved (rescaled) head in fp32, training's evaluation the unscaled
 # one; they differ by float rounding, relative to the targets' spread.
 RELOAD_RTOL = 1e-4
+# The trust checks (hftl/trust.py): collapse when a target's prediction variance is below this share of its variance
+# (a spread under a tenth); "clearly above the mean baseline" needs this R-squared against the training mean.
+COLLAPSE_VARIANCE = 0.01
+BASELINE_MARGIN = 0.05
 
 
 def _number(v) -> bool:
@@ -63,6 +67,9 @@ class Regression(Task):
                                   f"train.{key}={'null' if off is None else off}.")
         if t.tune_thresholds:
             raise ConfigError("train.tune_thresholds is for multi-label classification; set it to false for regression.")
+        if t.calibrate:
+            raise ConfigError("train.calibrate fits a temperature to class probabilities; regression outputs numbers: set "
+                              "train.calibrate=false.")
         self.huber, self.normalize = t.regression_loss == "huber", t.normalize_targets
         if self.observed is not None:
             self.mean, self.std = self.observed if self.normalize else (np.zeros(self.num_outputs), np.ones(self.num_outputs))
@@ -133,12 +140,7 @@ class Regression(Task):
         """Fold the target scaling into the head's last linear layer, so the saved model outputs the targets' scale."""
         if not self.normalize:
             return model
-        last = [m for name, m in model.named_modules() if any(name == h or name.endswith("." + h) or name.startswith(h + ".")
-                                                              for h in head) and isinstance(m, nn.Linear)
-                and m.out_features == self.num_outputs]
-        if not last:
-            raise RuntimeError(f"hftl bug: no linear layer with {self.num_outputs} outputs in the head {head} to rescale")
-        layer = last[-1]
+        layer = last_linear(model, head, self.num_outputs)
         with torch.no_grad():
             std = torch.as_tensor(self.std, dtype=layer.weight.dtype, device=layer.weight.device)
             mean = torch.as_tensor(self.mean, dtype=layer.weight.dtype, device=layer.weight.device)
@@ -185,6 +187,40 @@ class Regression(Task):
         want = np.asarray([expected] if self.num_outputs == 1 else [expected[n] for n in self.names], dtype=np.float64)
         gap = float(np.max(np.abs(np.asarray(scores, dtype=np.float64).reshape(-1) - want) / self.spread))
         return 0.0 if gap <= RELOAD_RTOL else gap
+
+    # ------------------------------------------------------------ whether to trust the run (hftl/trust.py)
+
+    def majority(self, train_references: list) -> list[float]:
+        """The training mean of each target (what a model that learnt nothing predicts)."""
+        return np.asarray(train_references, dtype=np.float64).reshape(-1, self.num_outputs).mean(0).tolist()
+
+    def above_baseline(self, model: dict, baseline: dict, n: int) -> tuple[bool | None, str]:
+        """Clearly above: an MSE at most (1 - BASELINE_MARGIN) of the training mean's, i.e. it explains at least that
+        share of the squared error predicting the mean leaves (R-squared against the training mean)."""
+        if not n or not baseline["mse"]:
+            return None, "Not assessed: the split's targets do not vary."
+        gain = 1 - model["mse"] / baseline["mse"]
+        scores = f"MSE {model['mse']:.4g} against {baseline['mse']:.4g} for predicting the training mean (R-squared {gain:.3f})"
+        if gain >= BASELINE_MARGIN:
+            return True, f"clearly above the mean baseline: {scores}."
+        return False, f"NOT clearly above the mean baseline: {scores}; clearly above needs R-squared {BASELINE_MARGIN:g} or more."
+
+    def collapse(self, predictions: list, references: list) -> dict:
+        """Collapsed: a target's predictions vary less than COLLAPSE_VARIANCE of its values' variance on the split."""
+        pred, truth = np.asarray(predictions, dtype=np.float64).reshape(len(predictions), -1), np.asarray(references, dtype=np.float64).reshape(len(references), -1)
+        if len(pred) < 2 or not truth.var(0).all():
+            return {"collapsed": None, "text": "Not assessed: the split's targets do not vary."}
+        ratio = pred.var(0) / truth.var(0)
+        collapsed = bool((ratio < COLLAPSE_VARIANCE).any())
+        text = "prediction variance / target variance " + ", ".join(f"{n} {r:.3f}" for n, r in zip(self.names, ratio))
+        text = (f"COLLAPSED: {text} (below {COLLAPSE_VARIANCE:g}): the model predicts nearly the same number whatever the input."
+                if collapsed else text + ".")
+        return {"collapsed": collapsed, "variance_ratio": dict(zip(self.names, map(float, ratio))), "text": text}
+
+    def card_rows(self, references: list, predictions: list) -> list[dict]:
+        pred, truth = np.asarray(predictions, dtype=np.float64).reshape(len(predictions), -1), np.asarray(references, dtype=np.float64).reshape(len(references), -1)
+        return [{"name": n, "support": len(truth), "mse": float(((pred[:, j] - truth[:, j]) ** 2).mean()),
+                 "mae": float(np.abs(pred[:, j] - truth[:, j]).mean())} for j, n in enumerate(self.names)]
 
     figure_name = "predictions_vs_targets.png"
     figure_caption = "Predictions against targets"

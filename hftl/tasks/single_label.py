@@ -19,6 +19,10 @@ from . import Task, register
 
 # A float label column with more distinct values than this is a measurement (a regression target), not classes.
 MAX_FLOAT_CLASSES = 10
+# The trust checks (hftl/trust.py): collapse when one class has this share of the predictions or more; "clearly above
+# the majority baseline" by macro-F1 needs this much more than the baseline's.
+COLLAPSE_SHARE = 0.95
+BASELINE_MARGIN = 0.05
 
 
 def label_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
@@ -205,9 +209,10 @@ class SingleLabel(Task):
 
     # ------------------------------------------------------------ what users see
 
-    def scores(self, logits: np.ndarray) -> np.ndarray:
-        """What pipeline() reports per label: softmax probabilities."""
-        return torch.as_tensor(np.asarray(logits), dtype=torch.float32).softmax(-1).numpy()
+    def scores(self, logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+        """What pipeline() reports per label: softmax probabilities (of logits / train.calibrate's temperature)."""
+        t = self.temperature if temperature is None else temperature
+        return (torch.as_tensor(np.asarray(logits), dtype=torch.float32) / t).softmax(-1).numpy()
 
     def readable(self, predictions: list) -> list[str]:
         return [self.names[p] for p in predictions]
@@ -231,6 +236,71 @@ class SingleLabel(Task):
 
         return plots.confusion_matrix_png(plots.confusion_counts(list(references), list(predictions), self.num_outputs),
                                           self.names, path, title)
+
+    # ------------------------------------------------------------ whether to trust the run (hftl/trust.py)
+
+    def majority(self, train_references: list) -> int:
+        """The most frequent training class (the lowest id on a tie)."""
+        return int(np.bincount(np.asarray(train_references, dtype=int), minlength=self.num_outputs).argmax())
+
+    def above_baseline(self, model: dict, baseline: dict, n: int) -> tuple[bool | None, str]:
+        """Clearly above: the lower end of the 95% Wilson interval of the model's accuracy is above the baseline's
+        accuracy (more right rows than chance variation of the baseline's rate explains), or its macro-F1 is at least
+        BASELINE_MARGIN above the baseline's (a model that trades accuracy on the majority class for the others)."""
+        from ..trust import wilson_lower
+
+        if not n:
+            return None, "Not assessed: the split has no rows."
+        acc, base_acc, f1, base_f1 = model["accuracy"], baseline["accuracy"], model["f1"], baseline["f1"]
+        low = wilson_lower(acc * n, n)
+        scores = (f"accuracy {acc:.4f} (95% interval from {low:.4f}) against {base_acc:.4f}, macro-F1 {f1:.4f} against "
+                  f"{base_f1:.4f} for always predicting the most frequent training class")
+        if low > base_acc or f1 >= base_f1 + BASELINE_MARGIN:
+            return True, f"clearly above the majority baseline: {scores}."
+        return False, (f"NOT clearly above the majority baseline: {scores} (clearly above needs the accuracy's interval "
+                       f"above it, or macro-F1 {BASELINE_MARGIN:g} higher). The model may have learnt little more than "
+                       "the class shares: check the per-class recall below.")
+
+    def collapse(self, predictions: list, references: list) -> dict:
+        """Collapsed: one class gets COLLAPSE_SHARE of the predictions or more while the split's labels are not that
+        lopsided themselves."""
+        n = len(predictions)
+        if not n:
+            return {"collapsed": None, "text": "Not assessed: the split has no rows."}
+        counts = np.bincount(np.asarray(predictions, dtype=int), minlength=self.num_outputs)
+        truth = np.bincount(np.asarray(references, dtype=int), minlength=self.num_outputs)
+        top, share, true_share = int(counts.argmax()), float(counts.max() / n), float(truth.max() / n)
+        never = [self.names[i] for i in range(self.num_outputs) if counts[i] == 0 and truth[i] > 0]
+        collapsed = share >= COLLAPSE_SHARE and true_share < COLLAPSE_SHARE
+        text = (f"{100 * share:.1f}% of the {n} predictions are '{self.names[top]}' (the largest class has {100 * true_share:.1f}% "
+                "of the labels)" + (f"; never predicted: {', '.join(repr(c) for c in never)}" if never else ""))
+        text = (f"COLLAPSED: {text}. The model predicts one class whatever the input." if collapsed else text + ".")
+        return {"collapsed": collapsed, "share": share, "class": self.names[top], "label_share": true_share,
+                "never_predicted": never, "text": text}
+
+    def card_rows(self, references: list, predictions: list) -> list[dict]:
+        from sklearn.metrics import precision_recall_fscore_support
+
+        p, r, f, support = precision_recall_fscore_support(np.asarray(references), np.asarray(predictions),
+                                                           labels=list(range(self.num_outputs)), zero_division=0)
+        return [{"name": n, "support": int(s), "precision": float(a), "recall": float(b), "f1": float(c)}
+                for n, a, b, c, s in zip(self.names, p, r, f, support)]
+
+    def calibration(self, logits: np.ndarray, references: list) -> dict:
+        """The top class's probability against whether it is right (Guo et al. 2017's reliability)."""
+        from ..trust import ECE_BINS, reliability
+
+        truth = np.asarray(references, dtype=int)
+        out = {}
+        for key, t in (("ece", None), ("ece_uncalibrated", 1.0)):
+            p = self.scores(logits, t)
+            ece, bins = reliability(p.max(-1), p.argmax(-1) == truth)
+            out.setdefault("bins", bins)
+            out[key] = ece
+        return {**out, "what": f"top-class probability against accuracy in {ECE_BINS} bins"}
+
+    def calibration_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels.long())
 
     @classmethod
     def from_model_config(cls, config) -> "SingleLabel":
