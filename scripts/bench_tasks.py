@@ -231,8 +231,11 @@ class Bench:
                 res = json.loads((folder / "model" / "results.json").read_text())
                 body = {"test": {k: res["results"]["test"][k] for k in TASKS[task]["metrics"]},
                         "train_seconds": res.get("train_seconds"),
-                        # the task hftl chose (STS-B's is detected from its number column)
-                        "problem_type": json.loads((folder / "model" / "config.json").read_text()).get("problem_type")}
+                        # the task hftl chose (STS-B's is detected from its number column); a mean-pooled head is saved in the
+                # sentence-transformers layout, its config beside the backbone
+                        "problem_type": json.loads(next(f for f in (folder / "model" / "config.json",
+                                                                    folder / "model" / "0_Transformer" / "config.json")
+                                                       if f.is_file()).read_text()).get("problem_type")}
         result = {**m, **body, "job": job, "command": " ".join(cmd[1:]), "log": str(folder / "log.txt")}
         if m["rc"] != 0:
             print(f"bench_tasks: {key} FAILED (exit {m['rc']}); its output: {folder / 'log.txt'}", flush=True)
