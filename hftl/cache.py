@@ -312,6 +312,8 @@ def fit_on_features(model: nn.Module, head: list[str], encoded: DatasetDict, col
     want = cfg.train.cache_features
     if want is False:
         return None
+    if task.no_feature_cache:
+        return _refuse(want, task.no_feature_cache, accelerator)
     random_input = "the training rows are prepared with random draws (data.augment, or random crops of long inputs), new every epoch"
     model.to(accelerator.device)
     with rng_watch() as watch:
