@@ -116,6 +116,10 @@ def load(source: str, overrides: list[str] = ()) -> Loaded:
         kind = "text-classification"
     else:
         kind = classifier_kind(config)
+        if tasks.token_classification.is_token_model(config):
+            raise ConfigError(f"MODEL_DIR '{source}' is a token-classification model, which `hftl predict` / `hftl evaluate` do "
+                              "not read yet; tag words with transformers.pipeline('token-classification', model=MODEL_DIR, "
+                              "aggregation_strategy='first') (how hftl evaluated it).")
         if kind is None:
             raise ConfigError(f"MODEL_DIR '{source}' holds {', '.join(config.architectures or [config.model_type])}, not a "
                               "classifier (an AutoModelForSequenceClassification, AudioClassification or ImageClassification "

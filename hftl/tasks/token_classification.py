@@ -79,8 +79,8 @@ class TokenClassification(Task):
     def configure(self, cfg: Config) -> Config:
         cfg = super().configure(cfg)
         a, d, t = cfg.adapt, cfg.data, cfg.train
-        refused = [(key, value) for key, value in (("data.target", d.target), ("adapt.align", a.align),
-                                                  ("adapt.reweight", a.reweight or None), ("adapt.pretrain", a.pretrain),
+        refused = [(key, value) for key, value in (("adapt.align", a.align), ("adapt.reweight", a.reweight or None),
+                                                  ("adapt.pretrain", a.pretrain), ("data.target", d.target),
                                                   ("train.class_weights", t.class_weights), ("data.stride", d.stride),
                                                   ("data.label_template", d.label_template))
                    if value is not None]

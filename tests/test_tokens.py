@@ -1,0 +1,222 @@
+"""Token classification (task=token-classification, hftl/tasks/token_classification.py, hftl/modalities/tokens.py) on
+the tiny BERT: first-sub-token labels on a word split into several pieces, an entity cut by truncation counted, the
+entity metrics' seqeval conventions, every mode training with falling loss and the saved folder's pipeline giving the
+evaluated tags, and the one-line refusals of bad tag data and settings that do not fit."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import NEGATIVE, POSITIVE, read_json, write_rows
+from hftl.config import ConfigError, load_config
+from hftl.data import DataError
+
+# Toy NER: positive words are PER (runs of one or two), negative words LOC, letter words ('xyz' -> x ##y ##z) O.
+LETTERS = "xyzab"
+
+
+def ner_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words, tags = [], []
+        for _ in range(rng.randint(2, 6)):
+            k = rng.random()
+            if k < 0.3:
+                span, kind = [rng.choice(POSITIVE) for _ in range(rng.randint(1, 2))], "PER"
+            elif k < 0.5:
+                span, kind = [rng.choice(NEGATIVE)], "LOC"
+            else:
+                span, kind = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 3)))], None
+            words += span
+            tags += ["O"] if kind is None else [f"B-{kind}"] + [f"I-{kind}"] * (len(span) - 1)
+        rows.append({"tokens": words, "ner_tags": tags})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def ner_data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("ner")
+    return {"train": write_rows(folder / "train.jsonl", ner_rows(64, 0)),
+            "validation": write_rows(folder / "validation.jsonl", ner_rows(24, 1))}
+
+
+def ner_cfg(tiny_bert, ner_data, out: Path, *overrides, train=None, validation=None):
+    return load_config(None, [
+        "task=token-classification", f"model.name_or_path={tiny_bert}", f"data.train_file={train or ner_data['train']}",
+        f"data.validation_file={validation or ner_data['validation']}", "data.max_length=24", f"output.dir={out}",
+        "train.batch_size=8", "train.eval_batch_size=32", "train.epochs=6", "train.min_steps=null", "train.log_every=1000",
+        "train.learning_rate=0.02", *overrides])
+
+
+# ---------------------------------------------------------------- word pieces and truncation
+
+
+def test_labels_go_on_each_words_first_piece_and_truncation_cuts_are_counted(tiny_bert, capsys):
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    from hftl.modalities import tokens
+    from hftl.tasks.token_classification import TokenClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    words, tags = ["great", "xyz", "bad", "ab", "good", "fine"], ["B-PER", "O", "B-LOC", "O", "B-PER", "I-PER"]
+    task = TokenClassification(["O", "B-LOC", "B-PER", "I-PER"])
+    raw = Dataset.from_dict({"tokens": [words], "ner_tags": [tags]})
+
+    def prepared(*overrides):
+        cfg = load_config(None, ["task=token-classification", *overrides])
+        return tokens.prepare(DatasetDict(train=task.encode(raw, "train", cfg.data)), tokenizer, cfg)[0]["train"][0]
+
+    row = prepared()
+    pieces = tokenizer.convert_ids_to_tokens(row["input_ids"])
+    assert pieces == ["[CLS]", "great", "x", "##y", "##z", "bad", "a", "##b", "good", "fine", "[SEP]"]
+    O, B_LOC, B_PER, I_PER = range(4)
+    assert row["labels"] == [-100, B_PER, O, -100, -100, B_LOC, O, -100, B_PER, I_PER, -100]
+    assert "cuts" not in capsys.readouterr().out  # nothing was truncated
+
+    # every piece trains (a B- word's later ones as I-, coded below -100), but each word is still read at its first
+    row = prepared("data.label_all_subtokens=true")
+    assert row["labels"][1:8] == [B_PER, O, -101 - O, -101 - O, B_LOC, O, -101 - O]
+    logits = np.zeros((1, len(row["labels"]), 4))
+    logits[0, np.arange(len(row["labels"])), [0] * len(row["labels"])] = 1
+    logits[0, 3, B_LOC] = 5  # a later piece's output never becomes a prediction
+    assert task.predict_rows(logits, np.array([row["labels"]])) == [[O] * 6]
+    assert task.references(np.array([row["labels"]])) == [[B_PER, O, B_LOC, O, B_PER, I_PER]]
+
+    # 9 positions: [CLS] great x ##y ##z bad a ##b [SEP]: 'good fine' (one entity) is cut, and said so
+    row = prepared("data.max_length=9")
+    assert row["labels"] == [-100, B_PER, O, -100, -100, B_LOC, O, -100, -100]
+    assert "cuts 2 word(s) and 1 entity off 1 train row(s)" in capsys.readouterr().out
+    # an entity that loses some of its words counts as cut
+    assert tokens.cut([None, 0, 1, 1, None], ["B-PER", "I-PER", "I-PER", "O", "B-LOC"]) == (3, 2)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_entity_metrics_follow_seqeval_conventions():
+    from hftl.metrics import load_metrics
+    from hftl.tasks.token_classification import TokenClassification
+
+    # seqeval's README example: MISC predicted one word too early, PER right: precision = recall = F1 = 0.5, accuracy 0.8
+    true = [["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    pred = [["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    task = TokenClassification(["O", "B-MISC", "I-MISC", "B-PER", "I-PER"])
+    ids = lambda rows: [[task.names.index(t) for t in r] for r in rows]  # noqa: E731
+    modules = load_metrics(list(task.metric_names))
+    scores = task.compute(modules, ids(pred), ids(true))
+    assert scores == pytest.approx({"entity_f1": 0.5, "entity_precision": 0.5, "entity_recall": 0.5, "token_accuracy": 0.8})
+    # non-strict (conlleval) mode: an I- that starts a chunk is an entity of its type; B- after B- splits entities
+    scores = task.compute(modules, ids([["I-PER", "I-PER", "O"], ["B-PER", "B-PER", "O"]]), ids([["B-PER", "I-PER", "O"], ["B-PER", "I-PER", "O"]]))
+    assert scores["entity_precision"] == pytest.approx(1 / 3) and scores["entity_recall"] == pytest.approx(1 / 2)
+
+
+# ---------------------------------------------------------------- every mode
+
+
+@pytest.fixture(scope="module", params=["full", "head", "lora", "partial", "gradual", "lpft"])
+def run(request, tiny_bert, ner_data, tmp_path_factory):
+    from hftl.recipe import train
+
+    out = tmp_path_factory.mktemp(f"ner_{request.param}") / "out"
+    extra = ["adapt.lp_epochs=2", "train.epochs=4"] if request.param == "lpft" else []
+    results = train(ner_cfg(tiny_bert, ner_data, out, f"adapt.mode={request.param}", *extra))
+    return request.param, out, results
+
+
+def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluated_tags(run, ner_data):
+    from transformers import pipeline
+
+    from hftl.metrics.entities import entities as entity_spans
+    from hftl.tasks import from_model_config
+    from hftl.tasks.token_classification import pipeline_scores
+
+    mode, out, results = run
+    saved = read_json(out / "results.json")
+    assert saved["task"] == "token_classification"
+    assert set(results["validation"]) == {"entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"}
+    history = [h for h in saved["history"] if h.get("stage", "fine_tune") == "fine_tune"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"], history
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"], history
+    if mode in ("head", "lpft"):  # per-token features are not cached: the head trains through the frozen model
+        assert saved["feature_cache"] is None and saved["solver"] is None
+    # What the run's own reload check compared, redone here: word-level tags of pipeline('token-classification').
+    predictions = read_json(out / "predictions_validation.json")
+    rows = [json.loads(line) for line in ner_data["validation"].read_text().splitlines()]
+    assert [len(p) for p in predictions] == [len(r["tokens"]) for r in rows]
+    scores, task = pipeline_scores(out, [r["tokens"] for r in rows])
+    assert task.readable_from_scores(scores) == predictions
+    tagger = pipeline("token-classification", model=str(out), device=-1)
+    config = tagger.model.config
+    assert config.architectures == ["BertForTokenClassification"] and from_model_config(config).name == "token_classification"
+    # What the card tells users to run: entities grouped from the first pieces' tags are the evaluated ones.
+    for row, tags in zip(rows, predictions):
+        found = tagger(" ".join(row["tokens"]), aggregation_strategy="first")
+        words = [(e["entity_group"], e["word"]) for e in found]
+        assert words == [(kind, " ".join(row["tokens"][a:b + 1])) for kind, a, b in entity_spans([tags])], (row, tags)
+
+
+    if mode == "full":
+        check_card(out, results)
+
+
+def check_card(out: Path, results: dict) -> None:
+    """Full fine-tuning learns the entities; the card lists each entity type's scores and how to reload the model."""
+    assert results["validation"]["entity_f1"] > 0.4  # the untrained model's is ~0.1 on these rows
+    card = (out / "README.md").read_text()
+    assert "token classification: 4 IOB2 tags" in card and 'aggregation_strategy="first"' in card
+    assert "| PER |" in card and "| LOC |" in card
+    assert (out / "per_entity.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- one-line refusals
+
+
+def _bad(tmp_path, rows, name="bad.jsonl"):
+    return write_rows(tmp_path / name, rows)
+
+
+@pytest.mark.parametrize("rows,role,message", [
+    ([{"tokens": ["good", "bad"], "ner_tags": ["B-PER"]}], "train", "row 1 (file '{train}') has 2 words ('tokens') but 1 tags"),
+    ([{"tokens": ["x", "good"], "ner_tags": ["O", "I-PER"]}], "train", "row 1 (file '{train}') is not IOB2: 'I-PER' at word 1 follows 'O'"),
+    ([{"tokens": ["x", "good"], "ner_tags": ["O", "B-ORG"]}], "validation", "row 1 (file '{validation}') has tag(s) ['B-ORG'] that the train split never has"),
+])
+def test_bad_tag_rows_are_refused_in_one_line_naming_the_row(tiny_bert, ner_data, tmp_path, rows, role, message):
+    from hftl.recipe import train
+
+    good = ner_rows(8, 5)
+    files = {"train": _bad(tmp_path, good + rows, "train.jsonl") if role == "train" else ner_data["train"],
+             "validation": _bad(tmp_path, good[:1] + rows, "validation.jsonl") if role == "validation" else ner_data["validation"]}
+    if role == "train":
+        message = message.replace("row 1", f"row {len(good)}")
+    with pytest.raises(DataError) as e:
+        train(ner_cfg(tiny_bert, ner_data, tmp_path / "out", train=files["train"], validation=files["validation"]))
+    assert message.format(**files) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["adapt.mode=head", "train.cache_features=true"], "train.cache_features=true, but the feature cache keeps one feature vector per row"),
+    (["adapt.align=coral", f"data.target={Path(__file__)}"], "adapt.align=coral: not implemented for task=token-classification"),
+    (["data.stride=8"], "data.stride=8: not implemented for task=token-classification yet; set data.stride=null"),
+    (["adapt.mode=contrastive"], "adapt.mode=contrastive pairs rows of the same class"),
+])
+def test_settings_that_do_not_fit_tokens_are_refused_in_one_line(tiny_bert, ner_data, tmp_path, overrides, message):
+    from hftl.recipe import train
+
+    with pytest.raises(ConfigError) as e:
+        train(ner_cfg(tiny_bert, ner_data, tmp_path / "out", *overrides))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_task_and_the_problem_type_go_together():
+    assert load_config(None, ["task=token-classification"]).data.problem_type == "token_classification"
+    with pytest.raises(ConfigError, match="set task=token-classification"):
+        load_config(None, ["data.problem_type=token_classification"])
+    with pytest.raises(ConfigError, match="data.problem_type=multi_label; set data.problem_type=auto"):
+        load_config(None, ["task=token-classification", "data.problem_type=multi_label"])
