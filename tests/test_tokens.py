@@ -163,6 +163,7 @@ def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluate
 
     if mode == "full":
         check_card(out, results)
+        check_predict_and_evaluate(out, ner_data, rows, predictions, results)
 
 
 def check_card(out: Path, results: dict) -> None:
@@ -220,3 +221,19 @@ def test_the_task_and_the_problem_type_go_together():
         load_config(None, ["data.problem_type=token_classification"])
     with pytest.raises(ConfigError, match="data.problem_type=multi_label; set data.problem_type=auto"):
         load_config(None, ["task=token-classification", "data.problem_type=multi_label"])
+
+
+def check_predict_and_evaluate(out: Path, ner_data, rows: list[dict], predictions: list, results: dict) -> None:
+    """`hftl predict` tags an unlabelled file's words as training evaluated them; `hftl evaluate` scores the labelled
+    validation file as training did."""
+    from hftl.predict import evaluate, predict
+
+    unlabelled = write_rows(out.parent / "words.jsonl", [{"tokens": r["tokens"]} for r in rows])
+    assert predict(str(out), str(unlabelled), str(out.parent / "tags.jsonl")) == len(rows)
+    lines = [json.loads(line) for line in (out.parent / "tags.jsonl").read_text().splitlines()]
+    assert [line["tags"] for line in lines] == predictions
+    first = next(line for line in lines if line["entities"])
+    start, end, kind = first["entities"][0]["start"], first["entities"][0]["end"], first["entities"][0]["type"]
+    assert first["tags"][start] in (f"B-{kind}", f"I-{kind}") and all(t == f"I-{kind}" for t in first["tags"][start + 1:end])
+    report = evaluate(str(out), str(ner_data["validation"]), str(out.parent / "evaluated"))
+    assert report["metrics"] == pytest.approx(results["validation"], abs=1e-5)

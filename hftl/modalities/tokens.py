@@ -34,9 +34,9 @@ def align(word_ids: list, tags: list[int], all_subtokens: bool, inside: list[int
         if w is None:
             labels.append(IGNORE)
         elif w != prev:
-            labels.append(tags[w])
+            labels.append(tags[w] if tags else 0)  # unlabelled rows (hftl predict): any id >= 0 marks the word's first piece
         else:
-            labels.append(CONTINUATION - inside[tags[w]] if all_subtokens else IGNORE)
+            labels.append(CONTINUATION - inside[tags[w]] if all_subtokens and tags else IGNORE)
         prev = w
     return labels
 
@@ -44,6 +44,8 @@ def align(word_ids: list, tags: list[int], all_subtokens: bool, inside: list[int
 def cut(word_ids: list, tags: list[str]) -> tuple[int, int]:
     """(words, entities) that truncation cut from a row: words after the last one the model sees, and entities with
     at least one of those words."""
+    if not tags:  # unlabelled rows (hftl predict): nothing to count
+        return 0, 0
     seen = max((w for w in word_ids if w is not None), default=-1) + 1
     return len(tags) - seen, sum(1 for _, _, end in entities.entities([tags]) if end >= seen)
 

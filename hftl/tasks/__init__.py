@@ -48,6 +48,10 @@ class Task:
         positions are words from them)."""
         return self.predict(logits)
 
+    def row_scores(self, logits: np.ndarray, labels: np.ndarray):
+        """`scores` of each row for `row` (hftl predict / evaluate), which also have the rows' encoded labels."""
+        return self.scores(logits)
+
     def labels_of(self, ds):
         """A split's encoded 'labels' as `references` takes them (token classification: lists of unequal length)."""
         return np.asarray(ds["labels"])

@@ -209,6 +209,11 @@ class TokenClassification(Task):
     def scores(self, logits: np.ndarray) -> np.ndarray:
         return torch.as_tensor(np.asarray(logits), dtype=torch.float32).softmax(-1).numpy()
 
+    def row_scores(self, logits: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+        """Per row, the tags' probabilities at each word's first sub-token (words x tags)."""
+        probabilities, labels = self.scores(logits), np.asarray(labels)
+        return [probabilities[i][labels[i] >= 0] for i in range(len(labels))]
+
     def readable(self, predictions: list) -> list[list[str]]:
         """Word-level tags per row."""
         return self.tag_rows(predictions)
@@ -218,8 +223,11 @@ class TokenClassification(Task):
         return [[self.names[int(j)] for j in np.asarray(s).argmax(-1)] if len(s) else [] for s in scores]
 
     def row(self, scores) -> dict:
+        """A tag per word (with its probability), and the entities they make: type and word span [start, end)."""
+        scores = np.asarray(scores)
         tags = self.readable_from_scores([scores])[0]
-        return {"tags": tags, "entities": [{"type": k, "start": a, "end": b + 1} for k, a, b in entities.entities([tags])]}
+        return {"tags": tags, "scores": [float(s.max()) for s in scores],
+                "entities": [{"type": k, "start": a, "end": b + 1} for k, a, b in entities.entities([tags])]}
 
     def near_tie(self, scores, expected: list[str]) -> float:
         """0 when the row's words get the `expected` tags; else the largest gap between a word's best score and the
