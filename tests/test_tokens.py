@@ -237,3 +237,24 @@ def check_predict_and_evaluate(out: Path, ner_data, rows: list[dict], prediction
     assert first["tags"][start] in (f"B-{kind}", f"I-{kind}") and all(t == f"I-{kind}" for t in first["tags"][start + 1:end])
     report = evaluate(str(out), str(ner_data["validation"]), str(out.parent / "evaluated"))
     assert report["metrics"] == pytest.approx(results["validation"], abs=1e-5)
+
+
+def test_tag_ids_named_by_label_names_and_non_iob2_tag_names(tmp_path):
+    from datasets import ClassLabel, Dataset, Sequence
+
+    from hftl.tasks.token_classification import TokenClassification
+
+    cfg = load_config(None, ["task=token-classification", "data.label_names=[O, B-PER, I-PER, B-LOC]"]).data
+    ids = Dataset.from_dict({"tokens": [["good", "nice", "x"], ["bad"]], "ner_tags": [[1, 2, 0], [3]]})
+    task = TokenClassification.read(ids, cfg)
+    assert task.names == ["O", "B-PER", "I-PER", "B-LOC"]
+    assert task.encode(ids, "train", cfg)["labels"] == [[1, 2, 0], [3]]
+    # a Hub data set's Sequence(ClassLabel) names its own tags
+    hub = ids.cast_column("ner_tags", Sequence(ClassLabel(names=["O", "B-PER", "I-PER", "B-LOC"])))
+    plain = load_config(None, ["task=token-classification"]).data
+    assert TokenClassification.read(hub, plain).names == task.names
+    with pytest.raises(DataError, match="holds tag ids; name them with data.label_names"):
+        TokenClassification.read(ids, plain)
+    iobes = Dataset.from_dict({"tokens": [["good", "x"]], "ner_tags": [["S-PER", "O"]]})
+    with pytest.raises(DataError, match="has tag 'S-PER'; token classification reads IOB2 tags"):
+        TokenClassification.read(iobes, plain)
