@@ -151,6 +151,12 @@ def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluate
     assert [len(p) for p in predictions] == [len(r["tokens"]) for r in rows]
     scores, task = pipeline_scores(out, [r["tokens"] for r in rows])
     assert task.readable_from_scores(scores) == predictions
+    # every tag's probability per word, so a mixed-precision run's near-ties are measured, not guessed
+    assert all(np.allclose(s.sum(-1), 1) for s in scores)
+    row = scores[0]
+    assert task.near_tie(row, predictions[0]) == 0
+    second = [task.names[int(j)] for j in np.argsort(row, -1)[:, -2]]
+    assert task.near_tie(row, second) == pytest.approx(max(np.sort(row, -1)[:, -1] - np.sort(row, -1)[:, -2]))
     tagger = pipeline("token-classification", model=str(out), device=-1)
     config = tagger.model.config
     assert config.architectures == ["BertForTokenClassification"] and from_model_config(config).name == "token_classification"

@@ -230,8 +230,8 @@ class TokenClassification(Task):
                 "entities": [{"type": k, "start": a, "end": b + 1} for k, a, b in entities.entities([tags])]}
 
     def near_tie(self, scores, expected: list[str]) -> float:
-        """0 when the row's words get the `expected` tags; else the largest gap between a word's best score and the
-        expected tag's (inf for a tag the model lacks, or a word the pipeline did not score)."""
+        """0 when the row's words get the `expected` tags; else the largest gap between a word's best probability and
+        the expected tag's (inf for a tag the model lacks, or a word the pipeline did not score)."""
         scores = np.asarray(scores)
         if len(scores) < len(expected):
             return float("inf")
@@ -275,32 +275,30 @@ register(TokenClassification)
 
 
 def pipeline_scores(folder, inputs: list[list[str]]):
-    """(per row, a words x tags array; the folder's task) from pipeline('token-classification') on the saved folder,
-    fed the rows' words (is_split_into_words) with aggregation_strategy='none' and no label left out: each word's
-    row holds what the pipeline gives its first sub-token (aggregation_strategy='first' reads the same one): its
-    tag's score, the other tags 0 (the pipeline reports only the best). A word the pipeline gave no sub-token (one
-    the tokenizer drops, or one past truncation) has no row, as evaluation predicted none for it."""
+    """(per row, a words x tags array of probabilities; the folder's task) from pipeline('token-classification') on
+    the saved folder, fed the rows' words (is_split_into_words): each word's row is the softmax the pipeline computes
+    at its first sub-token, which is the tag aggregation_strategy='first' gives it. The pipeline's own preprocessing
+    and forward run; its postprocess reports only each piece's best score, so the softmax is taken here as it takes
+    it, keeping every tag's probability for the near-ties of a mixed-precision run. A word the tokenizer gives no
+    piece (or one past truncation) has no row, as evaluation predicted none for it."""
     from transformers import pipeline
 
     from . import from_model_config
 
     clf = pipeline("token-classification", model=str(folder), device=-1, model_kwargs={"use_safetensors": True})
     kind = from_model_config(clf.model.config)
-    index = {n: i for i, n in enumerate(kind.names)}
+    preprocess, forward, _ = clf._sanitize_parameters(is_split_into_words=True)
     out = []
-    found = clf(inputs, is_split_into_words=True, aggregation_strategy="none", ignore_labels=[], batch_size=8) if inputs else []
-    for words, pieces in zip(inputs, found):
-        starts, at = {}, 0
-        for w, word in enumerate(words):  # where each word starts in the words joined by ' ' (the pipeline's offsets)
-            starts.setdefault(at, w)
-            at += len(word) + 1
-        first = {}
-        for piece in pieces:
-            w = starts.get(piece["start"])
-            if w is not None and w not in first:
-                first[w] = piece
-        row = np.zeros((len(first), len(kind.names)))
-        for j, w in enumerate(sorted(first)):
-            row[j, index[first[w]["entity"]]] = first[w]["score"]
-        out.append(row)
+    for words in inputs:
+        rows = []
+        for model_inputs in clf.preprocess(words, **preprocess):  # one chunk: no stride
+            outputs = clf.forward(model_inputs, **forward)
+            logits = outputs["logits"][0].float().numpy()
+            shifted = np.exp(logits - logits.max(-1, keepdims=True))  # the pipeline's postprocess softmax
+            probabilities, prev = shifted / shifted.sum(-1, keepdims=True), None
+            for j, w in enumerate(outputs["word_ids"]):
+                if w is not None and w != prev:
+                    rows.append(probabilities[j])
+                prev = w
+        out.append(np.array(rows).reshape(len(rows), len(kind.names)))
     return out, kind
