@@ -119,13 +119,20 @@ def test_entity_metrics_follow_seqeval_conventions():
 # ---------------------------------------------------------------- every mode
 
 
-@pytest.fixture(scope="module", params=["full", "head", "lora", "partial", "gradual", "lpft"])
+# "options": full fine-tuning with every piece labelled, layer-wise rates, L2-SP, label smoothing and a carved validation split
+@pytest.fixture(scope="module", params=["full", "head", "lora", "partial", "gradual", "lpft", "options"])
 def run(request, tiny_bert, ner_data, tmp_path_factory):
     from hftl.recipe import train
 
     out = tmp_path_factory.mktemp(f"ner_{request.param}") / "out"
-    extra = ["adapt.lp_epochs=2", "train.epochs=4"] if request.param == "lpft" else []
-    results = train(ner_cfg(tiny_bert, ner_data, out, f"adapt.mode={request.param}", *extra))
+    extra = {"lpft": ["adapt.lp_epochs=2", "train.epochs=4"],
+             "options": ["adapt.mode=full", "data.label_all_subtokens=true", "adapt.layer_lr_decay=0.8", "adapt.l2sp=0.01",
+                         "train.label_smoothing=0.1", "data.validation_fraction=0.25"]}.get(request.param, [])
+    mode = [] if request.param == "options" else [f"adapt.mode={request.param}"]
+    cfg = ner_cfg(tiny_bert, ner_data, out, *mode, *extra)
+    if request.param == "options":  # validation carved from train: its rows are the reload check's
+        cfg.data.validation_file = None
+    results = train(cfg)
     return request.param, out, results
 
 
@@ -143,6 +150,9 @@ def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluate
     history = [h for h in saved["history"] if h.get("stage", "fine_tune") == "fine_tune"]
     assert history[-1]["train_loss"] < history[0]["train_loss"], history
     assert history[-1]["eval_loss"] < history[0]["eval_loss"], history
+    if mode == "options":  # validation was carved from train; the run's own reload check compared its rows
+        assert len(read_json(out / "predictions_validation.json")) == 16
+        return
     if mode in ("head", "lpft"):  # per-token features are not cached: the head trains through the frozen model
         assert saved["feature_cache"] is None and saved["solver"] is None
     # What the run's own reload check compared, redone here: word-level tags of pipeline('token-classification').
