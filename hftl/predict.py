@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 
 from . import modalities, models, pooling, tasks
 from .config import Config, ConfigError, load_config, parse_override
-from .data import FORMATS, PATH_KEYS, DataError, _check_columns, _load_dataset, _load_file
+from .data import FORMATS, PATH_KEYS, DataError, _check_columns, _load_dataset, _load_file, label_columns
 from .errors import UserError
 from .hub import OutputError
-from .data import label_columns
 from .train import average_windows, eval_dataloader, pad_positions, token_slices
 
 # What each modality's AutoModelFor*Classification maps to (transformers' own tables, by name: wav2vec2's audio head is
