@@ -119,7 +119,8 @@ def test_entity_metrics_follow_seqeval_conventions():
 # ---------------------------------------------------------------- every mode
 
 
-# "options": full fine-tuning with every piece labelled, layer-wise rates, L2-SP, label smoothing and a carved validation split
+# "options": full fine-tuning with every piece labelled, layer-wise rates, L2-SP, label smoothing, a carved validation
+# split, after masked-LM pretraining on the training sentences
 @pytest.fixture(scope="module", params=["full", "head", "lora", "partial", "gradual", "lpft", "options"])
 def run(request, tiny_bert, ner_data, tmp_path_factory):
     from hftl.recipe import train
@@ -127,7 +128,7 @@ def run(request, tiny_bert, ner_data, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"ner_{request.param}") / "out"
     extra = {"lpft": ["adapt.lp_epochs=2", "train.epochs=4"],
              "options": ["adapt.mode=full", "data.label_all_subtokens=true", "adapt.layer_lr_decay=0.8", "adapt.l2sp=0.01",
-                         "train.label_smoothing=0.1", "data.validation_fraction=0.25"]}.get(request.param, [])
+                         "train.label_smoothing=0.1", "data.validation_fraction=0.25", "adapt.pretrain=mlm", "adapt.pretrain_epochs=1"]}.get(request.param, [])
     mode = [] if request.param == "options" else [f"adapt.mode={request.param}"]
     cfg = ner_cfg(tiny_bert, ner_data, out, *mode, *extra)
     if request.param == "options":  # validation carved from train: its rows are the reload check's
@@ -152,6 +153,7 @@ def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluate
     assert history[-1]["eval_loss"] < history[0]["eval_loss"], history
     if mode == "options":  # validation was carved from train; the run's own reload check compared its rows
         assert len(read_json(out / "predictions_validation.json")) == 16
+        assert saved["pretrain"]["objective"] == "mlm" and saved["pretrain"]["source"] == "the training texts"
         return
     if mode in ("head", "lpft"):  # per-token features are not cached: the head trains through the frozen model
         assert saved["feature_cache"] is None and saved["solver"] is None

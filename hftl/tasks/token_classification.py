@@ -80,7 +80,7 @@ class TokenClassification(Task):
         cfg = super().configure(cfg)
         a, d, t = cfg.adapt, cfg.data, cfg.train
         refused = [(key, value) for key, value in (("adapt.align", a.align), ("adapt.reweight", a.reweight or None),
-                                                  ("adapt.pretrain", a.pretrain), ("data.target", d.target),
+                                                  ("data.target", d.target),
                                                   ("train.class_weights", t.class_weights), ("data.stride", d.stride),
                                                   ("data.label_template", d.label_template))
                    if value is not None]
