@@ -202,7 +202,7 @@ def _bad(tmp_path, rows, name="bad.jsonl"):
 
 @pytest.mark.parametrize("rows,role,message", [
     ([{"tokens": ["good", "bad"], "ner_tags": ["B-PER"]}], "train", "row 1 (file '{train}') has 2 words ('tokens') but 1 tags"),
-    ([{"tokens": ["x", "good"], "ner_tags": ["O", "I-PER"]}], "train", "row 1 (file '{train}') is not IOB2: 'I-PER' at word 1 follows 'O'"),
+    ([{"tokens": ["x", "good"], "ner_tags": ["O", "I-PER"]}], "train", "row 1 (file '{train}') is not IOB2: 'I-PER' at word 1 follows 'O': in IOB2 an entity starts with B-PER (for IOB1 data, where I- starts an entity, set data.tag_scheme=iob1)"),
     ([{"tokens": ["x", "good"], "ner_tags": ["O", "B-ORG"]}], "validation", "row 1 (file '{validation}') has tag(s) ['B-ORG'] that the train split never has"),
 ])
 def test_bad_tag_rows_are_refused_in_one_line_naming_the_row(tiny_bert, ner_data, tmp_path, rows, role, message):
@@ -276,3 +276,16 @@ def test_tag_ids_named_by_label_names_and_non_iob2_tag_names(tmp_path):
     iobes = Dataset.from_dict({"tokens": [["good", "x"]], "ner_tags": [["S-PER", "O"]]})
     with pytest.raises(DataError, match="has tag 'S-PER'; token classification reads IOB2 tags"):
         TokenClassification.read(iobes, plain)
+
+
+def test_iob1_tags_are_converted_on_request():
+    from datasets import Dataset
+
+    from hftl.tasks.token_classification import TokenClassification, iob1_to_iob2
+
+    assert iob1_to_iob2(["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG"]) == ["B-PER", "I-PER", "B-PER", "O", "B-LOC", "B-ORG"]
+    rows = Dataset.from_dict({"tokens": [["good", "nice", "fine", "x", "bad"]], "ner_tags": [["I-PER", "I-PER", "B-PER", "O", "I-LOC"]]})
+    cfg = load_config(None, ["task=token-classification", "data.tag_scheme=iob1"]).data
+    task = TokenClassification.read(rows, cfg)
+    assert set(task.names) == {"O", "B-PER", "I-PER", "B-LOC", "I-LOC"}
+    assert task.readable(task.encode(rows, "train", cfg)["labels"]) == [["B-PER", "I-PER", "B-PER", "O", "B-LOC"]]

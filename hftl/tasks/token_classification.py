@@ -38,10 +38,20 @@ def iob2_problem(tags: list[str]) -> str | None:
         if tag != OUTSIDE and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
             return f"tag {tag!r} at word {j} is not O, B-<type> or I-<type>"
         if tag.startswith("I-") and prev not in (f"B-{tag[2:]}", tag):
-            return (f"{tag!r} at word {j} follows {prev!r}: in IOB2 an entity starts with B-{tag[2:]} (IOB1 data, where I- "
-                    "starts an entity, needs converting first)")
+            return (f"{tag!r} at word {j} follows {prev!r}: in IOB2 an entity starts with B-{tag[2:]} (for IOB1 data, where I- "
+                    "starts an entity, set data.tag_scheme=iob1)")
         prev = tag
     return None
+
+
+def iob1_to_iob2(tags: list[str]) -> list[str]:
+    """IOB1 (I- starts an entity; B- only one right after another of its type) as IOB2: an I-X that follows neither
+    B-X nor I-X becomes B-X."""
+    out, prev = [], OUTSIDE
+    for tag in tags:
+        out.append(f"B-{tag[2:]}" if tag.startswith("I-") and prev not in (f"B-{tag[2:]}", tag) else tag)
+        prev = tag
+    return out
 
 
 def tag_names_of(train: Dataset, cfg: DataConfig) -> list[str]:
@@ -98,6 +108,8 @@ class TokenClassification(Task):
     @classmethod
     def read(cls, train: Dataset, cfg: DataConfig) -> "TokenClassification":
         names = tag_names_of(train, cfg)
+        if cfg.tag_scheme == "iob1":  # an entity that IOB1 starts with I-X starts with B-X once converted
+            names += sorted({f"B-{n[2:]}" for n in names if n.startswith("I-")} - set(names))
         bad = next((n for n in names if iob2_problem([n.replace("I-", "B-", 1)])), None)
         if bad is not None:
             raise DataError(f"the train split's tags column '{cfg.tags_column}'{source_of('train', cfg)} has tag {bad!r}; "
@@ -132,6 +144,8 @@ class TokenClassification(Task):
                 tags = [self.names[v] if isinstance(v, int) and 0 <= v < len(self.names) else str(v) for v in tags]
             else:
                 tags = [str(v) for v in tags]
+            if cfg.tag_scheme == "iob1":
+                tags = iob1_to_iob2(tags)
             unseen = sorted(set(tags) - set(index))
             if unseen:
                 raise DataError(f"the {role} split's row {i}{where} has tag(s) {unseen} that the train split never has; train "
