@@ -155,11 +155,16 @@ def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluate
         assert len(read_json(out / "predictions_validation.json")) == 16
         assert saved["pretrain"]["objective"] == "mlm" and saved["pretrain"]["source"] == "the training texts"
         return
-    if mode in ("head", "lpft"):  # per-token features are not cached: the head trains through the frozen model
-        assert saved["feature_cache"] is None and saved["solver"] is None
-    # What the run's own reload check compared, redone here: word-level tags of pipeline('token-classification').
     predictions = read_json(out / "predictions_validation.json")
     rows = [json.loads(line) for line in ner_data["validation"].read_text().splitlines()]
+    if mode in ("head", "lpft"):  # the frozen backbone ran once: the cache holds a vector per word (its first piece) only
+        from datasets import Dataset
+
+        cache = saved["feature_cache"]
+        assert cache["head"] == ["classifier"] and saved["solver"] is None  # AdamW trained it: no per-token solver yet
+        cached = Dataset.from_file(cache["splits"]["validation"]["file"])
+        assert {r: len(f) // 32 for r, f in zip(cached["row"], cached["features"])} == {i: len(r["tokens"]) for i, r in enumerate(rows)}
+    # What the run's own reload check compared, redone here: word-level tags of pipeline('token-classification').
     assert [len(p) for p in predictions] == [len(r["tokens"]) for r in rows]
     scores, task = pipeline_scores(out, [r["tokens"] for r in rows])
     assert task.readable_from_scores(scores) == predictions
@@ -220,7 +225,7 @@ def test_bad_tag_rows_are_refused_in_one_line_naming_the_row(tiny_bert, ner_data
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["adapt.mode=head", "train.cache_features=true"], "train.cache_features=true, but the feature cache keeps one feature vector per row"),
+    (["train.class_weights=[1, 2, 2, 2]"], "train.class_weights=[1, 2, 2, 2]: not implemented for task=token-classification"),
     (["adapt.align=coral", f"data.target={Path(__file__)}"], "adapt.align=coral: not implemented for task=token-classification"),
     (["data.stride=8"], "data.stride=8: not implemented for task=token-classification yet; set data.stride=null"),
     (["adapt.mode=contrastive"], "adapt.mode=contrastive pairs rows of the same class"),

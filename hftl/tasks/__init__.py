@@ -24,7 +24,7 @@ class Task:
     problem_type: str | None = None  # what transformers' config.problem_type calls it (pipeline() reads it)
     metric_names: tuple[str, ...] = ()  # the shipped metric modules (hftl/metrics) it reports, its default train.metrics
     default_metric_for_best = "loss"
-    no_feature_cache = ""  # why hftl/cache.py cannot train this task's head on cached features ("": it can)
+    per_token = False  # its head reads one vector per position (token classification), not one per row (hftl/cache.py)
 
     def __init__(self, names: list[str]):
         self.names = list(names)  # one per model output: class, label or target names

@@ -82,7 +82,7 @@ class TokenClassification(Task):
     default_metric_for_best = "entity_f1"
     stratify = False  # a row has many tags: no stratum
     smoothing = 0.0  # train.label_smoothing
-    no_feature_cache = "the feature cache keeps one feature vector per row, and token classification's head reads one per sub-token"
+    per_token = True  # the feature cache keeps a vector per labelled position (hftl/cache.py)
 
     # ------------------------------------------------------------ settings
 
@@ -184,14 +184,14 @@ class TokenClassification(Task):
         sub-tokens (0 for a row with none), so reweighting and evaluation weigh rows as for the other tasks."""
         labels = labels.to(logits.device).long()
         target = torch.where(labels <= CONTINUATION, CONTINUATION - labels, labels)
-        per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+        each = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
                                     label_smoothing=self.smoothing, reduction="none").view(target.shape)
-        mask = (target != IGNORE).to(per_token.dtype)
+        mask = (target != IGNORE).to(each.dtype)
         if reduction == "none":
-            return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            return (each * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         if reduction == "sum":
-            return per_token.sum()
-        return per_token.sum() / mask.sum().clamp(min=1)
+            return each.sum()
+        return each.sum() / mask.sum().clamp(min=1)
 
     def predict(self, logits: np.ndarray) -> list:
         raise ConfigError("token classification predicts a tag per word, which needs the word boundaries (predict_rows).")
