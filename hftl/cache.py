@@ -371,9 +371,7 @@ def fit_on_features(model: nn.Module, head: list[str], encoded: DatasetDict, col
     collate = functools.partial(collate_token_features if per_token else collate_features, dim=cached.dim)
     with _threads(1 if accelerator.device.type == "cpu" else torch.get_num_threads()):
         solvable = {**splits, "train": read_features} if rows is not None else splits
-        if cfg.adapt.solve_head and per_token:
-            accelerator.print("adapt.solve_head: no solver for per-token heads yet; training the head with AdamW on the cached features.")
-        result = (cfg.adapt.solve_head and not per_token and solve_head(cached, solvable, collate, cfg, accelerator, task)) \
+        result = (cfg.adapt.solve_head and solve_head(cached, solvable, collate, cfg, accelerator, task)) \
             or fit(cached, DatasetDict(splits), collate, cfg, accelerator, task=task)
     trained = result["model"]  # the solved head, or the best evaluation's head weights
     result.update(model=trained.copy_into(model), train_seconds=feature_seconds + result["train_seconds"],
@@ -391,6 +389,15 @@ def _row_features(ds: Dataset, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([np.asarray(f, dtype=np.float32).reshape(-1, dim).mean(0) for f in features]), columns["labels"]
 
 
+def _position_features(ds: Dataset, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token classification: (one feature vector per cached position, its tag), every row's positions in turn. A
+    later piece of a word (data.label_all_subtokens, coded below -100) counts as its tag, as the loss trains it."""
+    columns = ds.with_format("numpy")[:]
+    x = np.concatenate([np.asarray(f, dtype=np.float32).reshape(-1, dim) for f in columns["features"]] or [np.zeros((0, dim), np.float32)])
+    y = np.concatenate([np.asarray(v, dtype=np.int64).reshape(-1) for v in columns["labels"]] or [np.zeros(0, np.int64)])
+    return x, np.where(y <= -101, -101 - y, y)
+
+
 def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerator, task) -> dict | None:
     """`fit`'s result for the head solved on the cached features (hftl/solver.py: the task's linear model, its penalty
     chosen on validation), or None, having said why, when the head is not a chain of linear layers or the task cannot
@@ -402,9 +409,10 @@ def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerat
     start = time.perf_counter()
     t = cfg.train
     modules = metrics_lib.load_metrics(t.metrics)
-    x, y = _row_features(splits["train"], cached.dim)
+    features = _position_features if task.per_token else _row_features
+    x, y = features(splits["train"], cached.dim)
     # No validation split (data.validation_fraction=0): the solver cross-validates on the training rows.
-    x_val, y_val = _row_features(splits["validation"], cached.dim) if "validation" in splits else (x[:0], y[:0])
+    x_val, y_val = features(splits["validation"], cached.dim) if "validation" in splits else (x[:0], y[:0])
     solved = task.solve(x, y, x_val, y_val, t, modules)
     if isinstance(solved, str):
         accelerator.print(f"adapt.solve_head: {solved}; training the head with AdamW instead.")
@@ -412,7 +420,8 @@ def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerat
     solution, method = solved
     solver.write_into(layers, solution.weight, solution.bias)
     seconds = time.perf_counter() - start
-    accelerator.print(f"head solved: {method}, C={solution.c:g} chosen by {solution.selected_on} {t.metric_for_best} in {seconds:.1f}s")
+    chosen_by = task.solver_metric or t.metric_for_best
+    accelerator.print(f"head solved: {method}, C={solution.c:g} chosen by {solution.selected_on} {chosen_by} in {seconds:.1f}s")
     final = {}
     for split, ds in splits.items():
         if split != "train":
@@ -422,4 +431,4 @@ def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerat
             "results": {s: r["metrics"] for s, r in final.items()}, "predictions": {s: r["predictions"] for s, r in final.items()},
             "logits": {s: r["logits"] for s, r in final.items()},
             "solver": {"method": method, "C": solution.c, "selected_on": solution.selected_on,
-                       "metric": t.metric_for_best, "path": solution.path}}
+                       "metric": chosen_by, "path": solution.path}}

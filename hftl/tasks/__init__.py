@@ -25,6 +25,7 @@ class Task:
     metric_names: tuple[str, ...] = ()  # the shipped metric modules (hftl/metrics) it reports, its default train.metrics
     default_metric_for_best = "loss"
     per_token = False  # its head reads one vector per position (token classification), not one per row (hftl/cache.py)
+    solver_metric = ""  # what `solve` chooses the penalty by, when not train.metric_for_best
 
     def __init__(self, names: list[str]):
         self.names = list(names)  # one per model output: class, label or target names

@@ -83,6 +83,8 @@ class TokenClassification(Task):
     stratify = False  # a row has many tags: no stratum
     smoothing = 0.0  # train.label_smoothing
     per_token = True  # the feature cache keeps a vector per labelled position (hftl/cache.py)
+    # The solver sees words, not sentences, so entity scores cannot rank its penalties: the per-word loss does.
+    solver_metric = "per-word log-loss"
 
     # ------------------------------------------------------------ settings
 
@@ -217,6 +219,22 @@ class TokenClassification(Task):
         for metric in modules.values():
             scores.update({k: float(v) for k, v in metric.compute(predictions=predictions, references=references).items()})
         return scores
+
+    def solve(self, x, y, x_val, y_val, t, modules):
+        """Multinomial logistic regression on the frozen features of each word's first piece (hftl/solver.py), C chosen
+        by the per-word cross-entropy on validation (or cross-validated): the loss AdamW would minimise."""
+        from sklearn.metrics import log_loss
+
+        from .. import solver
+
+        if self.smoothing:
+            return "train.label_smoothing changes the loss, which the solved logistic regression does not minimise"
+
+        def score(clf, z, labels) -> float:
+            return -log_loss(labels, clf.predict_proba(z), labels=clf.classes_)
+
+        return (solver.solve_logistic(x, y, self.num_outputs, x_val, y_val, score, seed=t.seed),
+                "logistic regression (L2, lbfgs) on each word's first-piece features")
 
     # ------------------------------------------------------------ what users see
 
