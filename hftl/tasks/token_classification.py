@@ -290,8 +290,7 @@ class TokenClassification(Task):
 
     def card_rows(self, references: list, predictions: list) -> list[dict]:
         refs, preds, kinds = self._per_type(references, predictions)
-        return [{"name": k, **{m: float(v) for m, v in entities.scores(refs, preds, k).items() if m != "support"},
-                 "support": entities.scores(refs, preds, k)["support"]} for k in kinds]
+        return [{"name": k, **entities.scores(refs, preds, k)} for k in kinds]
 
     @classmethod
     def from_model_config(cls, config) -> "TokenClassification":
