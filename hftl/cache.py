@@ -115,6 +115,16 @@ class CachedHead(nn.Module):
         return model
 
 
+def collate_token_features(rows: list[dict], dim: int) -> dict:
+    """Cached token rows -> a batch shaped as the model's own: features (rows x positions x dim), labels (rows x
+    positions), padded with -100 labels. A row holds the vectors of its labelled positions only (see `extract`)."""
+    features = [r["features"].view(-1, dim) for r in rows]
+    n = max(len(f) for f in features)
+    return {"features": torch.stack([nn.functional.pad(f, (0, 0, 0, n - len(f))) for f in features]),
+            "labels": torch.stack([nn.functional.pad(torch.as_tensor(r["labels"], dtype=torch.long), (0, n - len(r["labels"])), value=-100)
+                                   for r in rows])}
+
+
 def collate_features(rows: list[dict], dim: int) -> dict:
     """Cached rows -> a batch. A row holds one feature vector of `dim` values per model input, flat (a flat
     list column formats ~4x faster than nested lists): several when evaluation cut an example into windows
@@ -142,8 +152,9 @@ def _model_inputs(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label", "num_windows")}
 
 
-def replay_head(model: nn.Module, head: list[str], rows: list[dict], collator, device) -> CachedHead | str:
-    """The head as a module over cached features, or the reason it cannot reproduce the model's logits."""
+def replay_head(model: nn.Module, head: list[str], rows: list[dict], collator, device, per_token: bool = False) -> CachedHead | str:
+    """The head as a module over cached features, or the reason it cannot reproduce the model's logits. `per_token`:
+    the head reads one vector per position (token classification), not one per example."""
     calls = []
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: calls.append(n)) for n in head]
     model.eval()  # features are computed without dropout, as evaluation sees them
@@ -158,8 +169,8 @@ def replay_head(model: nn.Module, head: list[str], rows: list[dict], collator, d
             h.remove()
     if sorted(calls) != sorted(head):
         return f"the head modules {head} are not each called once per forward (calls: {calls})"
-    if features.ndim != 2:
-        return f"the head reads features of shape {tuple(features.shape)}, not one vector per example"
+    if features.ndim != (3 if per_token else 2):
+        return f"the head reads features of shape {tuple(features.shape)}, not one vector per {'position' if per_token else 'example'}"
     cached = CachedHead(calls, [copy.deepcopy(model.get_submodule(n)) for n in calls], features.shape[-1]).eval()
     with torch.inference_mode():
         replayed = cached(features).logits
@@ -205,10 +216,13 @@ def _split_key(base: str | None, ds: Dataset) -> str | None:
 
 
 def extract(model: nn.Module, head: list[str], ds: Dataset, collator, batch_size: int, accelerator,
-            cache_file: str | None, key: str | None, desc: str = "Caching features", max_tokens: int | None = None) -> Dataset:
+            cache_file: str | None, key: str | None, desc: str = "Caching features", max_tokens: int | None = None,
+            per_token: bool = False) -> Dataset:
     """Columns 'features' (per row: its model inputs' feature vectors, concatenated) and 'labels', in row order;
     read from `cache_file` when it exists. `max_tokens`: text batches run in row slices of at most that many padded
-    tokens (train.eval_batch_tokens, as in evaluation)."""
+    tokens (train.eval_batch_tokens, as in evaluation). `per_token` (token classification): a row keeps the vectors
+    and labels of its labelled positions only (each word's first piece, and its other pieces under
+    data.label_all_subtokens): what the loss and the predictions read, a fraction of every position's."""
     order = sorted_order(ds)  # length-sorted batches pad least; 'row' restores the order afterwards
 
     def features(batch, positions):
@@ -217,6 +231,11 @@ def extract(model: nn.Module, head: list[str], ds: Dataset, collator, batch_size
         with torch.inference_mode(), accelerator.autocast():
             inputs = _model_inputs(collated, accelerator.device)
             out = torch.cat([model(**part).logits for part in token_slices(inputs, max_tokens)]).float().cpu()
+        if per_token:
+            labels = collated["labels"]
+            keep = labels != -100
+            return {"features": [out[i][keep[i]].reshape(-1).numpy() for i in range(len(out))],
+                    "labels": [labels[i][keep[i]].tolist() for i in range(len(out))], "row": [order[p] for p in positions]}
         return {"features": [f.reshape(-1).numpy() for f in out.split(counts)], "row": [order[p] for p in positions]}
 
     model.eval()
@@ -254,7 +273,7 @@ def _cache_file(split: str, ds: Dataset, base: str | None, cfg: Config) -> str |
 
 
 def split_features(model: nn.Module, head: list[str], split: str, ds: Dataset, collator, base: str | None, cfg: Config,
-                   accelerator) -> tuple[Dataset | None, dict]:
+                   accelerator, per_token: bool = False) -> tuple[Dataset | None, dict]:
     """`extract` for one split, read from or written to its cache file, and {'file', 'hit', 'random', 'rows'}. `base`
     is the model's `_checkpoint_fingerprint` (None: in memory). Also used by `hftl rank` (hftl/rank.py), so a head-mode
     run reuses the features ranking computed. 'random': preparing the rows drew random numbers, so these features are
@@ -266,7 +285,7 @@ def split_features(model: nn.Module, head: list[str], split: str, ds: Dataset, c
         cache_dir(cfg).mkdir(parents=True, exist_ok=True)
     with rng_watch() as watch:
         features = extract(model, head, ds, collator, cfg.train.eval_batch_size, accelerator, file, key, desc=f"Caching {split} features",
-                           max_tokens=cfg.train.eval_batch_tokens)
+                           max_tokens=cfg.train.eval_batch_tokens, per_token=per_token)
     if watch.drew:
         if file and os.path.exists(file):
             os.remove(file)
@@ -312,13 +331,14 @@ def fit_on_features(model: nn.Module, head: list[str], encoded: DatasetDict, col
     want = cfg.train.cache_features
     if want is False:
         return None
+    per_token = task.per_token  # token classification: a vector per labelled position
     random_input = "the training rows are prepared with random draws (data.augment, or random crops of long inputs), new every epoch"
     model.to(accelerator.device)
     with rng_watch() as watch:
         probe = _rows(encoded["train"].select(range(min(8, len(encoded["train"]))))[:])
     if watch.drew:
         return _refuse(want, random_input, accelerator)
-    cached = replay_head(model, head, probe, collator, accelerator.device)
+    cached = replay_head(model, head, probe, collator, accelerator.device, per_token)
     if isinstance(cached, str):
         return _refuse(want, cached, accelerator)
 
@@ -336,7 +356,7 @@ def fit_on_features(model: nn.Module, head: list[str], encoded: DatasetDict, col
     with accelerator.main_process_first():  # one process computes, the others read its files
         for split, ds in encoded.items():
             part = ds.select(rows, keep_in_memory=True) if split == "train" and rows is not None else ds
-            splits[split], files[split] = split_features(model, head, split, part, collator, base, cfg, accelerator)
+            splits[split], files[split] = split_features(model, head, split, part, collator, base, cfg, accelerator, per_token)
             if files[split]["random"]:  # a random crop of some (long) rows that the probe rows did not need
                 return _refuse(want, random_input, accelerator)
             if part is not ds:
@@ -348,7 +368,7 @@ def fit_on_features(model: nn.Module, head: list[str], encoded: DatasetDict, col
         f"{feature_seconds:.1f}s ({folder if base else 'in memory: the collator cannot be fingerprinted'})"
         + (f"; train: only the {len(rows)} of {len(train)} rows its optimizer steps read" if rows is not None else ""))
 
-    collate = functools.partial(collate_features, dim=cached.dim)
+    collate = functools.partial(collate_token_features if per_token else collate_features, dim=cached.dim)
     with _threads(1 if accelerator.device.type == "cpu" else torch.get_num_threads()):
         solvable = {**splits, "train": read_features} if rows is not None else splits
         result = (cfg.adapt.solve_head and solve_head(cached, solvable, collate, cfg, accelerator, task)) \
@@ -369,6 +389,15 @@ def _row_features(ds: Dataset, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([np.asarray(f, dtype=np.float32).reshape(-1, dim).mean(0) for f in features]), columns["labels"]
 
 
+def _position_features(ds: Dataset, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token classification: (one feature vector per cached position, its tag), every row's positions in turn. A
+    later piece of a word (data.label_all_subtokens, coded below -100) counts as its tag, as the loss trains it."""
+    columns = ds.with_format("numpy")[:]
+    x = np.concatenate([np.asarray(f, dtype=np.float32).reshape(-1, dim) for f in columns["features"]] or [np.zeros((0, dim), np.float32)])
+    y = np.concatenate([np.asarray(v, dtype=np.int64).reshape(-1) for v in columns["labels"]] or [np.zeros(0, np.int64)])
+    return x, np.where(y <= -101, -101 - y, y)
+
+
 def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerator, task) -> dict | None:
     """`fit`'s result for the head solved on the cached features (hftl/solver.py: the task's linear model, its penalty
     chosen on validation), or None, having said why, when the head is not a chain of linear layers or the task cannot
@@ -380,9 +409,10 @@ def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerat
     start = time.perf_counter()
     t = cfg.train
     modules = metrics_lib.load_metrics(t.metrics)
-    x, y = _row_features(splits["train"], cached.dim)
+    features = _position_features if task.per_token else _row_features
+    x, y = features(splits["train"], cached.dim)
     # No validation split (data.validation_fraction=0): the solver cross-validates on the training rows.
-    x_val, y_val = _row_features(splits["validation"], cached.dim) if "validation" in splits else (x[:0], y[:0])
+    x_val, y_val = features(splits["validation"], cached.dim) if "validation" in splits else (x[:0], y[:0])
     solved = task.solve(x, y, x_val, y_val, t, modules)
     if isinstance(solved, str):
         accelerator.print(f"adapt.solve_head: {solved}; training the head with AdamW instead.")
@@ -390,7 +420,8 @@ def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerat
     solution, method = solved
     solver.write_into(layers, solution.weight, solution.bias)
     seconds = time.perf_counter() - start
-    accelerator.print(f"head solved: {method}, C={solution.c:g} chosen by {solution.selected_on} {t.metric_for_best} in {seconds:.1f}s")
+    chosen_by = task.solver_metric or t.metric_for_best
+    accelerator.print(f"head solved: {method}, C={solution.c:g} chosen by {solution.selected_on} {chosen_by} in {seconds:.1f}s")
     final = {}
     for split, ds in splits.items():
         if split != "train":
@@ -400,4 +431,4 @@ def solve_head(cached: CachedHead, splits: dict, collate, cfg: Config, accelerat
             "results": {s: r["metrics"] for s, r in final.items()}, "predictions": {s: r["predictions"] for s, r in final.items()},
             "logits": {s: r["logits"] for s, r in final.items()},
             "solver": {"method": method, "C": solution.c, "selected_on": solution.selected_on,
-                       "metric": t.metric_for_best, "path": solution.path}}
+                       "metric": chosen_by, "path": solution.path}}

@@ -25,7 +25,7 @@ class ConfigError(UserError, ValueError):
 
 # Fixed choices of keys, here (not in the modules that implement them, which import torch) so that a config is checked
 # when it is read, before any model or data loading; tests/test_bad_inputs.py checks each against its implementation.
-TASKS = ("text-classification", "audio-classification", "image-classification")  # hftl/cli.py RECIPES
+TASKS = ("text-classification", "audio-classification", "image-classification", "token-classification")  # hftl/cli.py RECIPES
 BUILTIN_DATA = ("vader_lexicon", "sklearn_digits")  # hftl/data/builtin.py BUILTIN
 POOLINGS = ("auto", "pooler", "cls", "mean", "max")  # hftl/pooling.py
 # train.report_to's names: Accelerate's trackers that hftl has an extra for (pip install 'hftl[NAME]').
@@ -38,7 +38,9 @@ SHIPPED_METRICS = tuple(sorted(p.name for p in (Path(__file__).parent / "metrics
 # first being its train.metric_for_best when that is null. Evaluation adds 'loss'.
 TASK_METRICS = {"single_label": ("accuracy", "f1", "precision", "recall"),
                 "multi_label": ("micro_f1", "macro_f1", "micro_precision", "micro_recall", "subset_accuracy"),
-                "regression": ("mse", "mae", "pearson", "spearman")}
+                "regression": ("mse", "mae", "pearson", "spearman"),
+                # entity-level scores with seqeval's default (CoNLL) conventions, then word-level tag accuracy
+                "token_classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")}
 PROBLEM_TYPES = ("auto", *TASK_METRICS)  # data.problem_type (hftl/tasks/)
 # Metrics that are better lower (train.greater_is_better=null follows this); any other is better higher.
 LOWER_IS_BETTER = ("loss", "mse", "mae")
@@ -67,9 +69,14 @@ class DataConfig:
     test_split: Optional[str] = field(default=None, metadata={"help": "Split name for a final test evaluation."})
     text_column: str = field(default="text", metadata={"help": "Column with the text."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence-pair tasks."})
+    tokens_column: str = field(default="tokens", metadata={"help": "task=token-classification: column with each row's list of words (tokens)."})
+    tags_column: str = field(default="ner_tags", metadata={"help": "task=token-classification: column with each row's list of IOB2 tags, one per word: names (B-PER, I-PER, O) or ids named by data.label_names."})
+    tag_scheme: str = field(default="iob2", metadata={"help": "task=token-classification: how data.tags_column's tags mark entities: iob2 (every entity starts with B-; an I-X after neither B-X nor I-X is an error naming the row) or iob1 (CoNLL-2003's original files: I- starts an entity, B- only one that follows another of its type; converted to IOB2 when read).", "choices": ("iob2", "iob1")})
+    label_all_subtokens: bool = field(default=False, metadata={"help": "task=token-classification: train on every sub-token of a word (a B- word's later pieces as I-) instead of its first only; evaluation and predictions read each word's first sub-token either way."})
+    stride: Optional[int] = field(default=None, metadata={"help": "task=token-classification: split sentences longer than data.max_length into overlapping windows (not implemented yet: refused). null: truncate, and count the words and entities cut.", "range": "[1, inf)"})
     label_column: str = field(default="label", metadata={"help": "Column with the label: a class (ClassLabel, int or string), a list of labels (names or ids: multi-label) or a number (regression)."})
     label_columns: Optional[list] = field(default=None, metadata={"help": "Several label columns instead of data.label_column: 0/1 columns, one per label (multi-label; the column names are the labels), or number columns, one per target (regression)."})
-    problem_type: str = field(default="auto", metadata={"help": "What the labels are: single_label (one class per row: softmax, cross-entropy), multi_label (a set of labels per row: sigmoid, binary cross-entropy, train.threshold), regression (numbers: MSE or Huber, train.regression_loss). auto: from the training split's label column(s): lists or several 0/1 columns -> multi_label, numbers with fractions -> regression, else single_label.", "choices": PROBLEM_TYPES})
+    problem_type: str = field(default="auto", metadata={"help": "What the labels are: single_label (one class per row: softmax, cross-entropy), multi_label (a set of labels per row: sigmoid, binary cross-entropy, train.threshold), regression (numbers: MSE or Huber, train.regression_loss), token_classification (an IOB2 tag per word; what task=token-classification sets). auto: from the training split's label column(s): lists or several 0/1 columns -> multi_label, numbers with fractions -> regression, else single_label.", "choices": PROBLEM_TYPES})
     label_names: Optional[list] = field(default=None, metadata={"help": "Names for integer labels 0..K-1, e.g. [negative, positive] (multi-label: the names its label ids index, and their order)."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved (stratified, seeded) as validation when none is given. 0: no validation split, every labelled row trains (few labels): nothing is selected during training (the last state is kept; a solved head cross-validates its penalty on the training rows) and results come from data.test_file / the test split, which is then required.", "range": "[0, 1)"})
     max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens (batches are padded only to their longest row).", "range": "[1, inf)"})
@@ -195,7 +202,7 @@ class HubConfig:
 
 @dataclass
 class Config:
-    task: str = field(default="text-classification", metadata={"help": "Recipe: text-classification, audio-classification or image-classification.", "choices": TASKS})
+    task: str = field(default="text-classification", metadata={"help": "Recipe: text-classification, audio-classification, image-classification or token-classification (a tag per word: NER, tagging; data.tokens_column, data.tags_column).", "choices": TASKS})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
@@ -478,6 +485,7 @@ def _validate_combinations(cfg: Config) -> None:
     from .adapt import get_mode  # the registry of modes; imports torch, so only when a config is checked
 
     get_mode(cfg.adapt.mode)
+    _token_task(cfg)
     if cfg.data.augment:
         allowed = AUGMENTS.get(cfg.task, ())
         unknown = [a for a in cfg.data.augment if a not in allowed]
@@ -505,6 +513,20 @@ def _validate_combinations(cfg: Config) -> None:
                               "the task's metrics, plus loss). Choose one of those, or name it in train.metrics.")
 
 
+
+
+def _token_task(cfg: Config) -> None:
+    """task=token-classification and data.problem_type=token_classification go together: the recipe fixes the task,
+    so auto becomes token_classification (a word-level tag list is not told apart from multi-label by its values)."""
+    tokens, kind = cfg.task == "token-classification", cfg.data.problem_type
+    if tokens and kind == "auto":
+        cfg.data.problem_type = "token_classification"
+    elif tokens and kind != "token_classification":
+        raise ConfigError(f"task=token-classification tags words, but data.problem_type={kind}; set data.problem_type=auto "
+                          "(or token_classification).")
+    elif not tokens and kind == "token_classification":
+        raise ConfigError(f"data.problem_type=token_classification tags words, which task={cfg.task} does not; set "
+                          "task=token-classification.")
 
 
 def check_choices(cfg: Config) -> None:

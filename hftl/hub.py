@@ -90,6 +90,10 @@ def reload_scores(folder: Path, task: str, inputs: list):
         _, logits = pooling.predict_sentence_transformers(folder, inputs)
         # pipeline()'s function_to_apply: softmax, sigmoid, none; the saved head already gives the targets' scale
         return kind.scores(logits.float().numpy()), kind
+    if task == "token-classification":  # a tag per word, not a label per row: the task reads the pipeline's output
+        from .tasks.token_classification import pipeline_scores
+
+        return pipeline_scores(folder, inputs)
     from transformers import pipeline  # here, not at import: loading pipelines takes seconds that writing a folder does not need
 
     clf = pipeline(task, model=str(folder), device=-1, model_kwargs={"use_safetensors": True})

@@ -28,19 +28,20 @@ from tqdm.auto import tqdm
 
 from . import modalities, models, pooling, tasks
 from .config import Config, ConfigError, load_config, parse_override
-from .data import FORMATS, PATH_KEYS, DataError, _check_columns, _load_dataset, _load_file
+from .data import FORMATS, PATH_KEYS, DataError, _check_columns, _load_dataset, _load_file, label_columns
 from .errors import UserError
 from .hub import OutputError
-from .train import average_windows, eval_dataloader, token_slices
+from .train import average_windows, eval_dataloader, pad_positions, token_slices
 
 # What each modality's AutoModelFor*Classification maps to (transformers' own tables, by name: wav2vec2's audio head is
 # Wav2Vec2ForSequenceClassification); audio and images first, whose heads the text table does not list.
 AUTO_TABLES = {"audio-classification": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
                "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
-               "text-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}
+               "text-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+               "token-classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"}
 # A class the tables do not know (remote code): its name's ending.
 ARCHITECTURES = {"ForAudioClassification": "audio-classification", "ForImageClassification": "image-classification",
-                 "ForSequenceClassification": "text-classification"}
+                 "ForSequenceClassification": "text-classification", "ForTokenClassification": "token-classification"}
 
 
 def classifier_kind(config) -> str | None:
@@ -188,14 +189,16 @@ def read(loaded: Loaded, file: str, labelled: bool) -> tuple[Dataset, dict]:
         if column and column not in ds.column_names:
             raise DataError(f"FILE '{file}' has no column '{column}' (data.{key}, {_where(loaded, key)}); its columns are "
                             f"{ds.column_names}. Pass data.{key}=<one of those>.")
-    if labelled and data.label_column not in ds.column_names:
-        raise DataError(f"FILE '{file}' has no label column '{data.label_column}' (data.label_column, {_where(loaded, 'label_column')}); "
-                        f"its columns are {ds.column_names}. `hftl evaluate` needs labelled rows: pass data.label_column=<one of "
+    column = label_columns(data)[0]  # data.label_column (token classification: data.tags_column)
+    key = "tags_column" if column != data.label_column else "label_column"
+    if labelled and column not in ds.column_names:
+        raise DataError(f"FILE '{file}' has no label column '{column}' (data.{key}, {_where(loaded, key)}); "
+                        f"its columns are {ds.column_names}. `hftl evaluate` needs labelled rows: pass data.{key}=<one of "
                         "those>, or use `hftl predict` for unlabelled rows.")
     role = f"FILE '{file}'"
     try:
         _check_columns(ds, role, data, keys, labelled)  # the label column's kind and empty labels, as for a training split
-        ds = ds.select_columns([getattr(data, k) for k in keys if getattr(data, k)] + ([data.label_column] if labelled else []))
+        ds = ds.select_columns([getattr(data, k) for k in keys if getattr(data, k)] + ([column] if labelled else []))
         # Before any media file is decoded: a label the model does not know is found at once.
         ds = loaded.task.encode(ds, role, data) if labelled else loaded.task.add_labels(ds, loaded.task.blank(len(ds)))
     except DataError as e:  # worded for a split of a training run: say it of this file and this model
@@ -233,6 +236,7 @@ def infer(loaded: Loaded, ds: Dataset, desc: str) -> tuple[np.ndarray, np.ndarra
             if windows is not None:  # a clip cut into several windows: the mean of their logits, as evaluation takes it
                 logits, labels = average_windows(logits, labels, windows)
             outputs.append(logits), refs.append(labels)
+    outputs, refs = pad_positions(outputs, refs)  # token classification: per-token outputs of batches of unequal length
     back = np.empty(len(order), dtype=np.int64)
     back[order] = np.arange(len(order))  # back[row]: where the loader yielded that row
     return torch.cat(outputs).numpy()[back], torch.cat(refs).numpy()[back]
@@ -293,8 +297,8 @@ def _predict_scores(model_dir: str, file: str, overrides) -> tuple[np.ndarray, t
     # One output row per input row: a media file that cannot be read stops here, whatever training's data.on_bad_sample.
     loaded.cfg = dataclasses.replace(loaded.cfg, data=dataclasses.replace(loaded.cfg.data, on_bad_sample="error"))
     ds, _ = read(loaded, file, labelled=False)
-    logits, _ = infer(loaded, ds, "Predicting")
-    return loaded.task.scores(logits), loaded.task
+    logits, labels = infer(loaded, ds, "Predicting")
+    return loaded.task.row_scores(logits, labels), loaded.task
 
 
 def default_eval_dir(model_dir: str, file: str) -> Path:
@@ -316,7 +320,7 @@ def evaluate(model_dir: str, file: str, out: str | None = None, overrides: list[
     modules = metrics_lib.load_metrics(names)
     ds, skipped = read(loaded, file, labelled=True)
     logits, labels = infer(loaded, ds, "Evaluating")
-    predictions, references = task.predict(logits), task.references(labels)
+    predictions, references = task.predict_rows(logits, labels), task.references(labels)
     scores = task.compute(modules, predictions, references)
     # The plain loss of the task (no train.class_weights / label_smoothing: those shaped training, not the model).
     scores["loss"] = float(task.loss(torch.as_tensor(logits), torch.as_tensor(labels), reduction="none").float().mean())
@@ -327,7 +331,7 @@ def evaluate(model_dir: str, file: str, out: str | None = None, overrides: list[
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        truth, rows_out = task.readable(references), task.scores(logits)
+        truth, rows_out = task.readable(references), task.row_scores(logits, labels)
         with open(tmp / "predictions.jsonl", "w") as f:
             for row, ref, s in zip(rows, truth, rows_out):
                 f.write(json.dumps({"row": row, "reference": ref, **task.row(s)}) + "\n")

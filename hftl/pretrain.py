@@ -47,7 +47,7 @@ def continue_pretraining(cfg: Config, path: str, splits, tokenizer, accelerator,
     objective = pretrain_media.objective_for(cfg, path)
     if objective in pretrain_media.OBJECTIVES:
         return pretrain_media.continue_pretraining(cfg, objective, path, splits, tokenizer, accelerator, target, modality)
-    if cfg.task != "text-classification":
+    if cfg.task not in ("text-classification", "token-classification"):
         raise ConfigError(f"adapt.pretrain=mlm continues masked-language-model pretraining, which is for text; task={cfg.task} "
                           "has no masked-token objective here. Set adapt.pretrain=null.")
     if cfg.model.from_scratch:
@@ -172,6 +172,12 @@ def _column(ds: Dataset, column: str) -> Dataset:
     return ds.cast_column("text", Value("string"))
 
 
+def _sentences(ds: Dataset, column: str) -> Dataset:
+    """Rows of words (token classification's `column`) as a string column 'text': the words joined by spaces."""
+    return ds.map(lambda b: {"text": [" ".join(words) for words in b[column]]}, batched=True, remove_columns=ds.column_names,
+                  desc="Joining words")
+
+
 def _texts(cfg: Config, splits, target: Dataset | None) -> tuple[Dataset, str]:
     """Non-blank texts: adapt.pretrain_file's, else the training texts (both columns of a pair) plus data.target's."""
     d, file = cfg.data, cfg.adapt.pretrain_file
@@ -197,7 +203,10 @@ def _texts(cfg: Config, splits, target: Dataset | None) -> tuple[Dataset, str]:
         if target is None and d.target:
             target = load_target(d, splits["train"].features["labels"].names, TEXT_KEYS)[0]["train"]
         sources = [splits["train"]] + ([target] if target is not None else [])
-        texts = datasets.concatenate_datasets([_column(ds, getattr(d, k)) for ds in sources for k in TEXT_KEYS if getattr(d, k)])
+        if cfg.task == "token-classification":  # rows of words: their sentences
+            texts = datasets.concatenate_datasets([_sentences(ds, d.tokens_column) for ds in sources])
+        else:
+            texts = datasets.concatenate_datasets([_column(ds, getattr(d, k)) for ds in sources for k in TEXT_KEYS if getattr(d, k)])
         source = "the training texts" + (" and data.target's" if target is not None else "")
     texts = texts.filter(lambda b: [t is not None and t.strip() != "" for t in b["text"]], batched=True, desc="Dropping blank texts")
     if len(texts) < 2:

@@ -262,7 +262,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
                              "pretrain": json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None,
                              "task": task.name, "calibrated": calibrated, "checks": checks},
             **{f"predictions_{s}.json": predicted[s] for s in evaluated},
-            **{figure_of(s): (lambda file, s=s: task.figure(task.references(np.asarray(labelled[s]["labels"])), result["predictions"][s],
+            **{figure_of(s): (lambda file, s=s: task.figure(task.references(task.labels_of(labelled[s])), result["predictions"][s],
                                                             file, f"{task.figure_caption} on the {s} split"))
                for s in evaluated},
             **({trust.RELIABILITY_PNG: lambda file: plots.reliability_png(checks["calibration"][reliability_split]["bins"], file,

@@ -334,19 +334,34 @@ def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order:
                 logits, labels = average_windows(logits, labels, windows)
             # Loss per example, not the batch mean: the mean over the split then weighs every example once,
             # however the batches fell (a short last batch, or one that even_batches padded on another process).
-            out, ref, loss = accelerator.gather_for_metrics((logits, labels, task.loss(logits, labels, reduction="none")))
+            loss = task.loss(logits, labels, reduction="none")
+            if logits.ndim == 3:  # per-token outputs (token classification): processes' batches differ in length
+                logits, labels = accelerator.pad_across_processes(logits, dim=1), accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
+            out, ref, loss = accelerator.gather_for_metrics((logits, labels, loss))
             outputs.append(out.cpu()), refs.append(ref.cpu()), losses.append(loss.float().cpu())
     model.train()
-    logits = torch.cat(outputs).numpy()
-    preds = task.predict(logits)
+    outputs, refs = pad_positions(outputs, refs)
+    logits, labels = torch.cat(outputs).numpy(), torch.cat(refs).numpy()
+    preds = task.predict_rows(logits, labels)
     # Score while predictions and references are still in the same (loader) order.
-    scores = task.compute(metric_modules, preds, task.references(torch.cat(refs).numpy()))
+    scores = task.compute(metric_modules, preds, task.references(labels))
     scores["loss"] = float(torch.cat(losses).mean())
     if order is not None:
         back = np.empty(len(order), dtype=np.int64)
         back[order] = np.arange(len(order))  # back[row]: where the loader yielded that row
         preds, logits = [preds[i] for i in back], logits[back]
     return {"metrics": scores, "predictions": preds, "logits": logits}
+
+
+def pad_positions(outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:
+    """Per-token batches (rows x positions x outputs, each batch as long as its longest row) padded to the longest
+    batch, so a split's outputs are one array: zero logits where labels are -100, which no loss or prediction reads.
+    Other outputs are returned as they are."""
+    if not outputs or outputs[0].ndim != 3:
+        return outputs, labels
+    n = max(o.shape[1] for o in outputs)
+    return ([torch.nn.functional.pad(o, (0, 0, 0, n - o.shape[1])) for o in outputs],
+            [torch.nn.functional.pad(y, (0, n - y.shape[1]), value=-100) for y in labels])
 
 
 def _single_label():

@@ -89,19 +89,19 @@ def assess(task, labelled: dict, result: dict, overfitting: str, domain_gap: dic
     from . import metrics as metrics_lib
 
     modules = metrics_lib.load_metrics(list(task.metric_names))  # the task's own metrics, whatever train.metrics lists
-    constant = task.majority(task.references(np.asarray(labelled["train"]["labels"])))
+    constant = task.majority(task.references(task.labels_of(labelled["train"])))
     record = {"majority_baseline": {}, "collapse": {}, "per_class": {}, "calibration": {}, "list": []}
     checks = record["list"]
     checks.append({"check": "overfitting", "split": "validation",
                    "verdict": _verdict(None if overfitting.startswith("Not assessed") else not overfitting.startswith("Signs")),
                    "text": overfitting})
     for split, predictions in result["predictions"].items():
-        references = task.references(np.asarray(labelled[split]["labels"]))
+        references = task.references(task.labels_of(labelled[split]))
         n = len(references)
         model = task.compute(modules, predictions, references)
-        baseline = task.compute(modules, [constant] * n, references)
+        baseline = task.compute(modules, task.constant_predictions(constant, references), references)
         above, text = task.above_baseline(model, baseline, n)
-        record["majority_baseline"][split] = {"prediction": task.readable([constant])[0], "model": model, "baseline": baseline,
+        record["majority_baseline"][split] = {"prediction": task.describe_constant(constant), "model": model, "baseline": baseline,
                                               "clearly_above": above, "text": text}
         checks.append({"check": "majority baseline", "split": split, "verdict": _verdict(above), "text": text})
         collapse = task.collapse(predictions, references)

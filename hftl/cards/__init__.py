@@ -23,7 +23,7 @@ METRIC_NAMES = {"f1": "f1 (macro)", "precision": "precision (macro)", "recall": 
                 "subset_accuracy": "subset accuracy (exact match)", "pearson": "Pearson r", "spearman": "Spearman rho"}
 # What the card's first line says the labels are, by task (hftl/tasks/).
 TASK_SUMMARY = {"single_label": "{n} classes", "multi_label": "{n} labels, multi-label: any number per input",
-                "regression": "regression: {n} target(s)"}
+                "regression": "regression: {n} target(s)", "token_classification": "token classification: {n} IOB2 tags, one per word"}
 
 
 @dataclass

@@ -195,7 +195,10 @@ def load_raw(cfg: DataConfig, path_columns=()) -> tuple[dict[str, Dataset], str]
 
 
 def label_columns(cfg: DataConfig) -> list[str]:
-    """The columns that hold a row's label(s): data.label_columns, else data.label_column."""
+    """The columns that hold a row's label(s): data.label_columns, else data.label_column (token classification:
+    data.tags_column, a list of tags per row)."""
+    if cfg.problem_type == "token_classification":
+        return [cfg.tags_column]
     return list(cfg.label_columns) if cfg.label_columns else [cfg.label_column]
 
 
@@ -213,7 +216,7 @@ def _check_columns(ds: Dataset, role: str, cfg: DataConfig, input_keys: tuple[st
         return
     if cfg.label_columns is not None and len(cfg.label_columns) < 1:
         raise DataError("data.label_columns=[] names no column; give the label columns, or set it to null to read data.label_column.")
-    key = "label_columns" if cfg.label_columns else "label_column"
+    key = "tags_column" if cfg.problem_type == "token_classification" else "label_columns" if cfg.label_columns else "label_column"
     missing = [c for c in label_columns(cfg) if c not in ds.column_names]
     if missing:
         named = f"column(s) {missing}" if cfg.label_columns else f"column '{missing[0]}'"

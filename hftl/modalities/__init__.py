@@ -13,7 +13,8 @@ from typing import Any, Callable
 from ..config import TASKS, Config, ConfigError
 
 # config.TASKS -> the module here that defines it (each has a module-level MODALITY).
-MODULES = {"text-classification": "text", "audio-classification": "audio", "image-classification": "image"}
+MODULES = {"text-classification": "text", "audio-classification": "audio", "image-classification": "image",
+           "token-classification": "tokens"}
 
 
 @dataclass

@@ -24,6 +24,8 @@ class Task:
     problem_type: str | None = None  # what transformers' config.problem_type calls it (pipeline() reads it)
     metric_names: tuple[str, ...] = ()  # the shipped metric modules (hftl/metrics) it reports, its default train.metrics
     default_metric_for_best = "loss"
+    per_token = False  # its head reads one vector per position (token classification), not one per row (hftl/cache.py)
+    solver_metric = ""  # what `solve` chooses the penalty by, when not train.metric_for_best
 
     def __init__(self, names: list[str]):
         self.names = list(names)  # one per model output: class, label or target names
@@ -41,6 +43,19 @@ class Task:
     def predict(self, logits: np.ndarray) -> list:
         """One prediction per row of model outputs (n x outputs), as the metrics take it."""
         raise NotImplementedError
+
+    def predict_rows(self, logits: np.ndarray, labels: np.ndarray) -> list:
+        """`predict` for evaluation, which also has the rows' encoded labels (token classification reads which
+        positions are words from them)."""
+        return self.predict(logits)
+
+    def row_scores(self, logits: np.ndarray, labels: np.ndarray):
+        """`scores` of each row for `row` (hftl predict / evaluate), which also have the rows' encoded labels."""
+        return self.scores(logits)
+
+    def labels_of(self, ds):
+        """A split's encoded 'labels' as `references` takes them (token classification: lists of unequal length)."""
+        return np.asarray(ds["labels"])
 
     def references(self, labels: np.ndarray) -> list:
         """The encoded 'labels' of rows as the metrics take them."""
@@ -108,6 +123,14 @@ class Task:
         """The majority baseline's one prediction for every row (as `predict` gives them), from the training split's
         references."""
         raise NotImplementedError
+
+    def describe_constant(self, constant):
+        """The majority baseline's prediction as results.json records it."""
+        return self.readable([constant])[0]
+
+    def constant_predictions(self, constant, references: list) -> list:
+        """The majority baseline's predictions for rows with these references: `constant` for every row."""
+        return [constant] * len(references)
 
     def above_baseline(self, model: dict, baseline: dict, n: int) -> tuple[bool | None, str]:
         """Whether the model's scores (the task's metrics on `n` rows) are clearly above the majority baseline's, and a
@@ -279,6 +302,10 @@ def resolve_metrics(cfg: Config) -> Config:
 def from_model_config(config) -> Task:
     """The task a saved model (its transformers config) was trained for, as `hftl predict` / `hftl evaluate` use it:
     its output names from id2label, what `Task.model_config` stored, the kind from problem_type."""
+    from .token_classification import TokenClassification, is_token_model
+
+    if is_token_model(config):  # transformers keeps no problem_type for token classification: its architecture says it
+        return TokenClassification.from_model_config(config)
     kind = {cls.problem_type: cls for cls in TASKS.values() if cls.problem_type}.get(config.problem_type or "single_label_classification")
     if kind is None:
         raise ConfigError(f"the model's config has problem_type={config.problem_type!r}; hftl knows "
@@ -286,4 +313,4 @@ def from_model_config(config) -> Task:
     return kind.from_model_config(config)
 
 
-from . import multi_label, regression, single_label  # noqa: E402,F401  (each registers itself)
+from . import multi_label, regression, single_label, token_classification  # noqa: E402,F401  (each registers itself)

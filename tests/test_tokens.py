@@ -1,0 +1,300 @@
+"""Token classification (task=token-classification, hftl/tasks/token_classification.py, hftl/modalities/tokens.py) on
+the tiny BERT: first-sub-token labels on a word split into several pieces, an entity cut by truncation counted, the
+entity metrics' seqeval conventions, every mode training with falling loss and the saved folder's pipeline giving the
+evaluated tags, and the one-line refusals of bad tag data and settings that do not fit."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import NEGATIVE, POSITIVE, read_json, write_rows
+from hftl.config import ConfigError, load_config
+from hftl.data import DataError
+
+# Toy NER: positive words are PER (runs of one or two), negative words LOC, letter words ('xyz' -> x ##y ##z) O.
+LETTERS = "xyzab"
+
+
+def ner_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words, tags = [], []
+        for _ in range(rng.randint(2, 6)):
+            k = rng.random()
+            if k < 0.3:
+                span, kind = [rng.choice(POSITIVE) for _ in range(rng.randint(1, 2))], "PER"
+            elif k < 0.5:
+                span, kind = [rng.choice(NEGATIVE)], "LOC"
+            else:
+                span, kind = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 3)))], None
+            words += span
+            tags += ["O"] if kind is None else [f"B-{kind}"] + [f"I-{kind}"] * (len(span) - 1)
+        rows.append({"tokens": words, "ner_tags": tags})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def ner_data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("ner")
+    return {"train": write_rows(folder / "train.jsonl", ner_rows(64, 0)),
+            "validation": write_rows(folder / "validation.jsonl", ner_rows(24, 1))}
+
+
+def ner_cfg(tiny_bert, ner_data, out: Path, *overrides, train=None, validation=None):
+    return load_config(None, [
+        "task=token-classification", f"model.name_or_path={tiny_bert}", f"data.train_file={train or ner_data['train']}",
+        f"data.validation_file={validation or ner_data['validation']}", "data.max_length=24", f"output.dir={out}",
+        "train.batch_size=8", "train.eval_batch_size=32", "train.epochs=6", "train.min_steps=null", "train.log_every=1000",
+        "train.learning_rate=0.02", *overrides])
+
+
+# ---------------------------------------------------------------- word pieces and truncation
+
+
+def test_labels_go_on_each_words_first_piece_and_truncation_cuts_are_counted(tiny_bert, capsys):
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    from hftl.modalities import tokens
+    from hftl.tasks.token_classification import TokenClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    words, tags = ["great", "xyz", "bad", "ab", "good", "fine"], ["B-PER", "O", "B-LOC", "O", "B-PER", "I-PER"]
+    task = TokenClassification(["O", "B-LOC", "B-PER", "I-PER"])
+    raw = Dataset.from_dict({"tokens": [words], "ner_tags": [tags]})
+
+    def prepared(*overrides):
+        cfg = load_config(None, ["task=token-classification", *overrides])
+        return tokens.prepare(DatasetDict(train=task.encode(raw, "train", cfg.data)), tokenizer, cfg)[0]["train"][0]
+
+    row = prepared()
+    pieces = tokenizer.convert_ids_to_tokens(row["input_ids"])
+    assert pieces == ["[CLS]", "great", "x", "##y", "##z", "bad", "a", "##b", "good", "fine", "[SEP]"]
+    O, B_LOC, B_PER, I_PER = range(4)
+    assert row["labels"] == [-100, B_PER, O, -100, -100, B_LOC, O, -100, B_PER, I_PER, -100]
+    assert "cuts" not in capsys.readouterr().out  # nothing was truncated
+
+    # every piece trains (a B- word's later ones as I-, coded below -100), but each word is still read at its first
+    row = prepared("data.label_all_subtokens=true")
+    assert row["labels"][1:8] == [B_PER, O, -101 - O, -101 - O, B_LOC, O, -101 - O]
+    logits = np.zeros((1, len(row["labels"]), 4))
+    logits[0, np.arange(len(row["labels"])), [0] * len(row["labels"])] = 1
+    logits[0, 3, B_LOC] = 5  # a later piece's output never becomes a prediction
+    assert task.predict_rows(logits, np.array([row["labels"]])) == [[O] * 6]
+    assert task.references(np.array([row["labels"]])) == [[B_PER, O, B_LOC, O, B_PER, I_PER]]
+
+    # 9 positions: [CLS] great x ##y ##z bad a ##b [SEP]: 'good fine' (one entity) is cut, and said so
+    row = prepared("data.max_length=9")
+    assert row["labels"] == [-100, B_PER, O, -100, -100, B_LOC, O, -100, -100]
+    assert "cuts 2 word(s) and 1 entity off 1 train row(s)" in capsys.readouterr().out
+    # an entity that loses some of its words counts as cut
+    assert tokens.cut([None, 0, 1, 1, None], ["B-PER", "I-PER", "I-PER", "O", "B-LOC"]) == (3, 2)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_entity_metrics_follow_seqeval_conventions():
+    from hftl.metrics import load_metrics
+    from hftl.tasks.token_classification import TokenClassification
+
+    # seqeval's README example: MISC predicted one word too early, PER right: precision = recall = F1 = 0.5, accuracy 0.8
+    true = [["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    pred = [["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    task = TokenClassification(["O", "B-MISC", "I-MISC", "B-PER", "I-PER"])
+    ids = lambda rows: [[task.names.index(t) for t in r] for r in rows]  # noqa: E731
+    modules = load_metrics(list(task.metric_names))
+    scores = task.compute(modules, ids(pred), ids(true))
+    assert scores == pytest.approx({"entity_f1": 0.5, "entity_precision": 0.5, "entity_recall": 0.5, "token_accuracy": 0.8})
+    # non-strict (conlleval) mode: an I- that starts a chunk is an entity of its type; B- after B- splits entities
+    scores = task.compute(modules, ids([["I-PER", "I-PER", "O"], ["B-PER", "B-PER", "O"]]), ids([["B-PER", "I-PER", "O"], ["B-PER", "I-PER", "O"]]))
+    assert scores["entity_precision"] == pytest.approx(1 / 3) and scores["entity_recall"] == pytest.approx(1 / 2)
+
+
+# ---------------------------------------------------------------- every mode
+
+
+# "options": full fine-tuning with every piece labelled, layer-wise rates, L2-SP, label smoothing, a carved validation
+# split, after masked-LM pretraining on the training sentences
+@pytest.fixture(scope="module", params=["full", "head", "head-adamw", "lora", "partial", "gradual", "lpft", "options"])
+def run(request, tiny_bert, ner_data, tmp_path_factory):
+    from hftl.recipe import train
+
+    out = tmp_path_factory.mktemp(f"ner_{request.param}") / "out"
+    extra = {"lpft": ["adapt.lp_epochs=2", "train.epochs=4"], "head-adamw": ["adapt.mode=head", "adapt.solve_head=false"],
+             "options": ["adapt.mode=full", "data.label_all_subtokens=true", "adapt.layer_lr_decay=0.8", "adapt.l2sp=0.01",
+                         "train.label_smoothing=0.1", "data.validation_fraction=0.25", "adapt.pretrain=mlm", "adapt.pretrain_epochs=1"]}.get(request.param, [])
+    mode = [] if request.param in ("options", "head-adamw") else [f"adapt.mode={request.param}"]
+    cfg = ner_cfg(tiny_bert, ner_data, out, *mode, *extra)
+    if request.param == "options":  # validation carved from train: its rows are the reload check's
+        cfg.data.validation_file = None
+    results = train(cfg)
+    return request.param, out, results
+
+
+def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluated_tags(run, ner_data):
+    from transformers import pipeline
+
+    from hftl.metrics.entities import entities as entity_spans
+    from hftl.tasks import from_model_config
+    from hftl.tasks.token_classification import pipeline_scores
+
+    mode, out, results = run
+    saved = read_json(out / "results.json")
+    assert saved["task"] == "token_classification"
+    assert set(results["validation"]) == {"entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"}
+    if mode == "head":  # solved on the cached features of each word's first piece, not trained
+        assert saved["solver"]["method"] == "logistic regression (L2, lbfgs) on each word's first-piece features"
+        assert saved["solver"]["metric"] == "per-word log-loss" and results["validation"]["entity_f1"] > 0.3
+    else:
+        history = [h for h in saved["history"] if h.get("stage", "fine_tune") == "fine_tune"]
+        assert history[-1]["train_loss"] < history[0]["train_loss"], history
+        assert history[-1]["eval_loss"] < history[0]["eval_loss"], history
+    if mode == "options":  # validation was carved from train; the run's own reload check compared its rows
+        assert len(read_json(out / "predictions_validation.json")) == 16
+        assert saved["pretrain"]["objective"] == "mlm" and saved["pretrain"]["source"] == "the training texts"
+        return
+    predictions = read_json(out / "predictions_validation.json")
+    rows = [json.loads(line) for line in ner_data["validation"].read_text().splitlines()]
+    if mode in ("head", "head-adamw", "lpft"):  # the frozen backbone ran once: the cache holds a vector per word (its first piece)
+        from datasets import Dataset
+
+        cache = saved["feature_cache"]
+        assert cache["head"] == ["classifier"]
+        cached = Dataset.from_file(cache["splits"]["validation"]["file"])
+        assert {r: len(f) // 32 for r, f in zip(cached["row"], cached["features"])} == {i: len(r["tokens"]) for i, r in enumerate(rows)}
+    # What the run's own reload check compared, redone here: word-level tags of pipeline('token-classification').
+    assert [len(p) for p in predictions] == [len(r["tokens"]) for r in rows]
+    scores, task = pipeline_scores(out, [r["tokens"] for r in rows])
+    assert task.readable_from_scores(scores) == predictions
+    # every tag's probability per word, so a mixed-precision run's near-ties are measured, not guessed
+    assert all(np.allclose(s.sum(-1), 1) for s in scores)
+    row = scores[0]
+    assert task.near_tie(row, predictions[0]) == 0
+    second = [task.names[int(j)] for j in np.argsort(row, -1)[:, -2]]
+    assert task.near_tie(row, second) == pytest.approx(max(np.sort(row, -1)[:, -1] - np.sort(row, -1)[:, -2]))
+    tagger = pipeline("token-classification", model=str(out), device=-1)
+    config = tagger.model.config
+    assert config.architectures == ["BertForTokenClassification"] and from_model_config(config).name == "token_classification"
+    # What the card tells users to run: entities grouped from the first pieces' tags are the evaluated ones.
+    for row, tags in zip(rows, predictions):
+        found = tagger(" ".join(row["tokens"]), aggregation_strategy="first")
+        words = [(e["entity_group"], e["word"]) for e in found]
+        assert words == [(kind, " ".join(row["tokens"][a:b + 1])) for kind, a, b in entity_spans([tags])], (row, tags)
+
+
+    if mode == "full":
+        check_card(out, results)
+        check_predict_and_evaluate(out, ner_data, rows, predictions, results)
+
+
+def check_card(out: Path, results: dict) -> None:
+    """Full fine-tuning learns the entities; the card lists each entity type's scores and how to reload the model."""
+    assert results["validation"]["entity_f1"] > 0.4  # the untrained model's is ~0.1 on these rows
+    card = (out / "README.md").read_text()
+    assert "token classification: 4 IOB2 tags" in card and 'aggregation_strategy="first"' in card
+    assert "| PER |" in card and "| LOC |" in card
+    assert (out / "per_entity.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- one-line refusals
+
+
+def _bad(tmp_path, rows, name="bad.jsonl"):
+    return write_rows(tmp_path / name, rows)
+
+
+@pytest.mark.parametrize("rows,role,message", [
+    ([{"tokens": ["good", "bad"], "ner_tags": ["B-PER"]}], "train", "row 1 (file '{train}') has 2 words ('tokens') but 1 tags"),
+    ([{"tokens": ["x", "good"], "ner_tags": ["O", "I-PER"]}], "train", "row 1 (file '{train}') is not IOB2: 'I-PER' at word 1 follows 'O': in IOB2 an entity starts with B-PER (for IOB1 data, where I- starts an entity, set data.tag_scheme=iob1)"),
+    ([{"tokens": ["x", "good"], "ner_tags": ["O", "B-ORG"]}], "validation", "row 1 (file '{validation}') has tag(s) ['B-ORG'] that the train split never has"),
+])
+def test_bad_tag_rows_are_refused_in_one_line_naming_the_row(tiny_bert, ner_data, tmp_path, rows, role, message):
+    from hftl.recipe import train
+
+    good = ner_rows(8, 5)
+    files = {"train": _bad(tmp_path, good + rows, "train.jsonl") if role == "train" else ner_data["train"],
+             "validation": _bad(tmp_path, good[:1] + rows, "validation.jsonl") if role == "validation" else ner_data["validation"]}
+    if role == "train":
+        message = message.replace("row 1", f"row {len(good)}")
+    with pytest.raises(DataError) as e:
+        train(ner_cfg(tiny_bert, ner_data, tmp_path / "out", train=files["train"], validation=files["validation"]))
+    assert message.format(**files) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.class_weights=[1, 2, 2, 2]"], "train.class_weights=[1, 2, 2, 2]: not implemented for task=token-classification"),
+    (["adapt.align=coral", f"data.target={Path(__file__)}"], "adapt.align=coral: not implemented for task=token-classification"),
+    (["data.stride=8"], "data.stride=8: not implemented for task=token-classification yet; set data.stride=null"),
+    (["adapt.mode=contrastive"], "adapt.mode=contrastive pairs rows of the same class"),
+])
+def test_settings_that_do_not_fit_tokens_are_refused_in_one_line(tiny_bert, ner_data, tmp_path, overrides, message):
+    from hftl.recipe import train
+
+    with pytest.raises(ConfigError) as e:
+        train(ner_cfg(tiny_bert, ner_data, tmp_path / "out", *overrides))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_task_and_the_problem_type_go_together():
+    assert load_config(None, ["task=token-classification"]).data.problem_type == "token_classification"
+    with pytest.raises(ConfigError, match="set task=token-classification"):
+        load_config(None, ["data.problem_type=token_classification"])
+    with pytest.raises(ConfigError, match="data.problem_type=multi_label; set data.problem_type=auto"):
+        load_config(None, ["task=token-classification", "data.problem_type=multi_label"])
+
+
+def check_predict_and_evaluate(out: Path, ner_data, rows: list[dict], predictions: list, results: dict) -> None:
+    """`hftl predict` tags an unlabelled file's words as training evaluated them; `hftl evaluate` scores the labelled
+    validation file as training did."""
+    from hftl.predict import evaluate, predict
+
+    unlabelled = write_rows(out.parent / "words.jsonl", [{"tokens": r["tokens"]} for r in rows])
+    assert predict(str(out), str(unlabelled), str(out.parent / "tags.jsonl")) == len(rows)
+    lines = [json.loads(line) for line in (out.parent / "tags.jsonl").read_text().splitlines()]
+    assert [line["tags"] for line in lines] == predictions
+    first = next(line for line in lines if line["entities"])
+    start, end, kind = first["entities"][0]["start"], first["entities"][0]["end"], first["entities"][0]["type"]
+    assert first["tags"][start] in (f"B-{kind}", f"I-{kind}") and all(t == f"I-{kind}" for t in first["tags"][start + 1:end])
+    report = evaluate(str(out), str(ner_data["validation"]), str(out.parent / "evaluated"))
+    assert report["metrics"] == pytest.approx(results["validation"], abs=1e-5)
+
+
+def test_tag_ids_named_by_label_names_and_non_iob2_tag_names(tmp_path):
+    from datasets import ClassLabel, Dataset, Sequence
+
+    from hftl.tasks.token_classification import TokenClassification
+
+    cfg = load_config(None, ["task=token-classification", "data.label_names=[O, B-PER, I-PER, B-LOC]"]).data
+    ids = Dataset.from_dict({"tokens": [["good", "nice", "x"], ["bad"]], "ner_tags": [[1, 2, 0], [3]]})
+    task = TokenClassification.read(ids, cfg)
+    assert task.names == ["O", "B-PER", "I-PER", "B-LOC"]
+    assert task.encode(ids, "train", cfg)["labels"] == [[1, 2, 0], [3]]
+    # a Hub data set's Sequence(ClassLabel) names its own tags
+    hub = ids.cast_column("ner_tags", Sequence(ClassLabel(names=["O", "B-PER", "I-PER", "B-LOC"])))
+    plain = load_config(None, ["task=token-classification"]).data
+    assert TokenClassification.read(hub, plain).names == task.names
+    with pytest.raises(DataError, match="holds tag ids; name them with data.label_names"):
+        TokenClassification.read(ids, plain)
+    iobes = Dataset.from_dict({"tokens": [["good", "x"]], "ner_tags": [["S-PER", "O"]]})
+    with pytest.raises(DataError, match="has tag 'S-PER'; token classification reads IOB2 tags"):
+        TokenClassification.read(iobes, plain)
+
+
+def test_iob1_tags_are_converted_on_request():
+    from datasets import Dataset
+
+    from hftl.tasks.token_classification import TokenClassification, iob1_to_iob2
+
+    assert iob1_to_iob2(["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG"]) == ["B-PER", "I-PER", "B-PER", "O", "B-LOC", "B-ORG"]
+    rows = Dataset.from_dict({"tokens": [["good", "nice", "fine", "x", "bad"]], "ner_tags": [["I-PER", "I-PER", "B-PER", "O", "I-LOC"]]})
+    cfg = load_config(None, ["task=token-classification", "data.tag_scheme=iob1"]).data
+    task = TokenClassification.read(rows, cfg)
+    assert set(task.names) == {"O", "B-PER", "I-PER", "B-LOC", "I-LOC"}
+    assert task.readable(task.encode(rows, "train", cfg)["labels"]) == [["B-PER", "I-PER", "B-PER", "O", "B-LOC"]]
