@@ -154,7 +154,7 @@ CASES = [
     one("adapt.pretrain_epochs=0"),
     # choices: refused when read, listing them
     one("adapt.mode=nope", r"adapt\.mode='nope' is unknown; choose one of adalora, contrastive, full, gradual, head, .*lora"),
-    one("task=nope", r"task='nope' is unknown; choose one of text-classification, audio-classification, image-classification\."),
+    one("task=nope", r"task='nope' is unknown; choose one of text-classification, audio-classification, image-classification, token-classification\."),
     Case("data.builtin=nope", lambda c: c.base("data.builtin=nope", data=False),
          r"data\.builtin='nope' is unknown; choose one of vader_lexicon, sklearn_digits, or null\."),
     one("train.scheduler=nope", r"train\.scheduler='nope' is unknown; choose one of linear, cosine, constant, slanted_triangular\."),
@@ -198,7 +198,7 @@ CASES = [
     Case("config.json with auto_map", lambda c: c.base(f"model.name_or_path={c.model_copy(json_edit('config.json', auto_map={'AutoModel': 'm.M'}))}"),
          r"'.*/model/config\.json' has auto_map \(AutoModel\), which hftl runs only with model\.trust_remote_code=true", "model"),
     Case("metric that does not load", lambda c: c.base("train.metrics=[nosuchmetric]", "train.metric_for_best=nosuchmetric"),
-         r"train\.metrics: cannot load the metric 'nosuchmetric' \(FileNotFoundError: .*hftl ships accuracy, f1, .*precision, recall", "model"),
+         r"train\.metrics: cannot load the metric 'nosuchmetric' \(FileNotFoundError: .*hftl ships accuracy, .*f1, .*precision, recall", "model"),
     Case("an image checkpoint for a text task", lambda c: c.base(f"model.name_or_path={tiny_vit(c.tmp / 'vit')}"),
          r"model\.name_or_path='.*/vit': cannot load it for task=text-classification", "model"),
     Case("data.max_length above the model's positions", lambda c: c.base("data.max_length=100"),
