@@ -189,7 +189,7 @@ def _checkpoint_fingerprint(model: nn.Module, head: list[str], collator, cfg: Co
         t = tensor.detach().cpu().contiguous()
         weights.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         weights.update(t.reshape(-1).view(torch.uint8).numpy())
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id", "_name_or_path")}
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id", "_name_or_path", "problem_type")}  # the head's task: not what features depend on
     try:
         collator_hash = Hasher.hash(collator)
     except Exception:  # an unpicklable collator: features stay in memory for this run
