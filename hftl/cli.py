@@ -1,4 +1,4 @@
-"""Command line: `hftl train [CONFIG] [key=value ...]`, `hftl push OUT_DIR [key=value ...]`, `hftl modes`,
+"""Command line: `hftl train [CONFIG] [key=value ...]`, `hftl push OUT_DIR [key=value ...]`, `hftl modes`, `hftl presets`,
 `hftl rank [CONFIG] --models NAME ... [--out FILE.json] [key=value ...]`,
 `hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] [--lr-scales X ...] --out REPORT_DIR [key=value ...]`,
 `hftl tune [CONFIG] --trials N [--study-name S] [--storage URL] [--out DIR] key=range ... [key=value ...]`,
@@ -93,7 +93,30 @@ def preset(config: str) -> Path:
         return path
     parts = path.parts[2:] if path.parts[:2] == ("recipes", "configs") else path.parts
     packaged = PRESETS.joinpath(*parts) if parts else None
-    return packaged if packaged is not None and packaged.is_file() else path
+    if packaged is not None and packaged.is_file():
+        return packaged
+    named = presets().get(config.removesuffix(".yaml")) if len(path.parts) == 1 else None  # a bare name: `hftl train minilm_sst2_lora`
+    return named or path
+
+
+def presets() -> dict[str, Path]:
+    """Every shipped preset by its name (the file name without .yaml; the names are unique across the folders)."""
+    return {p.stem: p for p in sorted(PRESETS.rglob("*.yaml"))}
+
+
+def _presets(args) -> int:
+    import yaml  # light: what `hftl presets` prints is read from each file itself
+
+    for name, path in presets().items():
+        cfg = yaml.safe_load(path.read_text()) or {}
+        data, adapt = cfg.get("data") or {}, cfg.get("adapt") or {}
+        where = (f"built-in {data['builtin']}" if data.get("builtin") else data.get("train_file") or data.get("dataset_name")
+                 or "none set (give data.train_file)")
+        print(f"{name:24s} {cfg.get('task', 'text-classification')}, {(cfg.get('model') or {}).get('name_or_path', '?')}, "
+              f"mode {adapt.get('mode', 'full')}, training data: {where}")
+    print(f"\nrun one by name: hftl train NAME [key=value ...]; its file: {PRESETS}/<folder>/NAME.yaml "
+          "(copy it to change more than a few keys)")
+    return 0
 
 
 def _push(args) -> int:
@@ -277,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "SIGTERM/SIGUSR1 preempted the run, so a scheduler requeues it")
     p = sub.add_parser("modes", help="list the adaptation modes")
     p.set_defaults(func=_modes)
+    p = sub.add_parser("presets", help="list the shipped presets (each runs by name: `hftl train NAME`)")
+    p.set_defaults(func=_presets)
     what = "export a text model folder `hftl train` wrote to ONNX (torch.onnx), checked in ONNX Runtime against its predictions"
     p = sub.add_parser("export", help=what, description=what, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n  hftl export outputs/sst2 --onnx            # outputs/sst2/onnx/model.onnx\n"

