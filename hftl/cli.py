@@ -110,7 +110,7 @@ def _presets(args) -> int:
     for name, path in presets().items():
         cfg = yaml.safe_load(path.read_text()) or {}
         data, adapt = cfg.get("data") or {}, cfg.get("adapt") or {}
-        where = (f"built-in {data['builtin']}" if data.get("builtin") else data.get("train_file") or data.get("dataset_name")
+        where = (f"built-in {data['builtin']}" if data.get("builtin") else data.get("train_file") or data.get("name") or data.get("data_dir")
                  or "none set (give data.train_file)")
         print(f"{name:24s} {cfg.get('task', 'text-classification')}, {(cfg.get('model') or {}).get('name_or_path', '?')}, "
               f"mode {adapt.get('mode', 'full')}, training data: {where}")
