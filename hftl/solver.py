@@ -25,6 +25,7 @@ MIN_VALIDATION = 20  # fewer validation rows than this (or than 2 per label) can
 FOLDS = 5
 WIDEN = 3  # at most this many decades beyond either end of the grid
 FINAL_TOL = 1e-6  # the chosen C's fit: converged, not just ranked
+PATIENCE = 2  # grid values in a row scoring below the best before the walk towards weaker penalties stops
 
 
 @dataclass
@@ -104,10 +105,20 @@ def solve_logistic(x: np.ndarray, y: np.ndarray, num_labels: int, x_val: np.ndar
             scores.append(score(clf, z_val, y_val) if held is None else score(clf, z[held], y[held]))
         return float(np.mean(scores))
 
-    path = [{"C": c, "score": evaluate(c)} for c in grid]
+    # Walk from strong to weak penalty and stop once PATIENCE values in a row score below the best so far: the score
+    # over C rises to one peak and falls (SST-2's full path: 79.6, 80.1, 80.7 at C=1e-3, then 80.6 ... 80.0), and the
+    # weak-penalty fits are the slow ones (8x the iterations of C=1e-3), so the walk skips most of the cost.
+    path, behind = [], 0
+    for c in grid:
+        path.append({"C": c, "score": evaluate(c)})
+        best_score = max(e["score"] for e in path)
+        behind = behind + 1 if path[-1]["score"] < best_score else 0
+        if behind >= PATIENCE:
+            break
+    walked_to_end = len(path) == len(grid)
     for _ in range(WIDEN):  # an optimum at an end of the grid may lie beyond it
         best = max(range(len(path)), key=lambda i: (path[i]["score"], -i))
-        if best not in (0, len(path) - 1) or len(path) == 1:
+        if best not in (0, len(path) - 1) or len(path) == 1 or (best == len(path) - 1 and not walked_to_end):
             break
         lower = best == 0
         c = path[best]["C"] / 10 if lower else path[best]["C"] * 10

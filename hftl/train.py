@@ -24,7 +24,6 @@ from accelerate.utils import DataLoaderConfiguration, get_int_from_env, set_seed
 from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import checkpoint, hub
@@ -218,6 +217,9 @@ def make_scheduler(optimizer, t: TrainConfig, total_steps: int):
             return (1 + p * (ratio - 1)) / ratio
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # Imported here: transformers.optimization pulls in trainer_utils and with it peft (1.7 s) for any run.
+    from transformers import get_scheduler
+
     return get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 

@@ -7,9 +7,10 @@
 Part `features` (every label): hftl head mode (`adapt.mode=head`: the checkpoint's own pooling, the head solved)
 against the ten-line baseline: sentence-transformers embeddings of the same checkpoint + scikit-learn
 LogisticRegression(C=1), on SST-2 (train 6,920, test = its validation file, 872) and on each UCI sentiment set
-(amazon, imdb, yelp: 1,000 reviews, split 80/20 with seed 0). hftl carves its own validation split (10% of the
-training rows, its default) to choose the head's penalty; the baseline trains on every training row. Accuracy on the
-test rows and wall time from process start to exit.
+(amazon, imdb, yelp: 1,000 reviews, split 80/20 with seed 0). hftl runs twice: as the preset does (10% of the
+training rows carved as a validation split, which the head never fits on; its penalty cross-validated on the rest) and
+on every training row as the baseline fits (data.validation_fraction=0). Accuracy on the test rows; wall time from
+process start to exit, the median of --repeats runs of each system started in turn.
 
 Part `fewshot` (k labelled rows per class, k in --budgets, drawn with each --seeds from SST-2's training file): the true
 few-shot protocol, no labelled row beyond the k per class. hftl runs with data.validation_fraction=0 (nothing carved:
@@ -22,8 +23,9 @@ task (ViT on USPS -> scikit-learn's digits; wav2vec2 on three FSDD speakers -> t
 recipes/configs/{image/vit_digits_head,audio/wav2vec2_fsdd_head}.yaml: the head trained by AdamW for the preset's
 epochs (as before the solved head) against the solved head reading the last layer, the one below it, and the first.
 
-Every job is a fresh process with an empty feature cache of its own; results are kept in --work/results.json, so a rerun
-only runs what is missing. Run it alone on the machine: the times mean nothing beside other jobs.
+Every job is a fresh process with an empty feature cache of its own; results are kept in --results
+(scripts/results/fewshot.json, committed), so a rerun only runs what is missing, and a part run alone replaces only
+its own section of the report. Run it alone on the machine: the times mean nothing beside other jobs.
 """
 from __future__ import annotations
 
@@ -118,20 +120,31 @@ def features_part(args, results: Results) -> list[str]:
         cut = int(0.8 * len(rows))
         tasks[f"uci-{name}"] = (write_csv(args.work / "data" / f"{name}_train.csv", rows[:cut]),
                                 write_csv(args.work / "data" / f"{name}_test.csv", rows[cut:]))
-    lines = ["| task | training rows | hftl head: accuracy % | hftl s | embeddings + LogisticRegression: accuracy % | baseline s | hftl faster |",
-             "|---|---|---|---|---|---|---|"]
+    # hftl as the preset runs it (10% of train carved as validation, which the head never fits on), hftl on every
+    # labelled row as the baseline fits (data.validation_fraction=0: the penalty cross-validated), and the baseline.
+    systems = {"hftl": ["data.validation_fraction=0.1"], "hftl-every-row": ["data.validation_fraction=0"], "baseline": None}
+    lines = ["| task | training rows | hftl head (10% carved): accuracy % | s | hftl head, every row: accuracy % | s | "
+             "embeddings + LogisticRegression: accuracy % | s | hftl (every row) time / baseline time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for task, (train, test) in tasks.items():
         if args.tasks and task not in args.tasks:
             continue
-        runs = {}
-        for system in ("hftl", "baseline"):
-            out = args.work / "features" / task / system
-            key = f"features|{task}|{system}"
-            runs[system] = results.get(key, lambda: hftl_job("head", train, test, out, 0, ["data.validation_fraction=0.1"])
-                                       if system == "hftl" else peer_job(BASELINE, train, test, out, 0))
-        h, b = runs["hftl"], runs["baseline"]
-        lines.append(f"| {task} | {len(read_csv(train)):,} | {100 * h['accuracy']:.2f} | {h['seconds']:.1f} | {100 * b['accuracy']:.2f} | "
-                     f"{b['seconds']:.1f} | {b['seconds'] / h['seconds']:.2f}x |")
+        runs = {system: [] for system in systems}
+        for r in range(args.repeats):  # the systems alternate, so a slow minute on the machine falls on each alike
+            for system, extra in systems.items():
+                out = args.work / "features" / task / f"{system}-r{r}"
+                key = f"features|{task}|{system}|r{r}"
+                runs[system].append(results.get(key, lambda: hftl_job("head", train, test, out, 0, extra)
+                                                if extra is not None else peer_job(BASELINE, train, test, out, 0)))
+        cells, median = [], {}
+        for system, jobs in runs.items():
+            median[system] = statistics.median(j["seconds"] for j in jobs)
+            accuracies = {round(100 * j["accuracy"], 2) for j in jobs}  # the same every repeat (seeded); shown if not
+            cells += [" / ".join(f"{a:.2f}" for a in sorted(accuracies)), f"{median[system]:.1f}"]
+        lines.append(f"| {task} | {len(read_csv(train)):,} | " + " | ".join(cells) +
+                     f" | {median['hftl-every-row'] / median['baseline']:.2f} |")
+    lines += ["", f"Seconds: the median of {args.repeats} runs of each system, started in turn (hftl, hftl every row, baseline, "
+              "hftl, ...), each a fresh process from start to exit."]
     return lines
 
 
@@ -224,6 +237,7 @@ def main() -> None:
     p.add_argument("--part", choices=["features", "fewshot", "media", "all"], default="all")
     p.add_argument("--pretrained", type=Path, default=ROOT / "outputs" / "pretrained", help="media part: scripts/pretrain_source.py's folder")
     p.add_argument("--tasks", nargs="*", help="features part: only these (sst2, uci-amazon, uci-imdb, uci-yelp)")
+    p.add_argument("--repeats", type=int, default=3, help="features part: runs of each system (the median time is shown)")
     p.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 64])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=["full", "head", "lpft", "contrastive", "contrastive+template", "setfit", "setfit+template"], choices=[*ARMS, *PEER_ARMS])
@@ -231,27 +245,45 @@ def main() -> None:
                    "many rows per class (two rows per label from its name weigh little beside 64 real ones)")
     p.add_argument("--time-seeds", nargs="+", type=int, help="fewshot part: the seconds shown are the mean over these seeds' "
                    "runs only (default: every seed), e.g. those run alone on the machine when the others were not")
-    p.add_argument("--cached-only", action="store_true", help="fewshot part: report the runs --work/results.json holds, run "
+    p.add_argument("--cached-only", action="store_true", help="fewshot part: report the runs --results holds, run "
                    "none (a cell lists its seeds when it has fewer than --seeds)")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_fewshot")
     p.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "fewshot.md")
+    p.add_argument("--results", type=Path, default=ROOT / "scripts" / "results" / "fewshot.json", help="every finished job "
+                   "by key (committed beside the report, so a later session can add seeds to it or re-render it)")
     args = p.parse_args()
-    results = Results(args.work / "results.json")
+    results = Results(args.results)
     started = load()
-    report = [f"# Frozen features and few labels (`scripts/bench_fewshot.py`)", "",
-              f"Command: `{command_line()}`", f"Machine: {machine()}; load average at start {started}.",
-              f"Finished {time.strftime('%Y-%m-%d %H:%M')}. Accuracy on the test rows; seconds from process start to exit.", ""]
+    # Filled in once every part has run (a list shared by the sections): when the report was finished, not started.
+    stamp = [f"Command: `{command_line()}`", f"Machine: {machine()}; load average at start {started}.", None, ""]
+    sections = {}  # heading prefix -> the section's lines, each with the command that made it
     if args.part in ("features", "all"):
-        report += ["## Every label: hftl head mode vs embeddings + LogisticRegression", "", *features_part(args, results), ""]
+        sections["## Every label"] = ["## Every label: hftl head mode vs embeddings + LogisticRegression", "", *stamp,
+                                      *features_part(args, results), ""]
     if args.part in ("fewshot", "all"):
-        report += [f"## Few labels: SST-2 test accuracy %, mean ± sd over seeds {args.seeds} (mean seconds of seeds {args.time_seeds or args.seeds})", "",
-                   *fewshot_part(args, results), ""]
+        sections["## Few labels"] = [f"## Few labels: SST-2 test accuracy %, mean ± sd over seeds {args.seeds} (mean seconds "
+                                     f"of seeds {args.time_seeds or args.seeds})", "", *stamp, *fewshot_part(args, results), ""]
     if args.part in ("media", "all"):
-        report += [f"## Speech and images, head mode: test accuracy %, mean ± sd over seeds {args.seeds} (mean seconds)", "",
-                   *media_part(args, results), ""]
+        sections["## Speech and images"] = [f"## Speech and images, head mode: test accuracy %, mean ± sd over seeds {args.seeds} "
+                                            "(mean seconds)", "", *stamp, *media_part(args, results), ""]
+    stamp[2] = f"Finished {time.strftime('%Y-%m-%d %H:%M')}. Accuracy on the test rows; seconds from process start to exit."
+    # One part rerun replaces its own section of the report and keeps the others as they were measured.
+    old = args.out.read_text().splitlines() if args.out.is_file() else []
+    blocks, current = [], None
+    for line in old:
+        if line.startswith("## ") or current is None:
+            current = []
+            blocks.append(current)
+        current.append(line)
+    title = ["# Frozen features and few labels (`scripts/bench_fewshot.py`)", "",
+             f"Each section names the command and machine that made it. Per-job results: `{args.results.relative_to(ROOT)}`.", ""]
+    kept = {next((k for k in ("## Every label", "## Few labels", "## Speech and images") if b[0].startswith(k)), None): b
+            for b in blocks[1:]}
+    kept.update(sections)
+    report = title + [line for key in ("## Every label", "## Few labels", "## Speech and images") if key in kept for line in kept[key]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(report) + "\n")
-    print("\n".join(report))
+    args.out.write_text("\n".join(report).rstrip("\n") + "\n")
+    print("\n".join(sum(sections.values(), [])))
 
 
 if __name__ == "__main__":

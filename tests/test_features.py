@@ -130,6 +130,33 @@ def test_small_or_missing_validation_cross_validates_on_the_training_rows():
     assert sol.selected_on.startswith("cross-validation (5 folds")
 
 
+def test_the_walk_towards_weak_penalties_stops_once_the_score_has_fallen_twice():
+    x, y = blobs(300, 4, 2, 0)
+    xv, yv = blobs(100, 4, 2, 1)
+    seen = []
+
+    def score(clf, z, t):  # peaks at C=0.01 and falls after it: C=1 and beyond (the slow fits) are never needed
+        seen.append(clf.C)
+        return -abs(np.log10(clf.C) + 2)
+
+    sol = solver.solve_logistic(x, y, 2, xv, yv, score, grid=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0))
+    assert sol.c == pytest.approx(1e-2) and sol.selected_on == "validation"
+    assert max(seen) == pytest.approx(1.0) and 10.0 not in seen  # 0.1 and 1 fell below the best: stop there
+
+
+def test_a_carved_validation_split_leaves_the_penalty_to_cross_validation(make_cfg, toy_data, tmp_path):
+    """The split hftl carves at random from train is one noisy tenth of it: the solver folds the training rows instead,
+    and the carved rows are still scored (unseen by any choice). A validation file the user gives is chosen on."""
+    out = run(make_cfg, tmp_path, adapt__mode="head", data__validation_file=None, data__validation_fraction=0.25)
+    results = read_json(out / "results.json")
+    assert results["solver"]["selected_on"].startswith("cross-validation (")
+    assert "validation" in results["results"]
+    assert "chosen by cross-validation" in (out / "README.md").read_text()
+    # (the toy validation file has 16 rows, too few to rank penalties: the training file stands in for a large one)
+    given = run(make_cfg, tmp_path / "given", adapt__mode="head", data__validation_file=str(toy_data["train"]))
+    assert read_json(given / "results.json")["solver"]["selected_on"] == "validation"
+
+
 def test_a_chain_of_linear_layers_carries_the_solution():
     layers = [nn.Linear(5, 4), nn.Linear(4, 3)]  # e.g. wav2vec2's projector + classifier
     assert solver.linear_chain(layers, 3) and not solver.linear_chain([nn.Linear(5, 2), nn.Linear(2, 3)], 3)

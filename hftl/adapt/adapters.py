@@ -6,15 +6,6 @@ merged into a plain transformers model; adapt.save_adapter=true also writes the 
 """
 from __future__ import annotations
 
-from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING,
-)
-
 from ..config import ConfigError
 from . import Hook
 from .lora import register_peft_mode, targets, wrap
@@ -26,7 +17,13 @@ def rank(cfg) -> int:
     return cfg.peft_r
 
 
+# peft is imported inside each method (lora.py says why).
+
+
 def ia3(model, cfg, head):
+    from peft import IA3Config
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING, TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
     names = targets(model, cfg, head, TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
     # IA3 scales a feed-forward layer's input and any other layer's output; peft knows which are feed-forward
     # per architecture (and requires them among the targets). Elsewhere every target scales its output.
@@ -36,6 +33,9 @@ def ia3(model, cfg, head):
 
 
 def adalora(model, cfg, head):
+    from peft import AdaLoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
+
     config = AdaLoraConfig(
         target_r=rank(cfg),
         init_r=(3 * rank(cfg) + 1) // 2,  # the paper starts each matrix at 1.5x the target average rank
@@ -69,12 +69,18 @@ class RankBudget(Hook):
 
 
 def loha(model, cfg, head):
+    from peft import LoHaConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING
+
     config = LoHaConfig(r=rank(cfg), target_modules=targets(model, cfg, head, TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING),
                         modules_to_save=head)
     return wrap(model, config, cfg)
 
 
 def lokr(model, cfg, head):
+    from peft import LoKrConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING
+
     config = LoKrConfig(r=rank(cfg), target_modules=targets(model, cfg, head, TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING),
                         modules_to_save=head)
     return wrap(model, config, cfg)

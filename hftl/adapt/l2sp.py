@@ -3,7 +3,6 @@ towards zero, adding adapt.l2sp * sum ||w - w0||^2 to the loss. The head is new,
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
 
 from ..config import ConfigError
 from . import Hook, register_option
@@ -30,6 +29,8 @@ def build(model, ctx):
         return None
     if weight < 0:
         raise ConfigError(f"adapt.l2sp={weight} must be >= 0 (0: off; try 0.01).")
+    from peft import PeftModel  # here, not at import: only a run that asks for L2-SP pays peft's 1.7 s import
+
     head = head_parameters(model, ctx.head)
     # Pretrained weights that may train; peft's adapter weights (named with its prefix, e.g. 'lora_') are new, like the head.
     prefix = model.base_model.prefix if isinstance(model, PeftModel) else None

@@ -4,16 +4,20 @@ The helpers here serve every peft mode (the others are in adapters.py: ia3, adal
 """
 from __future__ import annotations
 
-from peft import LoraConfig, NoMatchingPeftModuleError, get_peft_model
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ..config import ConfigError
 from . import register_mode
 
-def default_targets(model: nn.Module, head: list[str], known=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) -> list[str]:
-    """peft's per-architecture choice (`known`, one of its TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING;
-    BERT: query, value), else every Linear outside the head."""
+# peft is imported inside the functions that use it: it costs 1.7 s, which head mode and every run without an
+# adapter would pay at import for nothing.
+
+
+def default_targets(model: nn.Module, head: list[str], known=None) -> list[str]:
+    """peft's per-architecture choice (`known`, one of its TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING; lora's when
+    None; BERT: query, value), else every Linear outside the head."""
+    if known is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as known
     model_type = getattr(model.config, "model_type", None)
     if known.get(model_type):
         return list(known[model_type])
@@ -27,12 +31,14 @@ def default_targets(model: nn.Module, head: list[str], known=TRANSFORMERS_MODELS
     return linears
 
 
-def targets(model: nn.Module, cfg, head: list[str], known=TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) -> list[str]:
+def targets(model: nn.Module, cfg, head: list[str], known=None) -> list[str]:
     return cfg.target_modules or default_targets(model, head, known)
 
 
 def wrap(model: nn.Module, config, cfg) -> nn.Module:
     """get_peft_model; a target module the model lacks is the user's adapt.target_modules to fix."""
+    from peft import NoMatchingPeftModuleError, get_peft_model
+
     try:
         return get_peft_model(model, config)
     except NoMatchingPeftModuleError as e:
@@ -53,6 +59,8 @@ def register_peft_mode(name: str, apply, hooks=None) -> None:
 
 
 def apply(model, cfg, head):
+    from peft import LoraConfig
+
     config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

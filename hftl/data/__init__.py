@@ -305,6 +305,7 @@ def load_labelled(cfg: DataConfig, seed: int, input_keys: tuple[str, ...] = ("te
             parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=seed)
         task.check_carved(splits["train"], parts["train"], parts["test"], cfg)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
+        task.validation_carved = True
     if cfg.samples_per_class is not None:
         if cfg.samples_per_class < 1:
             raise DataError(f"data.samples_per_class={cfg.samples_per_class}; it must be at least 1 (null: every training row).")

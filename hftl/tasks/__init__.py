@@ -26,6 +26,9 @@ class Task:
     default_metric_for_best = "loss"
     per_token = False  # its head reads one vector per position (token classification), not one per row (hftl/cache.py)
     solver_metric = ""  # what `solve` chooses the penalty by, when not train.metric_for_best
+    # Set by hftl.data.load_labelled when it carved the validation split from train (data.validation_fraction): a solved
+    # head then cross-validates its penalty on the training rows, which a random tenth of them cannot beat.
+    validation_carved = False
 
     def __init__(self, names: list[str]):
         self.names = list(names)  # one per model output: class, label or target names

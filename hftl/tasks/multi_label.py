@@ -191,12 +191,14 @@ class MultiLabel(Task):
         if (self.thresholds != 0.5).any():
             return "train.threshold is not 0.5, where the solved logistic regressions put the decision"
         sign = 1 if t.greater_is_better else -1
+        # Only the module that decides (each evaluate compute costs ~10 ms, and the walk scores dozens of fits).
+        deciding = {k: m for k, m in modules.items() if k == t.metric_for_best} or modules
 
         def score(logits_of, z, labels) -> float:
             logits = logits_of(z)
             if t.metric_for_best == "loss":
                 return -float(self.loss(torch.as_tensor(logits), torch.as_tensor(labels, dtype=torch.float32)))
-            return sign * self.compute(modules, self.predict(logits), labels.tolist())[t.metric_for_best]
+            return sign * self.compute(deciding, self.predict(logits), labels.tolist())[t.metric_for_best]
 
         return solver.solve_one_vs_rest(x, y, x_val, y_val, score, seed=t.seed), "one-vs-rest logistic regression (L2, lbfgs)"
 

@@ -197,13 +197,15 @@ class SingleLabel(Task):
         if self.weight is not None or self.smoothing:
             return "train.class_weights / train.label_smoothing change the loss, which the solved logistic regression does not minimise"
         sign = 1 if t.greater_is_better else -1
+        # Only the module that decides (each evaluate compute costs ~10 ms, and the walk scores dozens of fits).
+        deciding = {k: m for k, m in modules.items() if k == t.metric_for_best} or modules
 
         def score(clf, z, labels) -> float:
             if t.metric_for_best == "loss":
                 from sklearn.metrics import log_loss
 
                 return sign * log_loss(labels, clf.predict_proba(z), labels=clf.classes_)
-            return sign * self.compute(modules, clf.predict(z).tolist(), labels.tolist())[t.metric_for_best]
+            return sign * self.compute(deciding, clf.predict(z).tolist(), labels.tolist())[t.metric_for_best]
 
         return solver.solve_logistic(x, y, self.num_outputs, x_val, y_val, score, seed=t.seed), "logistic regression (L2, lbfgs)"
 
