@@ -254,8 +254,8 @@ def main() -> None:
     args = p.parse_args()
     results = Results(args.results)
     started = load()
-    # Filled in once every part has run (a list shared by the sections): when the report was finished, not started.
-    stamp = [f"Command: `{command_line()}`", f"Machine: {machine()}; load average at start {started}.", None, ""]
+    # FINISHED is filled in once every part has run: when the report was finished, not started.
+    stamp = [f"Command: `{command_line()}`", f"Machine: {machine()}; load average at start {started}.", "FINISHED", ""]
     sections = {}  # heading prefix -> the section's lines, each with the command that made it
     if args.part in ("features", "all"):
         sections["## Every label"] = ["## Every label: hftl head mode vs embeddings + LogisticRegression", "", *stamp,
@@ -266,7 +266,8 @@ def main() -> None:
     if args.part in ("media", "all"):
         sections["## Speech and images"] = [f"## Speech and images, head mode: test accuracy %, mean ± sd over seeds {args.seeds} "
                                             "(mean seconds)", "", *stamp, *media_part(args, results), ""]
-    stamp[2] = f"Finished {time.strftime('%Y-%m-%d %H:%M')}. Accuracy on the test rows; seconds from process start to exit."
+    finished = f"Finished {time.strftime('%Y-%m-%d %H:%M')}. Accuracy on the test rows; seconds from process start to exit."
+    sections = {k: [finished if line == "FINISHED" else line for line in lines] for k, lines in sections.items()}
     # One part rerun replaces its own section of the report and keeps the others as they were measured.
     old = args.out.read_text().splitlines() if args.out.is_file() else []
     blocks, current = [], None
