@@ -5,7 +5,7 @@ from here; tests/test_cli.py checks that the names here are the registered ones.
 HELP = {
     "head": (
         "Frozen backbone (feature extraction): the head is solved on its cached features (logistic regression; "
-        "multi-label: one per label; regression: ridge; penalty chosen on validation; adapt.solve_head), read as the checkpoint was trained to give them "
+        "multi-label: one per label; regression: ridge; penalty cross-validated or chosen on a given validation split; adapt.solve_head), read as the checkpoint was trained to give them "
         "(adapt.pooling); cheapest."
     ),
     "full": "Train every parameter (most accurate, most memory).",
