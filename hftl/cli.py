@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ DEFAULT_CONFIG = PRESETS / "text" / "minilm_vader_full.yaml"
 
 EPILOG = """examples:
   hftl train                                   # the embedded default: MiniLM on the VADER lexicon, offline
-  hftl train recipes/configs/text/minilm_sst2_lora.yaml train.epochs=2 output.dir=outputs/sst2
+  hftl train minilm_sst2_lora data.train_file=train.csv data.validation_file=validation.csv output.dir=outputs/sst2
   hftl train CONFIG adapt.mode=head train.learning_rate=1e-3
   accelerate launch -m hftl train CONFIG       # several GPUs/processes
   hftl launch --multi_gpu -m hftl train CONFIG train.resume=auto   # the same; exits 143 when SIGTERM preempts it
@@ -39,7 +40,7 @@ EPILOG = """examples:
                                                # which checkpoint to train: LogME / H-score of their features, no training
   hftl compare CONFIG --modes lora full --seeds 0 1 2 --labels-per-class 5 20 all --out reports/cmp train.epochs=3
                                                # modes x label budgets x seeds against training from scratch: report + plots
-  hftl tune recipes/configs/text/minilm_sst2_lora.yaml --trials 20 train.learning_rate=log:1e-4:3e-3 adapt.lora_r=int:4:32:4 \\
+  hftl tune minilm_sst2_lora --trials 20 train.learning_rate=log:1e-4:3e-3 adapt.lora_r=int:4:32:4 data.train_file=train.csv \\
       train.epochs=choice:1,2,3 --out outputs/tune/sst2    # Optuna search; best config as a preset (pip install 'hftl[tune]')
   hftl export outputs/sst2 --onnx --int8       # ONNX (fp32 and int8) in outputs/sst2/onnx, checked against its predictions
   hftl predict outputs/sst2 new.csv --out pred.jsonl   # label and probabilities per row of a file
@@ -57,8 +58,8 @@ Each trial is scored by its validation train.metric_for_best; every evaluation d
 pruner (raise train.evals_per_epoch for more). Several workers share one study through --storage, e.g. on two machines:
   hftl tune CONFIG --trials 10 --study-name sst2 --storage sqlite:////shared/sst2.db train.learning_rate=log:1e-5:1e-3
 examples:
-  hftl tune recipes/configs/text/minilm_sst2_lora.yaml --trials 20 train.learning_rate=log:1e-4:3e-3 \\
-      adapt.lora_r=int:4:32:4 train.epochs=choice:1,2,3 --out outputs/tune/sst2
+  hftl tune minilm_sst2_lora --trials 20 train.learning_rate=log:1e-4:3e-3 \\
+      adapt.lora_r=int:4:32:4 train.epochs=choice:1,2,3 --out outputs/tune/sst2 data.train_file=train.csv
   hftl train outputs/tune/sst2/best.yaml      # the best trial's configuration, as a preset
 """
 
@@ -111,7 +112,7 @@ def _presets(args) -> int:
         cfg = yaml.safe_load(path.read_text()) or {}
         data, adapt = cfg.get("data") or {}, cfg.get("adapt") or {}
         where = (f"built-in {data['builtin']}" if data.get("builtin") else data.get("train_file") or data.get("name") or data.get("data_dir")
-                 or "none set (give data.train_file)")
+                 or "none set (give data.train_file, data.data_dir or data.name)")
         print(f"{name:24s} {cfg.get('task', 'text-classification')}, {(cfg.get('model') or {}).get('name_or_path', '?')}, "
               f"mode {adapt.get('mode', 'full')}, training data: {where}")
     print(f"\nrun one by name: hftl train NAME [key=value ...]; its file: {PRESETS}/<folder>/NAME.yaml "
@@ -253,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     what = "train several modes over seeds and label budgets, against training from scratch; write a report"
     compare = sub.add_parser("compare", help=what)
     p = argparse.ArgumentParser(prog="hftl compare", description=what, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  hftl compare recipes/configs/text/minilm_sst2_lora.yaml --modes lora full --seeds 0 1 2 "
-                                       "--labels-per-class 5 20 all --out reports/sst2 train.epochs=3")
+                                epilog="example:\n  hftl compare minilm_sst2_lora --modes lora full --seeds 0 1 2 "
+                                       "--labels-per-class 5 20 all --out reports/sst2 train.epochs=3 data.train_file=train.csv")
     p.add_argument("config", nargs="?", help=f"YAML preset (default: the embedded {DEFAULT_CONFIG.name}); adapt.mode, train.seed and output.dir are set per run")
     p.add_argument("overrides", nargs="*", help="key=value applied to every run, e.g. train.epochs=3")
     p.add_argument("--modes", nargs="+", default=["head", "lora", "full"], metavar="MODE",
@@ -367,3 +368,6 @@ def main(argv: list[str] | None = None) -> int:
         # One line, whatever a library's text in the message holds (a YAML parser's report spans several).
         print("hftl: error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `hftl presets | head`: the reader stopped reading, which is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush is quiet too
+        return 0

@@ -3,7 +3,8 @@ precision, each a fresh process timed start to exit, written as a Markdown table
 
     # on a machine with a CUDA GPU (train.mixed_precision=auto picks bf16 there; this measures what it buys)
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_precision.py recipes/configs/text/minilm_sst2_full.yaml \\
-        --modes full lora head --precisions no bf16 --out precision.md [--set key=value ...]
+        --modes full lora head --precisions no bf16 --out precision.md \\
+        --set data.train_file=../shared/data/text/sst2/train.csv data.validation_file=../shared/data/text/sst2/validation.csv
 
 On CPUs without AMX, bf16 autocast is far slower than fp32, which is why train.mixed_precision=auto
 means fp32 there; run this before overriding it. Per run: wall seconds of the whole process, hftl's

@@ -144,7 +144,8 @@ def pretrain(modality: str, overrides: list[str]) -> Path:
     if modality == "speech":
         for name, path in fsdd_splits().items():
             print(f"{name}: {path}")
-    cfg = load_config(spec["preset"], ["output.overwrite=true", *overrides])  # a rerun replaces its own earlier output (no preset sets it)
+    data = [f"data.data_dir={SHARED_DATA / 'images' / 'usps'}"] if modality == "image" else []  # the preset names no data
+    cfg = load_config(spec["preset"], ["output.overwrite=true", *data, *overrides])  # a rerun replaces its own earlier output (no preset sets it)
     importlib.import_module(RECIPES[cfg.task]).main(cfg)
     out = backbone(Path(cfg.output.dir), ROOT / "outputs" / "pretrained" / spec["backbone"])
     print(f"source checkpoint (backbone, no head): {out}")

@@ -110,9 +110,9 @@ def sst2(shuffle: bool) -> list[str]:
 
 # Candidates made here: name -> source preset, overrides (a function: some write data files), description.
 SOURCES = {
-    "vit-usps-300steps": ("recipes/configs/image/vit_usps_source.yaml", lambda: ["train.max_steps=300"],
+    "vit-usps-300steps": ("recipes/configs/image/vit_usps_source.yaml", lambda: [f"data.data_dir={USPS}", "train.max_steps=300"],
                           "the USPS source recipe cut to 300 optimizer steps"),
-    "vit-usps-60steps": ("recipes/configs/image/vit_usps_source.yaml", lambda: ["train.max_steps=60"],
+    "vit-usps-60steps": ("recipes/configs/image/vit_usps_source.yaml", lambda: [f"data.data_dir={USPS}", "train.max_steps=60"],
                          "the USPS source recipe cut to 60 optimizer steps"),
     "vit-usps-shuffled": ("recipes/configs/image/vit_usps_source.yaml", lambda: [*usps_shuffled(), "train.max_steps=1000"],
                           "tiny ViT trained 1,000 steps on USPS with shuffled labels; its 'validation' is 500 of its training rows"),

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SST2 = Path(os.environ.get("HFTL_SHARED_DATA", ROOT.parent / "shared" / "data")) / "text" / "sst2"  # as scripts/benchlib.py
 
 
 def main() -> None:
@@ -32,7 +33,9 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         out_dir = ROOT / "outputs" / f"bench_sst2_{mode}"
-        cmd = [hftl, "train", f"recipes/configs/text/minilm_sst2_{mode}.yaml", f"output.dir={out_dir}", "output.overwrite=true", *args.overrides]
+        # The presets name no data: SST-2 from this environment's shared folder.
+        cmd = [hftl, "train", f"recipes/configs/text/minilm_sst2_{mode}.yaml", f"data.train_file={SST2 / 'train.csv'}",
+               f"data.validation_file={SST2 / 'validation.csv'}", f"output.dir={out_dir}", "output.overwrite=true", *args.overrides]
         print("$", " ".join(cmd[1:]), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

