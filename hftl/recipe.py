@@ -18,7 +18,7 @@ from . import metrics as metrics_lib
 from .config import Config, ConfigError, to_dict, to_yaml
 from .errors import UserError
 from .outdir import OutputError
-from .data import DataError, load_labelled, load_target
+from .data import DataError, check_source, load_labelled, load_target
 from .modalities import Modality
 from .train import fit, make_accelerator, tensor_core_padding
 
@@ -37,6 +37,7 @@ def train(cfg: Config, modality: Modality | None = None) -> dict:
     modality = modality or modalities.get(cfg.task)
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
+    check_source(cfg.data)  # a preset that leaves data to the user says so before anything loads
     cache.check_settings(cfg)  # before minutes of loading and preprocessing
     if cfg.train.metrics is not None:  # a metric that cannot load fails now, not at the first evaluation
         metrics_lib.load_metrics(cfg.train.metrics)

@@ -213,6 +213,8 @@ CASES = [
          r"data\.validation_file: '.*empty\.csv' is empty", "data"),
     Case("two data sources", lambda c: c.base("data.builtin=vader_lexicon"), r"^data: data\.builtin, data\.train_file are all set", "data"),
     Case("no data source", lambda c: c.base("data.builtin=null", data=False), r"no data given: set data\.train_file", "data"),
+    # A shipped preset names no data (only the user has it): run by name without any, it says what to set.
+    Case("preset that leaves data to the user", lambda c: ["minilm_sst2_head", *c.base(data=False)], r"no data given: set data\.train_file", "model"),
     Case("duplicate csv column", data("train_file", "dup.csv"),
          r"data\.train_file: '.*dup\.csv' has column name\(s\) \['text'\] more than once in its header", "data"),
     Case("duplicate tsv column", data("validation_file", "dup.tsv"),

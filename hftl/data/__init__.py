@@ -158,13 +158,21 @@ def _load_file(path: str, what: str, path_columns=()) -> Dataset:
     return _absolute_paths(ds, path_columns, p.parent)
 
 
+def check_source(cfg: DataConfig) -> None:
+    """Exactly one source of labelled rows is set (called before the model loads, and again by load_raw)."""
+    sources = [k for k in ("builtin", "train_file", "data_dir", "name") if getattr(cfg, k)]
+    if len(sources) > 1:
+        raise DataError(f"data: {', '.join('data.' + k for k in sources)} are all set; a run reads one source, so set the others to null.")
+    if not sources:
+        raise DataError("no data given: set data.train_file (local csv/tsv/json/jsonl/parquet), data.data_dir (local "
+                        "audiofolder/imagefolder), data.name (Hub) or data.builtin.")
+
+
 def load_raw(cfg: DataConfig, path_columns=()) -> tuple[dict[str, Dataset], str]:
     """Raw splits by role ('train', 'validation', 'test'; validation may be missing) and a source name.
 
     `path_columns` name columns that may hold media file paths, made absolute for csv/json files."""
-    sources = [k for k in ("builtin", "train_file", "data_dir", "name") if getattr(cfg, k)]
-    if len(sources) > 1:
-        raise DataError(f"data: {', '.join('data.' + k for k in sources)} are all set; a run reads one source, so set the others to null.")
+    check_source(cfg)
     if cfg.builtin:
         from .builtin import load_builtin
 
@@ -191,7 +199,7 @@ def load_raw(cfg: DataConfig, path_columns=()) -> tuple[dict[str, Dataset], str]
         if cfg.test_split and cfg.test_split not in ds:
             raise DataError(f"data.test_split: '{name}' has no split '{cfg.test_split}'; it has {sorted(ds)}.")
         return {role: ds[s] for role, s in wanted.items() if s and s in ds}, Path(cfg.data_dir).resolve().name if cfg.data_dir else name
-    raise DataError("no data given: set data.train_file (local csv/tsv/json/jsonl/parquet), data.data_dir (local audiofolder/imagefolder), data.name (Hub) or data.builtin.")
+    raise AssertionError("unreachable: check_source found a source")
 
 
 def label_columns(cfg: DataConfig) -> list[str]:
