@@ -61,6 +61,7 @@ class DataConfig:
     builtin: Optional[str] = field(default=None, metadata={"help": "A data set shipped with an installed package: 'vader_lexicon' (text), 'sklearn_digits' (8x8 images).", "choices": BUILTIN_DATA})
     name: Optional[str] = field(default=None, metadata={"help": "Hub data set name (needs network)."})
     config_name: Optional[str] = field(default=None, metadata={"help": "Hub data set configuration."})
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "The data set's name in the model card (\"adapted to ...\", model-index). Only a name: rows load from data.name (a Hub data set), data.train_file or data.data_dir. Default: the Hub or built-in name, else the training file's folder."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Local csv/tsv/json/jsonl/parquet file with the training rows."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Local file with validation rows; carved from train when absent."})
     test_file: Optional[str] = field(default=None, metadata={"help": "Local file with test rows (optional)."})

@@ -112,6 +112,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     accelerator.print("Resolved config:\n" + to_yaml(cfg))
 
     path, base_model = models.resolve(cfg.model)
+    inherited = cards.inherited_metadata(path)  # license, language: from the base model's own card, before pretraining
     try:
         processor = modality.load_processor(path, cfg)
     except UserError:
@@ -193,6 +194,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     if not accelerator.is_main_process:  # only one process writes
         return results
     evaluated = list(result["predictions"])
+    trained = bool(result["history"] or result.get("step_log"))
 
     def figure_of(split: str) -> str:  # the reported split's picture keeps the task's name; the others add the split's
         return task.figure_name if split == checked else task.figure_name.replace(".png", f"_{split}.png")
@@ -202,7 +204,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         cards.CardData(
             model_name=cfg.hub.model_id or Path(cfg.output.dir).name,
             base_model=base_model,
-            dataset_name=source,
+            dataset_name=cfg.data.dataset_name or source,
             dataset_id=cfg.data.name,
             pipeline_tag=modality.pipeline_tag,
             mode=mode.name,
@@ -210,7 +212,8 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             labels=labels,
             trainable_params=trainable,
             total_params=total,
-            hyperparameters={k: v for k, v in to_dict(cfg)["train"].items() if v is not None},
+            hyperparameters=cards.hyperparameters(to_dict(cfg)["train"], result["steps"], result.get("steps_per_epoch"),
+                                                  solved=bool(result.get("solver"))),
             results=results,
             split_sizes={s: len(d) for s, d in splits.items()},
             history=result["history"],
@@ -222,7 +225,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             greater_is_better=cfg.train.greater_is_better,
             figures={**{figure_of(s): f"{task.figure_caption} on the {s} split" for s in [checked, *(s for s in evaluated if s != checked)]},
                      **({trust.RELIABILITY_PNG: f"Reliability diagram on the {reliability_split} split"} if reliability_split else {}),
-                     plots.CURVES_PNG: "Training and validation loss, and validation " + cfg.train.metric_for_best},
+                     **({plots.CURVES_PNG: "Training and validation loss, and validation " + cfg.train.metric_for_best} if trained else {})},
             domain_gap=domain_gap,
             library_name=reads.library,
             representation=reads.describe(),
@@ -232,6 +235,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             per_class=trust.card_tables(task, checks),
             calibrated=calibrated,
             checks=checks["list"],
+            **inherited,
         ),
         cfg.train.metrics,
     )
@@ -269,7 +273,9 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             **({trust.RELIABILITY_PNG: lambda file: plots.reliability_png(checks["calibration"][reliability_split]["bins"], file,
                                                                             ece=checks["calibration"][reliability_split]["ece"])}
                if reliability_split else {}),
-            plots.CURVES_PNG: lambda file: plots.learning_curves_png(result.get("step_log") or [], result["history"], cfg.train.metric_for_best, file),
+            # A head solved and nothing trained has no curve to draw.
+            **({plots.CURVES_PNG: lambda file: plots.learning_curves_png(result.get("step_log") or [], result["history"],
+                                                                       cfg.train.metric_for_best, file)} if trained else {}),
             **({"skipped_rows.json": skipped} if skipped else {}),
         },
         overwrite=cfg.output.overwrite,

@@ -662,6 +662,7 @@ def fit(model, encoded: DatasetDict, collator, cfg: Config, accelerator: Acceler
         "step_log": loop.log,
         "best_step": loop.best["step"] if loop.best else loop.step,
         "steps": loop.step,
+        "steps_per_epoch": steps_per_epoch,
         "train_seconds": train_seconds,
         "results": {split: r["metrics"] for split, r in final.items()},
         "predictions": {split: r["predictions"] for split, r in final.items()},

@@ -5,6 +5,7 @@ One run per mode (module-scoped); the tests below read what it wrote.
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,36 @@ def test_model_card(run):
     assert metrics["accuracy"] == pytest.approx(reported["accuracy"])
     assert set(metrics) >= {"accuracy", "f1", "precision", "recall"}
     assert all(r["task"]["type"] == "text-classification" for r in results)
+    # What ran, not what was configured: a solved head lists no training knobs, a trained run its steps and the epochs
+    # they made; the machinery's keys (memory, logging, checkpoints, evaluation batching) are not hyperparameters.
+    hyper = card.content[card.content.index("- Hyperparameters:"):].split("\n\n")[0]
+    assert "pypi.org/project/hftl" not in card.content  # a page that does not exist
+    for internal in ("cpu_mmap_threshold_mib", "eval_batch_tokens", "log_every", "keep_last", "feature_cache_dir", "min_steps"):
+        assert internal not in hyper, internal
+    history = read_json(run.out / "results.json")["history"]
+    if run.mode == "head":
+        assert "learning_rate" not in hyper and "optimizer steps" not in hyper
+        assert not (run.out / "learning_curves.png").exists()  # nothing trained: no curve to draw
+    else:
+        steps = history[-1]["step"]
+        assert f"  - optimizer steps: {steps}" in hyper and f"  - epochs run: {history[-1]['epoch']}" in hyper
+        assert "  - learning_rate: " in hyper and (run.out / "learning_curves.png").is_file()
+
+
+def test_the_card_inherits_license_and_language_and_names_the_data_set(make_cfg, tiny_bert, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hftl.recipe import train
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert, base)
+    (base / "README.md").write_text("---\nlicense: mit\nlanguage: de\n---\n# a base model\n")
+    cfg = make_cfg(tmp_path, model__name_or_path=str(base), adapt__mode="head", data__dataset_name="Toy reviews")
+    train(cfg)
+    card = ModelCard.load(str(Path(cfg.output.dir) / "README.md"))
+    assert card.data.license == "mit" and card.data.language == "de"
+    assert "adapted to **Toy reviews**" in card.content
+    assert card.data.to_dict()["model-index"][0]["results"][0]["dataset"]["name"] == "Toy reviews"
 
 
 def test_saved_config_reloads(run):

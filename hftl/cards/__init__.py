@@ -1,6 +1,7 @@
 """Model card: metadata and results gathered during the run, rendered with huggingface_hub.ModelCard."""
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -61,6 +62,8 @@ class CardData:
     per_class: dict = field(default_factory=dict)  # split -> the per-class table (hftl.trust.card_tables of Task.card_rows)
     calibrated: dict | None = None  # thresholds tuned / the temperature fitted on validation (Task.calibrate)
     checks: list[dict] = field(default_factory=list)  # hftl.trust.assess's checks: check, split, verdict, text
+    license: str | None = None  # the base model's, from its own card (inherited_metadata)
+    language: str | list | None = None
 
 
 # The overfitting check (see `overfitting_check`).
@@ -97,6 +100,37 @@ def overfitting_check(history: list[dict], metric: str, greater_is_better: bool 
             f"training loss fell, and it ended below {LOSS_RATIO:g}x the training loss.")
 
 
+def inherited_metadata(path: str) -> dict:
+    """license and language from the base model's own card (README.md in its local folder), where it says them: a
+    fine-tuned model is under its base model's license, and reads the same language."""
+    card = Path(path) / "README.md"
+    if not card.is_file():
+        return {}
+    try:
+        data = ModelCard.load(str(card), ignore_metadata_errors=True).data
+    except Exception:  # a README without metadata, or one huggingface_hub cannot parse: nothing to inherit
+        return {}
+    return {k: getattr(data, k, None) for k in ("license", "language") if getattr(data, k, None)}
+
+
+# train.* keys that shape the result and belong in the card; the rest run the machinery (logging, checkpoints, memory,
+# evaluation batching) and change nothing a reader of the model needs.
+HYPERPARAMETERS = ("batch_size", "gradient_accumulation_steps", "learning_rate", "optimizer", "momentum", "weight_decay",
+                   "warmup_ratio", "scheduler", "max_grad_norm", "class_weights", "label_smoothing", "regression_loss",
+                   "normalize_targets", "mixed_precision", "seed", "metric_for_best", "early_stopping_patience", "threshold")
+
+
+def hyperparameters(train: dict, steps: int, steps_per_epoch: int | None, solved: bool) -> dict:
+    """What ran: optimizer steps and the epochs they make (not train.epochs beside a train.max_steps that overrode it),
+    and the keys of HYPERPARAMETERS. A head that was solved and nothing else (no optimizer step) has none of them."""
+    if solved and not steps:
+        return {"seed": train["seed"]}
+    out = {"optimizer steps": steps}
+    if steps_per_epoch:
+        out["epochs run"] = round(steps / steps_per_epoch, 3)
+    return {**out, **{k: train[k] for k in HYPERPARAMETERS if train.get(k) is not None}}
+
+
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("hftl", "transformers", "torch", "datasets", "peft", "accelerate", "evaluate", "huggingface_hub"):
@@ -110,7 +144,9 @@ def _versions() -> dict[str, str]:
 def _hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads, processes = torch.get_num_threads(), int(os.environ.get("WORLD_SIZE", "1"))
+    each = f"{threads} thread{'s' if threads != 1 else ''}"
+    return f"CPU ({platform.processor() or platform.machine()}, " + (f"{processes} processes x {each} each)" if processes > 1 else f"{each})")
 
 
 def render(data: CardData, metric_names: list[str], template: str = "classification.md") -> ModelCard:
@@ -133,6 +169,8 @@ def render(data: CardData, metric_names: list[str], template: str = "classificat
         base_model=data.base_model,
         datasets=[data.dataset_id] if data.dataset_id else None,
         library_name=data.library_name,
+        license=data.license,
+        language=data.language,
         pipeline_tag=data.pipeline_tag,
         tags=["hftl", f"hftl-{data.mode}", "transfer-learning", data.pipeline_tag],
         metrics=list(dict.fromkeys(METRIC_TYPES.get(m, m) for m in metric_names)),
