@@ -67,15 +67,18 @@ def mmd(source, target) -> float:
     return float(np.sqrt(max(mmd2, 0.0)))
 
 
-def reading(a_distance: float) -> str:
-    """The A-distance in plain words."""
+def reading(a_distance: float, adapting: bool = False) -> str:
+    """The A-distance in plain words; `adapting`: the run already uses adapt.align / reweight / pretrain for it, so the
+    words do not advise what it did."""
     if a_distance < 0.5:
         return "The target rows look much like the training rows to the pretrained model: little domain shift."
     if a_distance < 1.5:
         return ("A linear classifier partly tells target rows from training rows: a moderate domain shift; expect scores "
                 "on the target to differ from validation.")
+    advice = ("judge the run on labelled target rows" if adapting
+              else "consider adapt.align, adapt.reweight or adapt.pretrain")
     return ("A linear classifier separates target rows from training rows almost perfectly: a large domain shift; "
-            "validation scores say little about the target (consider adapt.align, adapt.reweight or adapt.pretrain).")
+            f"validation scores say little about the target ({advice}).")
 
 
 def gap(source, target, seed: int = 0) -> dict:
@@ -94,9 +97,11 @@ def pooled_features(model, head: list[str], ds, collator, batch_size: int, accel
     return np.stack([r.view(-1, dim).mean(0).numpy() for r in rows])
 
 
-def estimate(model, head: list[str], source, target, collator, batch_size: int, accelerator, seed: int) -> dict | None:
+def estimate(model, head: list[str], source, target, collator, batch_size: int, accelerator, seed: int,
+             adapting: bool = False) -> dict | None:
     """`gap` for up to MAX_ROWS seeded-random rows of each of two encoded splits (training rows, data.target's),
-    equally many of each, logged; None (also logged) when either has fewer than FOLDS rows to cross-validate on."""
+    equally many of each, logged; None (also logged) when either has fewer than FOLDS rows to cross-validate on.
+    `adapting`: as for `reading`."""
     n = min(len(source), len(target), MAX_ROWS)
     if n < FOLDS:
         accelerator.print(f"domain mismatch not measured: it needs at least {FOLDS} training and {FOLDS} data.target rows, got {len(source)} and {len(target)}.")
@@ -109,6 +114,7 @@ def estimate(model, head: list[str], source, target, collator, batch_size: int, 
         features = [pooled_features(model, head, ds.select(sorted(rng.choice(len(ds), n, replace=False).tolist())),
                                     collator, batch_size, accelerator) for ds in (source, target)]
     result = gap(*features, seed=seed)
+    result["reading"] = reading(result["a_distance"], adapting)
     accelerator.print(f"domain mismatch (data.target vs training rows, {n} of each): proxy A-distance {result['a_distance']:.2f}, "
                       f"MMD {result['mmd']:.3f}. {result['reading']}")
     return result

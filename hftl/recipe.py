@@ -156,7 +156,8 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     head = adapt.head_modules(model, new_keys)
     # Before training, on the features training starts from: how far data.target's rows lie from the training rows.
     domain_gap = None if target is None else domain.estimate(model, head, encoded["train"], target, collator,
-                                                             cfg.train.eval_batch_size, accelerator, cfg.train.seed)
+                                                             cfg.train.eval_batch_size, accelerator, cfg.train.seed,
+                                                             adapting=bool(cfg.adapt.align or cfg.adapt.reweight or cfg.adapt.pretrain))
     model = mode.apply(model, cfg.adapt, head)
     if cfg.adapt.freeze_feature_encoder:
         adapt.freeze_feature_encoder(model)
@@ -235,6 +236,8 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             per_class=trust.card_tables(task, checks),
             calibrated=calibrated,
             checks=checks["list"],
+            transfer=cards.transfer_options(to_dict(cfg)["adapt"], mode.name),
+            from_scratch=cfg.model.from_scratch,
             **inherited,
         ),
         cfg.train.metrics,

@@ -43,6 +43,8 @@ def test_every_mode_budget_and_seed_ran_once(report):
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{m}-{b}-lr0.01-s{s}" for m, b, s in EXPECTED)
     # scratch really is random weights in full mode; the budget really limits the training rows
     assert "from_scratch: true" in (out / "runs" / "scratch-4-lr0.01-s0" / "hftl_config.yaml").read_text()
+    # and its card says so, rather than "a local checkpoint adapted to ..."
+    assert "a randomly initialised model in the architecture of" in (out / "runs" / "scratch-4-lr0.01-s0" / "README.md").read_text()
     assert "Training examples: 8;" in (out / "runs" / "head-4-lr0.01-s1" / "README.md").read_text()
     assert "Training examples: 64;" in (out / "runs" / "head-all-lr0.01-s1" / "README.md").read_text()
 

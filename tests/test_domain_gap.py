@@ -94,3 +94,19 @@ def test_too_few_rows_are_reported_not_measured():
     said = []
     assert domain.estimate(None, [], list(range(50)), list(range(3)), None, 8, SimpleNamespace(print=said.append), 0) is None
     assert said == ["domain mismatch not measured: it needs at least 5 training and 5 data.target rows, got 50 and 3."]
+
+
+def test_a_large_shift_advises_adaptation_only_to_a_run_that_does_not_adapt():
+    assert "consider adapt.align" in domain.reading(1.9)
+    adapting = domain.reading(1.9, adapting=True)
+    assert "large domain shift" in adapting and "consider" not in adapting and "labelled target rows" in adapting
+
+
+def test_the_card_states_each_transfer_option_with_its_settings():
+    from hftl import cards
+    from hftl.config import Config, to_dict
+
+    adapt = {**to_dict(Config())["adapt"], "align": "dann", "align_weight": 0.5, "layer_lr_decay": 0.8}
+    options = cards.transfer_options(adapt, "full")
+    assert options[0].startswith("adapt.layer_lr_decay=0.8") and options[1].startswith("adapt.align=dann, adapt.align_weight=0.5")
+    assert cards.transfer_options(to_dict(Config())["adapt"], "full") == []

@@ -187,6 +187,10 @@ def test_model_card(run):
     for internal in ("cpu_mmap_threshold_mib", "eval_batch_tokens", "log_every", "keep_last", "feature_cache_dir", "min_steps"):
         assert internal not in hyper, internal
     history = read_json(run.out / "results.json")["history"]
+    if run.mode == "lora":  # the adapter's shape is stated, not left to the reader to guess from the defaults
+        assert "- Transfer options that ran: adapt.lora_r=8, adapt.lora_alpha=16, adapt.lora_dropout=0.1, adapter on " in card.content
+    else:
+        assert "Transfer options that ran" not in card.content  # full and head turn on no option
     if run.mode == "head":
         assert "learning_rate" not in hyper and "optimizer steps" not in hyper
         assert not (run.out / "learning_curves.png").exists()  # nothing trained: no curve to draw

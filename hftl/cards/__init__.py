@@ -62,6 +62,8 @@ class CardData:
     per_class: dict = field(default_factory=dict)  # split -> the per-class table (hftl.trust.card_tables of Task.card_rows)
     calibrated: dict | None = None  # thresholds tuned / the temperature fitted on validation (Task.calibrate)
     checks: list[dict] = field(default_factory=list)  # hftl.trust.assess's checks: check, split, verdict, text
+    transfer: list[str] = field(default_factory=list)  # every transfer option that ran, with its settings (transfer_options)
+    from_scratch: bool = False  # model.from_scratch: random weights, a baseline with nothing transferred
     license: str | None = None  # the base model's, from its own card (inherited_metadata)
     language: str | list | None = None
 
@@ -111,6 +113,36 @@ def inherited_metadata(path: str) -> dict:
     except Exception:  # a README without metadata, or one huggingface_hub cannot parse: nothing to inherit
         return {}
     return {k: getattr(data, k, None) for k in ("license", "language") if getattr(data, k, None)}
+
+
+PEFT_SETTINGS = {"lora": ("lora_r", "lora_alpha", "lora_dropout"), "adalora": ("peft_r", "lora_alpha", "lora_dropout"),
+                 "loha": ("peft_r",), "lokr": ("peft_r",), "ia3": ()}
+
+
+def transfer_options(adapt: dict, mode: str) -> list[str]:
+    """Each transfer setting of this run that is on, as `key=value` text for the card (adapt.* as to_dict gives it):
+    the adapter's shape, which layers train and at what rates, alignment, reweighting, L2-SP."""
+    out = []
+    if mode in PEFT_SETTINGS:
+        targets = adapt["target_modules"] or "peft's default for the architecture"
+        out.append(", ".join([*(f"adapt.{k}={adapt[k]}" for k in PEFT_SETTINGS[mode]), f"adapter on {targets}"]))
+    if mode == "partial":
+        out.append(f"adapt.top_layers={adapt['top_layers']} (the top encoder layers train; the rest stay frozen)")
+    if mode == "gradual":
+        out.append(f"adapt.unfreeze_every={adapt['unfreeze_every']} epochs (one more layer from the top each time)")
+    if mode == "lpft":
+        out.append(f"adapt.lp_epochs={adapt['lp_epochs']}, adapt.lp_learning_rate={adapt['lp_learning_rate']} (the head first)")
+    if adapt["layer_lr_decay"] != 1.0:
+        out.append(f"adapt.layer_lr_decay={adapt['layer_lr_decay']} (each layer down trains at that times the rate above it)")
+    if adapt["l2sp"]:
+        out.append(f"adapt.l2sp={adapt['l2sp']} (pretrained weights pulled towards their starting values)")
+    if adapt["freeze_feature_encoder"]:
+        out.append("adapt.freeze_feature_encoder=true (the waveform encoder stays as pretrained)")
+    if adapt["align"]:
+        out.append(f"adapt.align={adapt['align']}, adapt.align_weight={adapt['align_weight']} (domain alignment on data.target)")
+    if adapt["reweight"]:
+        out.append(f"adapt.reweight=true, adapt.reweight_clip={adapt['reweight_clip']} (training rows weighted towards data.target)")
+    return out
 
 
 # train.* keys that shape the result and belong in the card; the rest run the machinery (logging, checkpoints, memory,
@@ -180,7 +212,9 @@ def render(data: CardData, metric_names: list[str], template: str = "classificat
         card_data,
         template_path=str(TEMPLATES / template),
         metric_names=[m for m in metric_names if all(m in r for r in data.results.values())],
-        base_model_ref=data.base_model or "a local checkpoint",
+        base_model_ref=(f"a randomly initialised model in the architecture of {data.base_model or 'a local checkpoint'} "
+                        "(model.from_scratch=true: nothing transferred, a baseline)") if data.from_scratch
+        else data.base_model or "a local checkpoint",
         model_ref=data.model_name,
         num_labels=len(data.labels),
         task_summary=TASK_SUMMARY.get(data.task, "{n} outputs").format(n=len(data.labels)),
