@@ -70,10 +70,21 @@ def curves_png(panels: dict[str, dict[str, tuple[list, list]]], path: str | Path
 def learning_curves_png(step_log: list[dict], history: list[dict], metric: str, path: str | Path, title: str = "") -> Path:
     """Left: training loss per optimizer step (`fit`'s step_log) and validation loss per evaluation (its history);
     right: validation `metric` per evaluation."""
-    loss = {"training loss (per step)": ([s["step"] for s in step_log], [s["loss"] for s in step_log]),
+    steps, losses = [s["step"] for s in step_log], [s["loss"] for s in step_log]
+    window = max(1, len(losses) // 20)  # per-step losses are noisy: the trend is the mean of the last ~5% of steps
+    loss = {"training loss (per step)": (steps, losses),
+            **({f"training loss (mean of the last {window} steps)": (steps, moving_average(losses, window))} if window > 1 else {}),
             "validation loss": ([h["step"] for h in history], [h["eval_loss"] for h in history])}
     score = {f"validation {metric}": ([h["step"] for h in history], [h[f"eval_{metric}"] for h in history])}
     return curves_png({"loss": loss, metric: score}, path, title=title)
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the up to window-1 before it (a trailing mean: the first points average fewer)."""
+    sums = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=float))])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return ((sums[ends] - sums[starts]) / (ends - starts)).tolist()
 
 
 def errorbar_png(series: dict[str, tuple[list, list, list]], path: str | Path, xlabel: str, ylabel: str,

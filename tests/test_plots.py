@@ -141,3 +141,8 @@ def test_errorbar_png_with_ticks_log_scale_and_notes(tmp_path):
     out = plots.errorbar_png(by_params, tmp_path / "params.png", "trainable parameters", "accuracy", logx=True, connect=False,
                              notes={m: ["4/class", "16/class", "all"] for m in series})
     check_png(out)
+
+
+def test_the_training_loss_trend_is_a_trailing_mean():
+    assert plots.moving_average([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
+    assert plots.moving_average([1.0, 2.0], 5) == [1.0, 1.5]
