@@ -115,10 +115,10 @@ def solve_logistic(x: np.ndarray, y: np.ndarray, num_labels: int, x_val: np.ndar
         behind = behind + 1 if path[-1]["score"] < best_score else 0
         if behind >= PATIENCE:
             break
-    walked_to_end = len(path) == len(grid)
-    for _ in range(WIDEN):  # an optimum at an end of the grid may lie beyond it
+    # An optimum at an end of the grid may lie beyond it (a walk that stopped early has two values after its best).
+    for _ in range(WIDEN):
         best = max(range(len(path)), key=lambda i: (path[i]["score"], -i))
-        if best not in (0, len(path) - 1) or len(path) == 1 or (best == len(path) - 1 and not walked_to_end):
+        if best not in (0, len(path) - 1) or len(path) == 1:
             break
         lower = best == 0
         c = path[best]["C"] / 10 if lower else path[best]["C"] * 10
