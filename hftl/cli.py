@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .presets import DEFAULT_CONFIG, PRESETS, load, preset, presets  # noqa: F401  (preset, presets: also the API tests use)
+from .presets import DEFAULT_CONFIG, PRESETS, load, preset, presets  # noqa: F401  (preset: tests reach it as cli.preset)
 
 EPILOG = """examples:
   hftl train                                   # the embedded default: MiniLM on the VADER lexicon, offline

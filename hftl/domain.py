@@ -81,11 +81,11 @@ def reading(a_distance: float, adapting: bool = False) -> str:
             f"validation scores say little about the target ({advice}).")
 
 
-def gap(source, target, seed: int = 0) -> dict:
-    """Both measures and their reading for two feature matrices (rows = examples)."""
+def gap(source, target, seed: int = 0, adapting: bool = False) -> dict:
+    """Both measures and their reading (`adapting`: as for `reading`) for two feature matrices (rows = examples)."""
     a, error = proxy_a_distance(source, target, seed)
     return {"a_distance": a, "domain_classifier_error": error, "mmd": mmd(source, target), "rows": min(len(source), len(target)),
-            "reading": reading(a)}
+            "reading": reading(a, adapting)}
 
 
 def pooled_features(model, head: list[str], ds, collator, batch_size: int, accelerator) -> np.ndarray:
@@ -113,8 +113,7 @@ def estimate(model, head: list[str], source, target, collator, batch_size: int, 
     with rng_watch():
         features = [pooled_features(model, head, ds.select(sorted(rng.choice(len(ds), n, replace=False).tolist())),
                                     collator, batch_size, accelerator) for ds in (source, target)]
-    result = gap(*features, seed=seed)
-    result["reading"] = reading(result["a_distance"], adapting)
+    result = gap(*features, seed=seed, adapting=adapting)
     accelerator.print(f"domain mismatch (data.target vs training rows, {n} of each): proxy A-distance {result['a_distance']:.2f}, "
                       f"MMD {result['mmd']:.3f}. {result['reading']}")
     return result
