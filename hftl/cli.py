@@ -1,6 +1,6 @@
 """Command line: `hftl train [CONFIG] [key=value ...]`, `hftl push OUT_DIR [key=value ...]`, `hftl modes`, `hftl presets`,
 `hftl rank [CONFIG] --models NAME ... [--out FILE.json] [key=value ...]`,
-`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ...] [--lr-scales X ...] --out REPORT_DIR [key=value ...]`,
+`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ... | --train-rows N|all ...] [--lr-scales X ...] --out REPORT_DIR [key=value ...]`,
 `hftl tune [CONFIG] --trials N [--study-name S] [--storage URL] [--out DIR] key=range ... [key=value ...]`,
 `hftl export MODEL_DIR --onnx [--int8] [--out DIR]`, `hftl predict MODEL_DIR FILE [--out PRED.jsonl] [key=value ...]`,
 `hftl evaluate MODEL_DIR FILE [--out FOLDER] [key=value ...]`, `hftl --version`.
@@ -122,21 +122,25 @@ def _rank(args) -> int:
 
 
 def _compare(args) -> int:
-    from hftl.compare import compare
+    from hftl.compare import PER_CLASS, ROWS, compare
     from hftl.config import ConfigError
 
     # `--modes a b key=value`: argparse hands the overrides after a list option to it; a mode, seed, budget or scale has no '='.
-    lists = {k: [v for v in getattr(args, k) if "=" not in v] for k in ("modes", "seeds", "labels_per_class", "lr_scales")}
+    if args.labels_per_class is not None and args.train_rows is not None:
+        raise ConfigError("--labels-per-class and --train-rows both given: a compare counts its label budgets one way; give one.")
+    unit = ROWS if args.train_rows is not None else PER_CLASS
+    args.budgets = args.train_rows if unit == ROWS else args.labels_per_class or ["all"]
+    lists = {k: [v for v in getattr(args, k) if "=" not in v] for k in ("modes", "seeds", "budgets", "lr_scales")}
     overrides = [*args.overrides, *(v for k in lists for v in getattr(args, k) if "=" in v)]
     try:
         scales = [float(v) for v in lists["lr_scales"]]
     except ValueError:
         raise ConfigError(f"--lr-scales {' '.join(lists['lr_scales'])}: give positive numbers, e.g. --lr-scales 0.3 1 3 10.") from None
     command = shlex.join(["hftl", "compare", *([args.config] if args.config else []), "--modes", *lists["modes"], "--seeds",
-                          *lists["seeds"], "--labels-per-class", *lists["labels_per_class"], "--lr-scales", *lists["lr_scales"],
+                          *lists["seeds"], "--" + unit.replace("_", "-"), *lists["budgets"], "--lr-scales", *lists["lr_scales"],
                           *(["--lr-trials", str(args.lr_trials)] if args.lr_trials is not None else []), "--out", args.out, *overrides])
-    compare(_load(args.config, overrides), lists["modes"], lists["seeds"], lists["labels_per_class"], args.out, command,
-            lr_scales=scales, lr_trials=args.lr_trials)
+    compare(_load(args.config, overrides), lists["modes"], lists["seeds"], lists["budgets"], args.out, command,
+            lr_scales=scales, lr_trials=args.lr_trials, unit=unit)
     return 0
 
 
@@ -234,8 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["head", "lora", "full"], metavar="MODE",
                    help="adaptation modes to compare (`hftl modes`); scratch (model.from_scratch=true, full) and head always run")
     p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], metavar="SEED", help="train.seed of each repeat (default: 0 1 2)")
-    p.add_argument("--labels-per-class", nargs="+", default=["all"], metavar="N",
-                   help="label budgets: training rows kept per label (data.samples_per_class), or all")
+    p.add_argument("--labels-per-class", nargs="+", metavar="N",
+                   help="label budgets: training rows kept per label (data.samples_per_class), or all (the default)")
+    p.add_argument("--train-rows", nargs="+", metavar="N",
+                   help="label budgets in training rows in all (data.max_train_samples, drawn with each seed), or all: for "
+                        "token classification (labelled sentences) and regression, whose rows have no one class")
     p.add_argument("--out", required=True, metavar="REPORT_DIR",
                    help="report folder: report.md, report.json, PNG plots, runs/<mode>-<budget>-s<seed> (finished runs are reused)")
     p.add_argument("--lr-scales", nargs="+", default=["0.3", "1", "3", "10"], metavar="X",

@@ -1,7 +1,9 @@
 """`hftl compare`: several adaptation modes over seeds and label budgets on one data set, each against training from scratch.
 
-Every (mode, labels per class, learning rate, seed) is one ordinary `hftl train` run (the task's recipe) written to
-REPORT_DIR/runs/<mode>-<budget>-lr<rate>-s<seed>; a run whose results.json exists is read back instead of trained
+Every (mode, label budget, learning rate, seed) is one ordinary `hftl train` run (the task's recipe) written to
+REPORT_DIR/runs/<mode>-<budget>-lr<rate>-s<seed>; a budget is labelled rows kept per class (--labels-per-class,
+data.samples_per_class) or training rows in all (--train-rows, data.max_train_samples: sentences for token
+classification, whose rows have no single class; also regression); a run whose results.json exists is read back instead of trained
 again, so an interrupted compare continues where it stopped. Two modes always run: `scratch` (the same architecture
 with random weights, every weight trainable, full mode, none of the options that presume pretrained weights: what
 pretraining is measured against) and `head` (the cheapest transfer).
@@ -44,8 +46,12 @@ NEEDS_SEEDS = f"needs at least {MIN_SEEDS} seeds"
 CONFIDENCE = 0.95
 CARD_SECTION = "## Transfer check"
 NOT_COMPARED = ", and this run did not compare against such a baseline"  # the card template's words when it has no transfer check
-PNGS = {"accuracy_vs_labels.png": "labels per class", "accuracy_vs_params.png": "trainable parameters",
+PNGS = {"accuracy_vs_labels.png": "label budget", "accuracy_vs_params.png": "trainable parameters",
         "accuracy_vs_time.png": "training time"}
+# The two kinds of label budget: the config key a run sets, and how the report names a budget.
+PER_CLASS, ROWS = "labels_per_class", "train_rows"
+UNITS = {PER_CLASS: {"key": "samples_per_class", "name": "labels/class", "folder": ""},
+         ROWS: {"key": "max_train_samples", "name": "training rows", "folder": "rows"}}
 # Keys whose setting presumes pretrained weights (keep part of them as they are, pull them back towards their
 # pretrained values, continue their pretraining, read one of their layers): scratch runs them at their defaults.
 PRETRAINED_ONLY = ("adapt.freeze_feature_encoder", "adapt.l2sp", "adapt.layer_lr_decay", "adapt.pretrain", "adapt.pooling", "adapt.layer")
@@ -57,10 +63,11 @@ def train(cfg: Config) -> dict:
     return recipe.train(cfg)
 
 
-def parse_budgets(values) -> list[int | None]:
-    """'all' -> None (every training row), else a positive number of rows per label."""
+def parse_budgets(values, unit: str = PER_CLASS) -> list[int | None]:
+    """'all' -> None (every training row), else a positive number of rows (per label, or in all)."""
+    flag = "--" + unit.replace("_", "-")
     if not values:
-        raise ConfigError("--labels-per-class: give at least one budget, e.g. --labels-per-class 5 20 all.")
+        raise ConfigError(f"{flag}: give at least one budget, e.g. {flag} 5 20 all.")
     out = []
     for v in values:
         if str(v).lower() == "all":
@@ -68,7 +75,7 @@ def parse_budgets(values) -> list[int | None]:
         elif str(v).isdigit() and int(v) > 0:
             out.append(int(v))
         else:
-            raise ConfigError(f"--labels-per-class {v!r}: give positive whole numbers or 'all', e.g. --labels-per-class 5 20 all.")
+            raise ConfigError(f"{flag} {v!r}: give positive whole numbers or 'all', e.g. {flag} 5 20 all.")
     return list(dict.fromkeys(out))
 
 
@@ -105,14 +112,15 @@ def _yaml(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def run_config(base: Config, mode: str, budget: int | None, seed: int, lr: float, folder: Path) -> Config:
+def run_config(base: Config, mode: str, budget: int | None, seed: int, lr: float, folder: Path, unit: str = PER_CLASS) -> Config:
     """The user's config with what one run changes."""
     if mode == SCRATCH:
         cfg = scratch_config(base)[0]
     else:
         cfg = copy.deepcopy(base)
         cfg.adapt.mode = mode
-    cfg.data.samples_per_class, cfg.train.seed, cfg.train.learning_rate = budget, seed, lr
+    setattr(cfg.data, UNITS[unit]["key"], budget)
+    cfg.train.seed, cfg.train.learning_rate = seed, lr
     # The folder holds only our runs; one without results.json is an unfinished one to replace. Compare never publishes.
     cfg.output.dir, cfg.output.overwrite, cfg.hub.push = str(folder), True, False
     return cfg
@@ -216,16 +224,20 @@ def machine() -> str:
 
 
 def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str = "hftl.compare.compare() from Python",
-            lr_scales=LR_SCALES, lr_trials: int | None = None) -> dict:
+            lr_scales=LR_SCALES, lr_trials: int | None = None, unit: str = PER_CLASS) -> dict:
     """Run (or reuse) every run of `base` (the user's config), then write report.md, report.json and the plots to `out`;
-    returns report.json's content. `command` is quoted in the report. Learning rates per (mode, budget): the grid
-    base rate x `lr_scales` (widened once at an edge), or `lr_trials` Optuna trials over its range (hftl[tune])."""
+    returns report.json's content. `command` is quoted in the report. `budgets` count labelled rows per class (`unit`
+    PER_CLASS) or training rows in all (ROWS). Learning rates per (mode, budget): the grid base rate x `lr_scales`
+    (widened once at an edge), or `lr_trials` Optuna trials over its range (hftl[tune])."""
     out = Path(out)
     from .tasks import resolve_metrics
 
     base = resolve_metrics(base)  # what the config leaves to the task (read from the labels): the score's metric and direction
     metric, better = base.train.metric_for_best, base.train.greater_is_better
-    modes, budgets = modes_to_run(modes), parse_budgets(budgets)
+    modes, budgets = modes_to_run(modes), parse_budgets(budgets, unit)
+    if unit == PER_CLASS and base.task == "token-classification" and any(b is not None for b in budgets):
+        raise ConfigError("--labels-per-class: a sentence of token classification has many tags, not one class to count it "
+                          "under; give the budget in labelled sentences with --train-rows (e.g. --train-rows 50 200 all).")
     if not seeds or not all(str(s).isdigit() for s in seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: give one or more whole numbers, e.g. --seeds 0 1 2.")
     seeds = list(dict.fromkeys(int(s) for s in seeds))
@@ -258,7 +270,7 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
             def at(lr: float) -> float | None:
                 """Every seed's run at `lr`; their mean validation score, None when one diverged."""
                 if lr not in tried:
-                    tried[lr] = [_one(base, mode, budget, seed, lr, out, state) for seed in seeds]
+                    tried[lr] = [_one(base, mode, budget, seed, lr, out, state, unit) for seed in seeds]
                 if any(r["diverged"] for r in tried[lr]):
                     return None
                 if len(grid) == 1 and lr_trials is None:  # nothing to choose between: validation is not needed
@@ -267,7 +279,7 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
                     raise ConfigError(f"the runs have no validation split to choose each mode's learning rate on; give {no_validation}.")
                 return statistics.fmean(r["results"]["validation"][metric] for r in tried[lr])
 
-            search = {"mode": mode, "labels_per_class": budget_name(budget)}
+            search = {"mode": mode, "budget": budget_name(budget)}
             if mode == "head" and at(base_lr) is not None and all(r["solver"] for r in tried[base_lr]):
                 search.update(how="solved", chosen=base_lr)  # solved on the features: no learning rate to choose
             elif lr_trials is not None:
@@ -283,7 +295,7 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
                 search.update(how="grid", widened=wider, chosen=chosen,
                               at_edge=chosen is not None and len(tried) > 1 and chosen in (min(tried), max(tried)))
             if search["chosen"] is None:
-                raise ConfigError(f"mode {mode}, {budget_name(budget)} labels per class: training diverged at every learning rate "
+                raise ConfigError(f"mode {mode}, {budget_name(budget)} {UNITS[unit]['name']}: training diverged at every learning rate "
                                   f"tried ({', '.join(f'{lr:g}' for lr in sorted(tried))}); lower train.learning_rate or --lr-scales.")
             search["validation"] = {f"{lr:g}": at(lr) for lr in sorted(tried)}
             searches.append(search)
@@ -294,8 +306,8 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     splits = [s for s in ("validation", "test", "target") if all(s in r["results"] for r in chosen)]
     groups = []
     for search in searches:
-        rs = [r for r in chosen if (r["mode"], r["labels_per_class"]) == (search["mode"], search["labels_per_class"])]
-        groups.append({"mode": search["mode"], "labels_per_class": search["labels_per_class"], "seeds": seeds,
+        rs = [r for r in chosen if (r["mode"], r["budget"]) == (search["mode"], search["budget"])]
+        groups.append({"mode": search["mode"], "budget": search["budget"], "seeds": seeds,
                        "learning_rate": search["chosen"], "lr_search": search,
                        **{s: mean_sd([r["results"][s][metric] for r in rs]) for s in splits},
                        "trainable_params": rs[0]["trainable_params"],
@@ -303,18 +315,18 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     for g in groups:
         if g["mode"] != SCRATCH:
             def scores(mode):  # in seed order: the verdict pairs them
-                return [next(r["results"][split][metric] for r in chosen if (r["mode"], r["labels_per_class"], r["seed"]) ==
-                             (mode, g["labels_per_class"], seed)) for seed in seeds]
+                return [next(r["results"][split][metric] for r in chosen if (r["mode"], r["budget"], r["seed"]) ==
+                             (mode, g["budget"], seed)) for seed in seeds]
             g["verdict"] = verdict(scores(g["mode"]), scores(SCRATCH), better)
             g["transfer_check"] = g["verdict"]["text"]
-    report = {"command": command, "machine": machine(), "metric": metric, "greater_is_better": better,
+    report = {"command": command, "machine": machine(), "metric": metric, "greater_is_better": better, "budget_unit": unit,
               "verdict_split": split, "splits": splits, "scratch": scratch_config(base)[1],
               "lr": {"base": base_lr, "scales": scales, "trials": lr_trials}, "groups": groups, "runs": runs}
     if not state.is_main_process:  # one process writes the cards' verdicts, the report and the plots
         return report
     for g in groups:
         for r in chosen:
-            if g["mode"] != SCRATCH and (r["mode"], r["labels_per_class"]) == (g["mode"], g["labels_per_class"]):
+            if g["mode"] != SCRATCH and (r["mode"], r["budget"]) == (g["mode"], g["budget"]):
                 write_card_check(out / r["folder"], f"on {split} {metric}, {g['transfer_check']}.")
     _plots(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -324,12 +336,12 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
     return report
 
 
-def _one(base: Config, mode: str, budget: int | None, seed: int, lr: float, out: Path, state) -> dict:
+def _one(base: Config, mode: str, budget: int | None, seed: int, lr: float, out: Path, state, unit: str = PER_CLASS) -> dict:
     """One run, trained or read back; a run whose loss went non-finite is recorded (beside its folder, so a rerun does not
     train it again) as diverged."""
-    folder = out / "runs" / f"{mode}-{budget_name(budget)}-lr{lr:g}-s{seed}"
-    cfg = run_config(base, mode, budget, seed, lr, folder)
-    record = {"mode": mode, "labels_per_class": budget_name(budget), "seed": seed, "learning_rate": lr,
+    folder = out / "runs" / f"{mode}-{UNITS[unit]['folder'] if budget else ''}{budget_name(budget)}-lr{lr:g}-s{seed}"
+    cfg = run_config(base, mode, budget, seed, lr, folder, unit)
+    record = {"mode": mode, "budget": budget_name(budget), "seed": seed, "learning_rate": lr,
               "folder": str(folder.relative_to(out)), "diverged": None}
     diverged = folder.with_name(f"{folder.name}.diverged.json")
     if (folder / "results.json").is_file():
@@ -372,32 +384,33 @@ def _tune_rate(at, low: float, high: float, trials: int, greater_is_better: bool
 
 
 def _plots(report: dict, out: Path) -> None:
-    metric, split = report["metric"], report["verdict_split"]
-    budgets = list(dict.fromkeys(g["labels_per_class"] for g in report["groups"]))
+    metric, split, unit = report["metric"], report["verdict_split"], UNITS[report["budget_unit"]]["name"]
+    budgets = list(dict.fromkeys(g["budget"] for g in report["groups"]))
     by_mode = {m: [g for g in report["groups"] if g["mode"] == m] for m in dict.fromkeys(g["mode"] for g in report["groups"])}
     ylabel = f"{split} {metric} (mean ± sd over seeds)"
     plots.errorbar_png({m: (list(range(len(gs))), [g[split]["mean"] for g in gs], [g[split]["sd"] for g in gs])
-                        for m, gs in by_mode.items()}, out / "accuracy_vs_labels.png", "labels per class", ylabel,
+                        for m, gs in by_mode.items()}, out / "accuracy_vs_labels.png", unit, ylabel,
                        xticks=budgets)
     for png, key, xlabel, logx in (("accuracy_vs_params.png", "trainable_params", "trainable parameters (log scale)", True),
                                    ("accuracy_vs_time.png", "train_seconds", "training wall time (s, mean over seeds)", False)):
         plots.errorbar_png({m: ([g[key] for g in gs], [g[split]["mean"] for g in gs], [g[split]["sd"] for g in gs])
                             for m, gs in by_mode.items()}, out / png, xlabel, ylabel, logx=logx, connect=False,
-                           notes={m: [f"{g['labels_per_class']}/class" for g in gs] for m, gs in by_mode.items()})
+                           notes={m: [f"{g['budget']}{'/class' if unit == 'labels/class' else ' rows'}" for g in gs] for m, gs in by_mode.items()})
 
 
 def _markdown(report: dict) -> str:
     metric, split, splits = report["metric"], report["verdict_split"], report["splits"]
+    unit = UNITS[report["budget_unit"]]["name"]
     lr = report["lr"]
     lines = ["# hftl compare", "",
              f"{metric} as mean ± standard deviation over seeds {', '.join(map(str, report['groups'][0]['seeds']))}, each mode at "
              f"its own learning rate (chosen on validation); `{SCRATCH}` is the same architecture trained from random weights "
              "(no transfer).", "",
-             "| mode | labels/class | learning rate | " + " | ".join(f"{s} {metric}" for s in splits) + " | trainable params | wall s (training) |",
+             f"| mode | {unit} | learning rate | " + " | ".join(f"{s} {metric}" for s in splits) + " | trainable params | wall s (training) |",
              "|---|---|---|" + "---|" * len(splits) + "---|---|"]
     for g in report["groups"]:
         rate = "solved (none)" if g["lr_search"]["how"] == "solved" else f"{g['learning_rate']:g}"
-        lines.append(f"| {g['mode']} | {g['labels_per_class']} | {rate} | " + " | ".join(f"{g[s]['mean']:.4f} ± {g[s]['sd']:.4f}" for s in splits)
+        lines.append(f"| {g['mode']} | {g['budget']} | {rate} | " + " | ".join(f"{g[s]['mean']:.4f} ± {g[s]['sd']:.4f}" for s in splits)
                      + f" | {g['trainable_params']:,} | {g['train_seconds']:.1f} |")
     lines += ["", f"## Transfer check ({split} {metric} against training from scratch)", "",
               f"Per mode and label budget: the {100 * CONFIDENCE:g}% confidence interval of the mean gain over scratch, runs paired by "
@@ -410,7 +423,7 @@ def _markdown(report: dict) -> str:
                   "report on rows nothing was chosen on.", ""]
     for g in report["groups"]:
         if g["mode"] != SCRATCH:
-            lines.append(f"- {g['mode']}, {g['labels_per_class']} labels/class: " + (f"**{g['transfer_check']}**" if g["verdict"]["verdict"] == WORSE
+            lines.append(f"- {g['mode']}, {g['budget']} {unit}: " + (f"**{g['transfer_check']}**" if g["verdict"]["verdict"] == WORSE
                                                                                       else g["transfer_check"]))
     lines += ["", "## The from-scratch baseline", "",
               f"`{SCRATCH}` ran with " + ", ".join(f"`{c}`" for c in report["scratch"]) + "; everything else as the config says, "
@@ -434,11 +447,11 @@ def _markdown(report: dict) -> str:
         if len(lr["scales"]) == 1 and not lr["trials"] and search["how"] != "solved":
             continue
         if search["how"] == "solved":
-            lines.append(f"- {g['mode']}, {g['labels_per_class']}: the head was solved on the frozen features (adapt.solve_head): no "
+            lines.append(f"- {g['mode']}, {g['budget']}: the head was solved on the frozen features (adapt.solve_head): no "
                          "learning rate.")
             continue
         tried = ", ".join(f"{r}: {'diverged' if v is None else f'{v:.4f}'}" for r, v in search["validation"].items())
-        line = f"- {g['mode']}, {g['labels_per_class']}: {tried}; chosen {search['chosen']:g}"
+        line = f"- {g['mode']}, {g['budget']}: {tried}; chosen {search['chosen']:g}"
         if search.get("widened"):
             line += f" (the best of the first grid sat at its edge: widened to {search['widened']:g})"
         if search.get("at_edge"):
@@ -446,7 +459,7 @@ def _markdown(report: dict) -> str:
         lines.append(line)
     flagged = [r for r in report["runs"] if r["chosen"] and r["overfitting"]]
     lines += ["", "## Train/validation gap", ""]
-    lines += [f"- {r['mode']}, {r['labels_per_class']} labels/class, seed {r['seed']}: {r['overfitting']}" for r in flagged] or \
+    lines += [f"- {r['mode']}, {r['budget']} {unit}, seed {r['seed']}: {r['overfitting']}" for r in flagged] or \
              ["No run shows validation loss rising while training loss falls, or a large gap between them."]
     lines += ["", "## Plots", ""] + [f"![{split} {metric} vs {what}]({png})" for png, what in PNGS.items()]
     lines += ["", "## How this was made", "", f"```\n{report['command']}\n```", "", f"Machine: {report['machine']}",

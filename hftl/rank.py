@@ -34,14 +34,16 @@ def rank(cfg: Config, modality: Modality, candidates: list[str]) -> dict:
         raise ConfigError("`hftl rank` needs checkpoints to compare: --models NAME [NAME ...] (Hub ids, local folders, or scratch:NAME).")
     accelerator = make_accelerator(cfg.train)
     splits, source, _, task = load_checked(cfg, modality)  # the raw rows do not depend on the checkpoint: read them once
-    if task.name != "single_label":  # LogME and H-score as computed here score class labels
+    # LogME and H-score as computed here score one class per vector: a row's (single-label) or a word's (tokens)
+    if task.name not in ("single_label", "token_classification"):
         raise ConfigError(f"`hftl rank` scores checkpoints by how well their features separate the classes (LogME, H-score); "
                           f"these labels are {task.name}, which it does not score yet. Compare checkpoints with short "
                           "`hftl train` runs (or `hftl compare`) instead.")
-    labels = splits["train"].features["labels"].names
+    feature = splits["train"].features["labels"]
+    labels = getattr(feature, "feature", feature).names  # token tags: a ClassLabel inside the Sequence
     # Every candidate's processor first, so a misspelt name fails now rather than after the others' features.
     loaded = [_processor(cfg, modality, candidate) for candidate in candidates]
-    rows = [_score(*each, modality, splits["train"], labels, accelerator) for each in loaded]
+    rows = [_score(*each, modality, splits["train"], labels, accelerator, task.per_token) for each in loaded]
     rows.sort(key=lambda r: -r["logme"])
     return {"task": cfg.task, "data": source, "train_rows": len(splits["train"]), "labels": labels, "ranked_by": "logme",
             "models": [{"rank": i, **r} for i, r in enumerate(rows, 1)]}
@@ -67,7 +69,10 @@ def _processor(cfg: Config, modality: Modality, candidate: str) -> tuple:
         return candidate, cfg, path, modality.load_processor(path, cfg)
 
 
-def _score(candidate: str, cfg: Config, path: str, processor, modality: Modality, train, labels: list[str], accelerator) -> dict:
+def _score(candidate: str, cfg: Config, path: str, processor, modality: Modality, train, labels: list[str], accelerator,
+           per_token: bool = False) -> dict:
+    """One candidate's scores. `per_token` (token classification): one vector per word, its first piece's, scored
+    against the word's tag, the vectors a head-mode run's cache holds (and under the same file name)."""
     encoded, collator = modality.prepare(DatasetDict({"train": train}), processor, cfg)
     collator = tensor_core_padding(collator, accelerator)
     set_seed(cfg.train.seed)  # the same random weights every time for scratch:, so their features are cached too
@@ -79,9 +84,11 @@ def _score(candidate: str, cfg: Config, path: str, processor, modality: Modality
 
     start = time.perf_counter()
     base = cache._checkpoint_fingerprint(model, head, collator, cfg, accelerator.mixed_precision, accelerator.device)
-    features, info = cache.split_features(model, head, "train", encoded["train"], collator, base, cfg, accelerator)
+    features, info = cache.split_features(model, head, "train", encoded["train"], collator, base, cfg, accelerator, per_token)
     batch = features.with_format("numpy")[:]
     x, y = batch["features"], batch["labels"]
+    if per_token:
+        x, y = words(x, y)
     if x.dtype == object:  # rows of different lengths: the head reads a vector per token or window, not one per row
         raise ConfigError(f"--models entry '{candidate}': the head {head} of {type(model).__name__} reads more than one vector per "
                           "row (e.g. every token), so there are no pooled features to score; hftl rank scores models whose head "
@@ -92,6 +99,16 @@ def _score(candidate: str, cfg: Config, path: str, processor, modality: Modality
         "computed, not cached (" + ("random preprocessing)" if info["random"] else "collator cannot be fingerprinted)")
     return {"model": candidate, "logme": logme, "hscore": hscore, "seconds": seconds, "feature_cache": cached,
             "cache_file": info["file"], "feature_dim": int(x.shape[1])}
+
+
+def words(features, labels) -> tuple:
+    """(words x dim, tags) from per-row cached token features (each row's labelled positions' vectors, flattened) and
+    labels: each word's first piece (label >= 0; the later pieces data.label_all_subtokens trains are left out)."""
+    import numpy as np
+
+    rows = [(np.asarray(f).reshape(len(t), -1), np.asarray(t)) for f, t in zip(features, labels) if len(t)]
+    x, y = np.concatenate([f for f, _ in rows]), np.concatenate([t for _, t in rows])
+    return x[y >= 0], y[y >= 0]
 
 
 def table(result: dict) -> str:

@@ -165,7 +165,7 @@ def scores(report: dict, mode: str, budget: str, lr: float | None = None) -> lis
     split, metric = report["verdict_split"], report["metric"]
     out = []
     for seed in report["groups"][0]["seeds"]:
-        runs = [r for r in report["runs"] if (r["mode"], r["labels_per_class"], r["seed"]) == (mode, budget, seed)
+        runs = [r for r in report["runs"] if (r["mode"], r["budget"], r["seed"]) == (mode, budget, seed)
                 and (r["chosen"] if lr is None else r["learning_rate"] == lr)]
         out.append(None if not runs or runs[0]["diverged"] else runs[0]["results"][split][metric])
     return out
@@ -185,7 +185,7 @@ def compare_section(task: str, got: dict) -> tuple[list[str], int, int]:
              "changed |", "|---|---|---|---|---|---|---|---|"]
     changed = total = 0
     for g in fair["groups"]:
-        mode, budget = g["mode"], g["labels_per_class"]
+        mode, budget = g["mode"], g["budget"]
         if mode == SCRATCH:
             continue
         lt, ls = scores(landed, mode, budget), scores(landed, SCRATCH, budget)
@@ -198,7 +198,7 @@ def compare_section(task: str, got: dict) -> tuple[list[str], int, int]:
         # A landed "helped" stays "better"; its "no gain" is either of the other two.
         same = (old == LANDED_HELPED) == (new == "better")
         changed, total = changed + (not same), total + 1
-        scratch_rate = next(x["learning_rate"] for x in fair["groups"] if (x["mode"], x["labels_per_class"]) == (SCRATCH, budget))
+        scratch_rate = next(x["learning_rate"] for x in fair["groups"] if (x["mode"], x["budget"]) == (SCRATCH, budget))
         lines.append(f"| {mode} | {budget} | {pct(lt)} vs {pct(ls)} | {old} | {old_test} | {pct(pt)} vs {pct(ps)}, {preset} | "
                      f"{rate} (scratch {scratch_rate:g}): {pct(scores(fair, mode, budget))} vs {pct(scores(fair, SCRATCH, budget))}, "
                      f"**{new}** | {'no' if same else '**yes**'} |")

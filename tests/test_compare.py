@@ -38,7 +38,7 @@ def report(overrides, tmp_path_factory):
 
 def test_every_mode_budget_and_seed_ran_once(report):
     out, rep = report
-    assert {(r["mode"], r["labels_per_class"], r["seed"]) for r in rep["runs"]} == EXPECTED
+    assert {(r["mode"], r["budget"], r["seed"]) for r in rep["runs"]} == EXPECTED
     assert len(rep["runs"]) == len(EXPECTED)
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{m}-{b}-lr0.01-s{s}" for m, b, s in EXPECTED)
     # scratch really is random weights in full mode; the budget really limits the training rows
@@ -54,7 +54,7 @@ def test_report_md_table(report):
     text = (out / "report.md").read_text()
     for mode in ("scratch", "head", "lora"):
         for budget in BUDGETS:
-            g = next(g for g in rep["groups"] if g["mode"] == mode and g["labels_per_class"] == budget)
+            g = next(g for g in rep["groups"] if g["mode"] == mode and g["budget"] == budget)
             rate = "solved (none)" if mode == "head" else "0.01"  # head's is solved (adapt.solve_head): no rate to choose
             row = f"| {mode} | {budget} | {rate} | {g['validation']['mean']:.4f} ± {g['validation']['sd']:.4f} | {g['trainable_params']:,} |"
             assert row in text
@@ -88,7 +88,7 @@ def test_report_json_equals_runs(report):
         assert (r["train_seconds"], r["trainable_params"]) == (saved["train_seconds"], saved["trainable_params"])
     for g in rep["groups"]:
         values = [r["results"]["validation"]["accuracy"] for r in rep["runs"]
-                  if (r["mode"], r["labels_per_class"]) == (g["mode"], g["labels_per_class"])]
+                  if (r["mode"], r["budget"]) == (g["mode"], g["budget"])]
         assert g["validation"]["mean"] == pytest.approx(statistics.fmean(values))
         assert g["validation"]["sd"] == pytest.approx(statistics.stdev(values))
 
@@ -100,7 +100,7 @@ def test_verdict_in_every_transferred_card(report):
         if r["mode"] == "scratch":
             assert "`hftl compare` trained this configuration" not in card
         else:
-            g = next(g for g in rep["groups"] if (g["mode"], g["labels_per_class"]) == (r["mode"], r["labels_per_class"]))
+            g = next(g for g in rep["groups"] if (g["mode"], g["budget"]) == (r["mode"], r["budget"]))
             assert g["transfer_check"] in card and card.count("## Transfer check") == 1
             # where the template puts it, and the limits paragraph no longer says there was no baseline
             assert card.index("## Results") < card.index("## Transfer check") < card.index("## Training")
@@ -158,7 +158,7 @@ def test_verdicts():
 def test_negative_verdict_lands_in_card(report, tmp_path):
     out, rep = report
     folder = shutil.copytree(out / "runs" / "head-4-lr0.01-s0", tmp_path / "run")
-    old = next(g["transfer_check"] for g in rep["groups"] if (g["mode"], g["labels_per_class"]) == ("head", "4"))
+    old = next(g["transfer_check"] for g in rep["groups"] if (g["mode"], g["budget"]) == ("head", "4"))
     text = verdict([0.50, 0.52, 0.51], [0.60, 0.62, 0.63])["text"]
     write_card_check(folder, f"on validation accuracy, {text}.")
     card = (folder / "README.md").read_text()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import NEGATIVE, POSITIVE, read_json, write_rows
+from test_rank import sentiment  # noqa: F401 (a fixture)
 from hftl.config import ConfigError, load_config
 from hftl.data import DataError
 
@@ -298,3 +299,56 @@ def test_iob1_tags_are_converted_on_request():
     task = TokenClassification.read(rows, cfg)
     assert set(task.names) == {"O", "B-PER", "I-PER", "B-LOC", "I-LOC"}
     assert task.readable(task.encode(rows, "train", cfg)["labels"]) == [["B-PER", "I-PER", "B-PER", "O", "B-LOC"]]
+
+
+# ---------------------------------------------------------------- choosing a checkpoint, and comparing modes
+
+
+def test_rank_scores_each_words_features_and_head_mode_reads_them_back(tiny_bert, sentiment, ner_data, tmp_path, capsys):
+    """'sentiment' pushes the PER (positive) and LOC (negative) words' embeddings apart: its word features rank first."""
+    from hftl import cli
+    from hftl.rank import words
+    from hftl.tasks.token_classification import CONTINUATION
+
+    data = ["task=token-classification", f"data.train_file={ner_data['train']}", f"data.validation_file={ner_data['validation']}",
+            "data.max_length=24", f"train.feature_cache_dir={tmp_path / 'features'}"]
+    assert cli.main(["rank", "--models", str(tiny_bert), f"scratch:{sentiment}", str(sentiment), *data, "--out", str(tmp_path / "r.json")]) == 0
+    result = read_json(tmp_path / "r.json")
+    assert result["task"] == "token-classification" and result["labels"] == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert [m["model"] for m in result["models"]][0] == str(sentiment)
+    assert all(m["feature_dim"] == 32 and m["feature_cache"] == "computed" and np.isfinite(m["logme"]) for m in result["models"])
+    assert "| 1 | " + str(sentiment) in capsys.readouterr().out
+
+    out = tmp_path / "head"  # the winner's head trains on the word features ranking stored
+    assert cli.main(["train", f"model.name_or_path={sentiment}", "adapt.mode=head", *data, "output.verify_reload=0", f"output.dir={out}"]) == 0
+    cache = read_json(out / "results.json")["feature_cache"]["splits"]["train"]
+    best = result["models"][0]
+    assert cache["hit"] and cache["file"] == best["cache_file"]
+
+    # a row's cached vectors are its labelled pieces': a later piece (data.label_all_subtokens) is not a word
+    x, y = words([np.arange(6.0), np.arange(6.0, 8.0)], [[2, CONTINUATION - 3, 0], [1]])
+    assert y.tolist() == [2, 0, 1] and x.tolist() == [[0, 1], [4, 5], [6, 7]]
+
+
+def test_compare_counts_budgets_in_sentences(tiny_bert, ner_data, tmp_path, capsys):
+    from hftl import cli
+
+    args = ["compare", "--modes", "head", "--seeds", "0", "1", "--lr-scales", "1", "--out", str(tmp_path / "cmp"),
+            "task=token-classification", f"model.name_or_path={tiny_bert}", f"data.train_file={ner_data['train']}",
+            f"data.validation_file={ner_data['validation']}", "data.max_length=24", "train.batch_size=8", "train.max_steps=4",
+            "output.verify_reload=0"]
+    assert cli.main([*args, "--labels-per-class", "5"]) == 2
+    assert "give the budget in labelled sentences with --train-rows" in capsys.readouterr().err
+    assert cli.main([*args, "--labels-per-class", "5", "--train-rows", "5"]) == 2
+    assert "--labels-per-class and --train-rows both given" in capsys.readouterr().err
+
+    assert cli.main([*args, "--train-rows", "16", "all"]) == 0, capsys.readouterr().err
+    report = read_json(tmp_path / "cmp" / "report.json")
+    assert report["budget_unit"] == "train_rows" and report["metric"] == "entity_f1"
+    assert {(g["mode"], g["budget"]) for g in report["groups"]} == {(m, b) for m in ("scratch", "head") for b in ("16", "all")}
+    run = load_config(tmp_path / "cmp" / "runs" / "head-rows16-lr5e-05-s1" / "hftl_config.yaml")
+    assert run.data.max_train_samples == 16 and run.data.samples_per_class is None and run.train.seed == 1
+    assert read_json(tmp_path / "cmp" / "runs" / "head-rows16-lr5e-05-s1" / "results.json")["feature_cache"]["splits"]["train"]["rows"] == 16
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| mode | training rows | learning rate |" in text and "- head, 16 training rows: " in text
+    assert "--train-rows 16 all" in text
