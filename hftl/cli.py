@@ -1,6 +1,6 @@
 """Command line: `hftl train [CONFIG] [key=value ...]`, `hftl push OUT_DIR [key=value ...]`, `hftl modes`, `hftl presets`,
 `hftl rank [CONFIG] --models NAME ... [--out FILE.json] [key=value ...]`,
-`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ... | --train-rows N|all ...] [--lr-scales X ...] --out REPORT_DIR [key=value ...]`,
+`hftl compare [CONFIG] --modes MODE ... [--seeds N ...] [--labels-per-class N|all ... | --train-rows N|all ...] [--lr-scales X ...] [--mode-lr MODE=RATE ...] --out REPORT_DIR [key=value ...]`,
 `hftl tune [CONFIG] --trials N [--study-name S] [--storage URL] [--out DIR] key=range ... [key=value ...]`,
 `hftl export MODEL_DIR --onnx [--int8] [--out DIR]`, `hftl predict MODEL_DIR FILE [--out PRED.jsonl] [key=value ...]`,
 `hftl evaluate MODEL_DIR FILE [--out FOLDER] [key=value ...]`, `hftl --version`.
@@ -132,15 +132,26 @@ def _compare(args) -> int:
     args.budgets = args.train_rows if unit == ROWS else args.labels_per_class or ["all"]
     lists = {k: [v for v in getattr(args, k) if "=" not in v] for k in ("modes", "seeds", "budgets", "lr_scales")}
     overrides = [*args.overrides, *(v for k in lists for v in getattr(args, k) if "=" in v)]
+    # --mode-lr MODE=RATE ...: an entry whose key is a mode name (no '.') is a rate; a dotted key=value an override
+    rates = [v for v in args.mode_lr or [] if "." not in v.split("=", 1)[0]]
+    overrides += [v for v in args.mode_lr or [] if v not in rates]
+    mode_rates = {}
+    for v in rates:
+        mode, _, rate = v.partition("=")
+        try:
+            mode_rates[mode] = float(rate)
+        except ValueError:
+            raise ConfigError(f"--mode-lr {v}: give MODE=RATE, e.g. --mode-lr lora=1e-3 full=5e-5 scratch=1e-3.") from None
     try:
         scales = [float(v) for v in lists["lr_scales"]]
     except ValueError:
         raise ConfigError(f"--lr-scales {' '.join(lists['lr_scales'])}: give positive numbers, e.g. --lr-scales 0.3 1 3 10.") from None
     command = shlex.join(["hftl", "compare", *([args.config] if args.config else []), "--modes", *lists["modes"], "--seeds",
                           *lists["seeds"], "--" + unit.replace("_", "-"), *lists["budgets"], "--lr-scales", *lists["lr_scales"],
-                          *(["--lr-trials", str(args.lr_trials)] if args.lr_trials is not None else []), "--out", args.out, *overrides])
+                          *(["--lr-trials", str(args.lr_trials)] if args.lr_trials is not None else []),
+                          *(["--mode-lr", *rates] if rates else []), "--out", args.out, *overrides])
     compare(_load(args.config, overrides), lists["modes"], lists["seeds"], lists["budgets"], args.out, command,
-            lr_scales=scales, lr_trials=args.lr_trials, unit=unit)
+            lr_scales=scales, lr_trials=args.lr_trials, unit=unit, mode_rates=mode_rates)
     return 0
 
 
@@ -252,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-trials", type=int, metavar="N",
                    help="choose each rate with N Optuna TPE trials over the --lr-scales range (log scale) instead of the grid "
                         "(pip install 'hftl[tune]')")
+    p.add_argument("--mode-lr", nargs="+", metavar="MODE=RATE",
+                   help="a mode's own base rate, which its --lr-scales grid multiplies (e.g. lora=1e-3 full=5e-5 scratch=1e-3); "
+                        "the others start from train.learning_rate")
     p.set_defaults(func=_compare)
     # key=value may also follow the options (`--out R train.epochs=3`), which argparse reads only when it parses
     # arguments intermixed: the subcommand hands its arguments to this parser of its own, which does.

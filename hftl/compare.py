@@ -224,11 +224,12 @@ def machine() -> str:
 
 
 def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str = "hftl.compare.compare() from Python",
-            lr_scales=LR_SCALES, lr_trials: int | None = None, unit: str = PER_CLASS) -> dict:
+            lr_scales=LR_SCALES, lr_trials: int | None = None, unit: str = PER_CLASS, mode_rates: dict | None = None) -> dict:
     """Run (or reuse) every run of `base` (the user's config), then write report.md, report.json and the plots to `out`;
     returns report.json's content. `command` is quoted in the report. `budgets` count labelled rows per class (`unit`
     PER_CLASS) or training rows in all (ROWS). Learning rates per (mode, budget): the grid base rate x `lr_scales`
-    (widened once at an edge), or `lr_trials` Optuna trials over its range (hftl[tune])."""
+    (widened once at an edge), or `lr_trials` Optuna trials over its range (hftl[tune]); `mode_rates` ({mode: rate},
+    --mode-lr) replaces the base rate for the modes it names (scratch included)."""
     out = Path(out)
     from .tasks import resolve_metrics
 
@@ -258,12 +259,17 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
             and base.data.name is None:
         raise ConfigError("data.validation_fraction=0 and no data.validation_file: there is no validation split to choose each "
                           f"mode's learning rate on; give {no_validation}.")
-    base_lr = base.train.learning_rate
-    grid = [float(f"{base_lr * s:.6g}") for s in scales]
+    mode_rates = dict(mode_rates or {})
+    stray = sorted(set(mode_rates) - set(modes))
+    if stray or not all(isinstance(r, (int, float)) and r > 0 for r in mode_rates.values()):
+        raise ConfigError(f"--mode-lr {' '.join(f'{m}={r}' for m, r in mode_rates.items())}: give MODE=RATE with a positive rate for "
+                          f"modes this compare runs ({', '.join(modes)})" + (f"; {', '.join(stray)} does not run" if stray else "") + ".")
     # The process group the runs' Accelerators join; ACCELERATE_USE_CPU read as AcceleratorState reads it (CPU torchrun).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     runs, searches = [], []
     for mode in modes:
+        base_lr = float(mode_rates.get(mode, base.train.learning_rate))
+        grid = [float(f"{base_lr * s:.6g}") for s in scales]
         for budget in budgets:
             tried: dict[float, list[dict]] = {}
 
@@ -321,7 +327,8 @@ def compare(base: Config, modes, seeds, budgets, out: str | Path, command: str =
             g["transfer_check"] = g["verdict"]["text"]
     report = {"command": command, "machine": machine(), "metric": metric, "greater_is_better": better, "budget_unit": unit,
               "verdict_split": split, "splits": splits, "scratch": scratch_config(base)[1],
-              "lr": {"base": base_lr, "scales": scales, "trials": lr_trials}, "groups": groups, "runs": runs}
+              "lr": {"base": base.train.learning_rate, "per_mode": mode_rates, "scales": scales, "trials": lr_trials},
+              "groups": groups, "runs": runs}
     if not state.is_main_process:  # one process writes the cards' verdicts, the report and the plots
         return report
     for g in groups:
@@ -430,15 +437,17 @@ def _markdown(report: dict) -> str:
               "every weight trainable. Options that presume pretrained weights run at their defaults: "
               + ", ".join(f"`{k}`" for k in PRETRAINED_ONLY) + ".", "",
               "## Learning rates (chosen on validation)", ""]
+    per_mode = lr.get("per_mode") or {}
+    # the rate each mode's grid is built on: the config's, or the one --mode-lr gave it
+    based = f"the config's {lr['base']:g}" + (" (" + ", ".join(f"{m} {r:g}" for m, r in per_mode.items()) + " by --mode-lr)" if per_mode else "")
     if len(lr["scales"]) == 1 and not lr["trials"]:
-        lines.append(f"One rate for every mode and budget (--lr-scales {lr['scales'][0]:g}): the config's {lr['base']:g} times "
-                     f"{lr['scales'][0]:g}; nothing was chosen.")
+        lines.append(f"{'One rate per mode' if per_mode else 'One rate for every mode'} and budget (--lr-scales {lr['scales'][0]:g}): "
+                     f"{based} times {lr['scales'][0]:g}; nothing was chosen.")
     elif lr["trials"]:
-        lines.append(f"Per mode and budget, {lr['trials']} Optuna TPE trials over {lr['base'] * lr['scales'][0]:g} to "
-                     f"{lr['base'] * lr['scales'][-1]:g} (log scale; the config's {lr['base']:g} times {lr['scales'][0]:g} to "
-                     f"{lr['scales'][-1]:g}), each scored by its mean validation {metric} over the seeds.")
+        lines.append(f"Per mode and budget, {lr['trials']} Optuna TPE trials from {based} times {lr['scales'][0]:g} to "
+                     f"{lr['scales'][-1]:g} (log scale), each scored by its mean validation {metric} over the seeds.")
     else:
-        lines.append(f"Per mode and budget, the config's {lr['base']:g} times {', '.join(f'{s:g}' for s in lr['scales'])}, scored by the "
+        lines.append(f"Per mode and budget, {based} times {', '.join(f'{s:g}' for s in lr['scales'])}, scored by the "
                      f"mean validation {metric} over the seeds (a tie keeps the smaller rate); when the best sat at the grid's "
                      "edge, the grid was widened once by one step.")
     lines.append("")

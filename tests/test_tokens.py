@@ -342,7 +342,13 @@ def test_compare_counts_budgets_in_sentences(tiny_bert, ner_data, tmp_path, caps
     assert cli.main([*args, "--labels-per-class", "5", "--train-rows", "5"]) == 2
     assert "--labels-per-class and --train-rows both given" in capsys.readouterr().err
 
-    assert cli.main([*args, "--train-rows", "16", "all"]) == 0, capsys.readouterr().err
+    assert cli.main([*args, "--train-rows", "5", "--mode-lr", "lora=1e-3"]) == 2
+    assert "--mode-lr lora=0.001: give MODE=RATE with a positive rate for modes this compare runs (scratch, head); lora does not run" \
+        in capsys.readouterr().err
+
+    # scratch at its own rate (--mode-lr), head at the config's
+    assert cli.main([*args, "--train-rows", "16", "all", "--mode-lr", "scratch=0.02"]) == 0, capsys.readouterr().err
+    assert {p.name for p in (tmp_path / "cmp" / "runs").iterdir()} >= {"scratch-rows16-lr0.02-s0", "head-all-lr5e-05-s1"}
     report = read_json(tmp_path / "cmp" / "report.json")
     assert report["budget_unit"] == "train_rows" and report["metric"] == "entity_f1"
     assert {(g["mode"], g["budget"]) for g in report["groups"]} == {(m, b) for m in ("scratch", "head") for b in ("16", "all")}
@@ -351,4 +357,5 @@ def test_compare_counts_budgets_in_sentences(tiny_bert, ner_data, tmp_path, caps
     assert read_json(tmp_path / "cmp" / "runs" / "head-rows16-lr5e-05-s1" / "results.json")["feature_cache"]["splits"]["train"]["rows"] == 16
     text = (tmp_path / "cmp" / "report.md").read_text()
     assert "| mode | training rows | learning rate |" in text and "- head, 16 training rows: " in text
-    assert "--train-rows 16 all" in text
+    assert "--train-rows 16 all --lr-scales 1 --mode-lr scratch=0.02" in text
+    assert "One rate per mode and budget (--lr-scales 1): the config's 5e-05 (scratch 0.02 by --mode-lr) times 1" in text
