@@ -444,8 +444,10 @@ def _markdown(report: dict) -> str:
         lines.append(f"{'One rate per mode' if per_mode else 'One rate for every mode'} and budget (--lr-scales {lr['scales'][0]:g}): "
                      f"{based} times {lr['scales'][0]:g}; nothing was chosen.")
     elif lr["trials"]:
-        lines.append(f"Per mode and budget, {lr['trials']} Optuna TPE trials from {based} times {lr['scales'][0]:g} to "
-                     f"{lr['scales'][-1]:g} (log scale), each scored by its mean validation {metric} over the seeds.")
+        span = f"{lr['scales'][0]:g} to {lr['scales'][-1]:g}"
+        where = f"from {based} times {span} (log scale)" if per_mode else \
+            f"over {lr['base'] * lr['scales'][0]:g} to {lr['base'] * lr['scales'][-1]:g} (log scale; {based} times {span})"
+        lines.append(f"Per mode and budget, {lr['trials']} Optuna TPE trials {where}, each scored by its mean validation {metric} over the seeds.")
     else:
         lines.append(f"Per mode and budget, {based} times {', '.join(f'{s:g}' for s in lr['scales'])}, scored by the "
                      f"mean validation {metric} over the seeds (a tie keeps the smaller rate); when the best sat at the grid's "
