@@ -359,3 +359,20 @@ def test_compare_counts_budgets_in_sentences(tiny_bert, ner_data, tmp_path, caps
     assert "| mode | training rows | learning rate |" in text and "- head, 16 training rows: " in text
     assert "--train-rows 16 all --lr-scales 1 --mode-lr scratch=0.02" in text
     assert "One rate per mode and budget (--lr-scales 1): the config's 5e-05 (scratch 0.02 by --mode-lr) times 1" in text
+
+
+def test_the_solved_head_scores_validation_tags_the_few_training_sentences_lack():
+    """A budget of 16 CoNLL sentences may hold no I-LOC while validation does: the penalty is still chosen (that word's
+    tag has probability 0, clipped) and the head never predicts the tag it never saw."""
+    from hftl.config import TrainConfig
+    from hftl.tasks.token_classification import TokenClassification
+
+    task = TokenClassification(["O", "B-PER", "I-PER", "B-LOC"])
+    rng = np.random.default_rng(0)
+    y, y_val = rng.choice([0, 1, 3], 300), np.r_[rng.choice([0, 1, 3], 100), [2, 2]]
+    centres = rng.normal(size=(4, 8)) * 3
+    x, x_val = centres[y] + rng.normal(size=(300, 8)), centres[y_val] + rng.normal(size=(102, 8))
+    solution, _ = task.solve(x, y, x_val, y_val, TrainConfig(), {})
+    assert solution.selected_on == "validation" and np.isfinite([p["score"] for p in solution.path]).all()
+    assert solution.weight.shape == (4, 8) and solution.bias[2] == -1e4
+    assert (np.argmax(x_val @ solution.weight.T + solution.bias, 1)[:100] == y_val[:100]).mean() > 0.9
