@@ -302,7 +302,7 @@ class Bench:
         m = timed(cmd, self.work / "conll-curve.log", env)
         if m["rc"] != 0:
             raise SystemExit(f"bench_tasks: the learning curve's hftl compare failed (exit {m['rc']}); its output: {self.work / 'conll-curve.log'}")
-        return {**m, "command": " ".join(cmd[1:]), "report": json.loads((out / "report.json").read_text())}
+        return {**m, "command": " ".join(["hftl", *cmd[3:]]), "report": json.loads((out / "report.json").read_text())}
 
     def measure(self, task: str, mode: str, system: str, job: dict) -> dict:
         """One job in its own process, unless the cache holds the same job finished; a failed job is not cached."""
