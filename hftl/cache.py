@@ -59,6 +59,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from . import metrics as metrics_lib
 from . import solver
 from .config import Config, ConfigError
+from .tasks.token_classification import WINDOW
 from .train import eval_dataloader, evaluate, fit, rows_read, sorted_order, token_slices
 
 # Part of every cache name: bump when what is stored, or how it is computed, changes.
@@ -149,7 +150,7 @@ def _rows(batch: dict) -> list[dict]:
 
 
 def _model_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label", "num_windows")}
+    return {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label", "num_windows", WINDOW)}
 
 
 def replay_head(model: nn.Module, head: list[str], rows: list[dict], collator, device, per_token: bool = False) -> CachedHead | str:
@@ -235,7 +236,8 @@ def extract(model: nn.Module, head: list[str], ds: Dataset, collator, batch_size
             labels = collated["labels"]
             keep = labels != -100
             return {"features": [out[i][keep[i]].reshape(-1).numpy() for i in range(len(out))],
-                    "labels": [labels[i][keep[i]].tolist() for i in range(len(out))], "row": [order[p] for p in positions]}
+                    "labels": [labels[i][keep[i]].tolist() for i in range(len(out))], "row": [order[p] for p in positions],
+                    **({WINDOW: collated[WINDOW].tolist()} if WINDOW in collated else {})}
         return {"features": [f.reshape(-1).numpy() for f in out.split(counts)], "row": [order[p] for p in positions]}
 
     model.eval()
@@ -248,7 +250,23 @@ def extract(model: nn.Module, head: list[str], ds: Dataset, collator, batch_size
             new_fingerprint=key or generate_random_fingerprint(), desc=desc,
         )
     back = pc.sort_indices(out.with_format("arrow")["row"]).to_pylist()  # positions in row order
-    return out.select(back, keep_in_memory=True).select_columns(["features", "labels"]).with_format("torch")
+    out = out.select(back, keep_in_memory=True)
+    if WINDOW in out.column_names:  # data.stride: a sentence's windows' word vectors as one row, as evaluation joins them
+        out = join_windows(out)
+    return out.select_columns(["features", "labels"]).with_format("torch")
+
+
+def join_windows(windows: Dataset) -> Dataset:
+    """Per-token cached rows that are windows (consecutive ones of a sentence sharing WINDOW) -> one row per sentence:
+    its windows' vectors and labels in order (each word is in one window's only)."""
+    plain = windows.with_format("numpy")
+    sentence = np.asarray(windows[WINDOW])
+    starts = np.flatnonzero(np.r_[True, sentence[1:] != sentence[:-1]])
+    features, labels = plain["features"], windows["labels"]
+    groups = np.split(np.arange(len(sentence)), starts[1:])
+    return Dataset.from_dict({"features": [np.concatenate([features[i] for i in g]) for g in groups],
+                              "labels": [[t for i in g for t in labels[i]] for g in groups]},
+                             features=datasets.Features({"features": windows.features["features"], "labels": windows.features["labels"]}))
 
 
 @contextmanager

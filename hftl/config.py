@@ -74,7 +74,7 @@ class DataConfig:
     tags_column: str = field(default="ner_tags", metadata={"help": "task=token-classification: column with each row's list of IOB2 tags, one per word: names (B-PER, I-PER, O) or ids named by data.label_names."})
     tag_scheme: str = field(default="iob2", metadata={"help": "task=token-classification: how data.tags_column's tags mark entities: iob2 (every entity starts with B-; an I-X after neither B-X nor I-X is an error naming the row) or iob1 (CoNLL-2003's original files: I- starts an entity, B- only one that follows another of its type; converted to IOB2 when read).", "choices": ("iob2", "iob1")})
     label_all_subtokens: bool = field(default=False, metadata={"help": "task=token-classification: train on every sub-token of a word (a B- word's later pieces as I-) instead of its first only; evaluation and predictions read each word's first sub-token either way."})
-    stride: Optional[int] = field(default=None, metadata={"help": "task=token-classification: split sentences longer than data.max_length into overlapping windows (not implemented yet: refused). null: truncate, and count the words and entities cut.", "range": "[1, inf)"})
+    stride: Optional[int] = field(default=None, metadata={"help": "task=token-classification: split sentences longer than data.max_length into windows of data.max_length tokens, neighbours sharing this many; each word is trained on and scored in the one window where its first piece has the most context, and evaluation joins a sentence's windows back (call the saved model's pipeline with stride=N too). null: truncate, and count the words and entities cut.", "range": "[1, inf)"})
     label_column: str = field(default="label", metadata={"help": "Column with the label: a class (ClassLabel, int or string), a list of labels (names or ids: multi-label) or a number (regression)."})
     label_columns: Optional[list] = field(default=None, metadata={"help": "Several label columns instead of data.label_column: 0/1 columns, one per label (multi-label; the column names are the labels), or number columns, one per target (regression)."})
     problem_type: str = field(default="auto", metadata={"help": "What the labels are: single_label (one class per row: softmax, cross-entropy), multi_label (a set of labels per row: sigmoid, binary cross-entropy, train.threshold), regression (numbers: MSE or Huber, train.regression_loss), token_classification (an IOB2 tag per word; what task=token-classification sets). auto: from the training split's label column(s): lists or several 0/1 columns -> multi_label, numbers with fractions -> regression, else single_label.", "choices": PROBLEM_TYPES})
@@ -528,6 +528,9 @@ def _token_task(cfg: Config) -> None:
     elif not tokens and kind == "token_classification":
         raise ConfigError(f"data.problem_type=token_classification tags words, which task={cfg.task} does not; set "
                           "task=token-classification.")
+    if not tokens and cfg.data.stride is not None:
+        raise ConfigError(f"data.stride={cfg.data.stride} splits long sentences into windows for task=token-classification; "
+                          f"task={cfg.task} truncates at data.max_length: set data.stride=null.")
 
 
 def check_choices(cfg: Config) -> None:

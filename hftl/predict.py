@@ -31,7 +31,8 @@ from .config import Config, ConfigError, load_config, parse_override
 from .data import FORMATS, PATH_KEYS, DataError, _check_columns, _load_dataset, _load_file, label_columns
 from .errors import UserError
 from .hub import OutputError
-from .train import average_windows, eval_dataloader, pad_positions, token_slices
+from .tasks.token_classification import WINDOW
+from .train import average_windows, eval_dataloader, joined, pad_positions, token_slices
 
 # What each modality's AutoModelFor*Classification maps to (transformers' own tables, by name: wav2vec2's audio head is
 # Wav2Vec2ForSequenceClassification); audio and images first, whose heads the text table does not list.
@@ -227,16 +228,20 @@ def infer(loaded: Loaded, ds: Dataset, desc: str) -> tuple[np.ndarray, np.ndarra
     order, loader = eval_dataloader(encoded["input"], collator, cfg.train.eval_batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
-    outputs, refs = [], []
+    outputs, refs, sentences = [], [], []
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30):
             windows, labels = batch.pop("num_windows", None), batch.pop("labels")
+            if WINDOW in batch:  # data.stride: the sentence each window is of
+                sentences.append(batch.pop(WINDOW))
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "weight"}
             logits = torch.cat([model(**part).logits for part in token_slices(batch, cfg.train.eval_batch_tokens)]).float().cpu()
             if windows is not None:  # a clip cut into several windows: the mean of their logits, as evaluation takes it
                 logits, labels = average_windows(logits, labels, windows)
             outputs.append(logits), refs.append(labels)
     outputs, refs = pad_positions(outputs, refs)  # token classification: per-token outputs of batches of unequal length
+    if sentences:  # windows joined into their sentences, in row order
+        return joined(torch.cat(outputs).numpy(), torch.cat(refs).numpy(), torch.cat(sentences).numpy(), order)
     back = np.empty(len(order), dtype=np.int64)
     back[order] = np.arange(len(order))  # back[row]: where the loader yielded that row
     return torch.cat(outputs).numpy()[back], torch.cat(refs).numpy()[back]

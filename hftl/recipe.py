@@ -238,6 +238,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             checks=checks["list"],
             transfer=cards.transfer_options(to_dict(cfg)["adapt"], mode.name),
             from_scratch=cfg.model.from_scratch,
+            stride=cfg.data.stride,
             **inherited,
         ),
         cfg.train.metrics,

@@ -30,6 +30,7 @@ from . import checkpoint, hub
 from . import metrics as metrics_lib
 from .config import TRACKERS, Config, ConfigError, TrainConfig, to_flat
 from .errors import UserError
+from .tasks.token_classification import WINDOW
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -327,10 +328,11 @@ def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order:
     batch of the longest rows needs no more memory than one of short rows. No `task`: single-label classification."""
     task = task or _single_label()
     model.eval()
-    outputs, refs, losses = [], [], []
+    outputs, refs, losses, sentences = [], [], [], []
     with torch.inference_mode():
         for batch in dataloader:
             windows, labels = batch.pop("num_windows", None), batch.pop("labels")
+            sentence = batch.pop(WINDOW, None)  # token classification under data.stride: the sentence each window is of
             logits = torch.cat([model(**part).logits for part in token_slices(batch, max_tokens)]).float()
             if windows is not None:  # examples cut into several model inputs (audio windows): average their logits
                 logits, labels = average_windows(logits, labels, windows)
@@ -341,9 +343,14 @@ def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order:
                 logits, labels = accelerator.pad_across_processes(logits, dim=1), accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
             out, ref, loss = accelerator.gather_for_metrics((logits, labels, loss))
             outputs.append(out.cpu()), refs.append(ref.cpu()), losses.append(loss.float().cpu())
+            if sentence is not None:
+                sentences.append(accelerator.gather_for_metrics(sentence).cpu())
     model.train()
     outputs, refs = pad_positions(outputs, refs)
     logits, labels = torch.cat(outputs).numpy(), torch.cat(refs).numpy()
+    if sentences:  # windows back into their sentences, in row order; the loss is then each sentence's, as for the others
+        logits, labels, order = *joined(logits, labels, torch.cat(sentences).numpy(), order), None
+        losses = [task.loss(torch.as_tensor(logits), torch.as_tensor(labels), reduction="none").float()]
     preds = task.predict_rows(logits, labels)
     # Score while predictions and references are still in the same (loader) order.
     scores = task.compute(metric_modules, preds, task.references(labels))
@@ -353,6 +360,18 @@ def evaluate(model, dataloader, accelerator: Accelerator, metric_modules, order:
         back[order] = np.arange(len(order))  # back[row]: where the loader yielded that row
         preds, logits = [preds[i] for i in back], logits[back]
     return {"metrics": scores, "predictions": preds, "logits": logits}
+
+
+def joined(logits: np.ndarray, labels: np.ndarray, sentences: np.ndarray, order: list[int] | None):
+    """Windows' outputs and labels (in loader order; `order` maps them to rows) joined into their sentences, in
+    sentence order (hftl/modalities/tokens.py, data.stride)."""
+    from .modalities.tokens import merge_windows
+
+    if order is not None:
+        back = np.empty(len(order), dtype=np.int64)
+        back[order] = np.arange(len(order))
+        logits, labels, sentences = logits[back], labels[back], sentences[back]
+    return merge_windows(logits, labels, sentences)
 
 
 def pad_positions(outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[list, list]:

@@ -97,6 +97,62 @@ def test_labels_go_on_each_words_first_piece_and_truncation_cuts_are_counted(tin
     assert tokens.cut([None, 0, 1, 1, None], ["B-PER", "I-PER", "I-PER", "O", "B-LOC"]) == (3, 2)
 
 
+def test_windows_place_every_word_once_where_it_has_most_context(tiny_bert):
+    """data.stride on a hand-made sentence: windows of 8 tokens (6 of the sentence) sharing 3, a word in three pieces
+    ('xyz') cut across a window's start, and an entity (good fine) across two windows."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    from hftl.modalities import tokens
+    from hftl.tasks.token_classification import TokenClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    words = ["great", "bad", "ab", "xyz", "good", "fine", "ab", "bad", "nice"]
+    tags = ["B-PER", "B-LOC", "O", "O", "B-PER", "I-PER", "O", "B-LOC", "B-PER"]
+    full = tokenizer(words, is_split_into_words=True)
+    firsts = [j for j, w in enumerate(full.word_ids()) if w is not None and w != full.word_ids()[j - 1]]
+    assert len(full["input_ids"]) == 15  # 13 of the sentence: windows from its tokens 0, 3 (inside 'ab'), 6 (inside 'xyz'), 9
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=8, stride=3, return_overflowing_tokens=True)
+    windows = [enc.word_ids(i) for i in range(len(enc["input_ids"]))]
+    plans = tokens.window_plan(windows, 3)
+    # every word: its first piece owned by exactly one window, the one where it sits farthest from an edge
+    owned = [(k, w) for k, plan in enumerate(plans) for p in plan if p and p[1] and p[2] for w in [p[0]]]
+    assert sorted(w for _, w in owned) == list(range(len(words)))
+    start = 0
+    for k, (ids, plan) in enumerate(zip(windows, plans)):
+        content = [j for j, w in enumerate(ids) if w is not None]
+        # a window's tokens are the sentence's from `start`: a first piece is one exactly where the sentence has one
+        assert [plan[j][1] for j in content] == [start + 1 + i in firsts for i in range(len(content))]
+        for i, j in enumerate(content):
+            if plan[j][1] and plan[j][2]:
+                here = min(i, len(content) - 1 - i)
+                for other, (ids2, plan2) in enumerate(zip(windows, plans)):
+                    c2 = [x for x, w in enumerate(ids2) if w is not None]
+                    elsewhere = [min(i2, len(c2) - 1 - i2) for i2, x in enumerate(c2) if plan2[x][1] and ids2[x] == ids[j]]
+                    assert all(e <= here for e in elsewhere)
+        start += len(content) - 3
+    assert len(windows) == 4 and [plans[k][1][1] for k in range(4)] == [True, False, False, True]  # two start inside a word
+
+    task = TokenClassification(["O", "B-LOC", "B-PER", "I-PER"])
+    cfg = load_config(None, ["task=token-classification", "data.max_length=8", "data.stride=3"])
+    raw = task.encode(Dataset.from_dict({"tokens": [words], "ner_tags": [tags]}), "train", cfg.data)
+    assert raw["labels"] == [[task.names.index(t) for t in tags]]
+    encoded, collator = tokens.prepare(DatasetDict(train=raw, validation=raw), tokenizer, cfg)
+    assert len(encoded["validation"]) == len(windows) and encoded["validation"]["window_of"] == [0] * len(windows)
+    assert "window_of" not in encoded["train"].column_names  # training needs no joining back
+    batch = collator([encoded["validation"][k] for k in range(len(windows))])
+    assert batch["window_of"].tolist() == [0] * len(windows) and batch["labels"].shape[0] == len(windows)
+    # joined back, the windows give each word's tag once, in order, as the unwindowed sentence does
+    labels = batch["labels"].numpy()
+    logits = np.eye(4)[np.where(labels >= 0, labels, 0)]
+    joined_logits, joined_labels = tokens.merge_windows(logits, labels, batch["window_of"].numpy())
+    assert task.references(joined_labels) == raw["labels"]
+    assert task.predict_rows(joined_logits, joined_labels) == task.references(joined_labels)
+    with pytest.raises(ConfigError, match="data.stride=6: windows of data.max_length=8 tokens hold 6"):
+        tokens.prepare(DatasetDict(train=raw), tokenizer, load_config(None, ["task=token-classification", "data.max_length=8",
+                                                                              "data.stride=6"]))
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -122,15 +178,20 @@ def test_entity_metrics_follow_seqeval_conventions():
 
 # "options": full fine-tuning with every piece labelled, layer-wise rates, L2-SP, label smoothing, a carved validation
 # split, after masked-LM pretraining on the training sentences
-@pytest.fixture(scope="module", params=["full", "head", "head-adamw", "lora", "partial", "gradual", "lpft", "options"])
+# "stride", "stride-head": full and head mode with sentences in windows of 10 tokens sharing 3 (data.stride), which
+# most rows overflow
+@pytest.fixture(scope="module", params=["full", "head", "head-adamw", "lora", "partial", "gradual", "lpft", "options", "stride",
+                                        "stride-head"])
 def run(request, tiny_bert, ner_data, tmp_path_factory):
     from hftl.recipe import train
 
     out = tmp_path_factory.mktemp(f"ner_{request.param}") / "out"
     extra = {"lpft": ["adapt.lp_epochs=2", "train.epochs=4"], "head-adamw": ["adapt.mode=head", "adapt.solve_head=false"],
              "options": ["adapt.mode=full", "data.label_all_subtokens=true", "adapt.layer_lr_decay=0.8", "adapt.l2sp=0.01",
-                         "train.label_smoothing=0.1", "data.validation_fraction=0.25", "adapt.pretrain=mlm", "adapt.pretrain_epochs=1"]}.get(request.param, [])
-    mode = [] if request.param in ("options", "head-adamw") else [f"adapt.mode={request.param}"]
+                         "train.label_smoothing=0.1", "data.validation_fraction=0.25", "adapt.pretrain=mlm", "adapt.pretrain_epochs=1"],
+             "stride": ["adapt.mode=full", "data.max_length=10", "data.stride=3"],
+             "stride-head": ["adapt.mode=head", "data.max_length=10", "data.stride=3"]}.get(request.param, [])
+    mode = [] if request.param in ("options", "head-adamw", "stride", "stride-head") else [f"adapt.mode={request.param}"]
     cfg = ner_cfg(tiny_bert, ner_data, out, *mode, *extra)
     if request.param == "options":  # validation carved from train: its rows are the reload check's
         cfg.data.validation_file = None
@@ -149,7 +210,7 @@ def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluate
     saved = read_json(out / "results.json")
     assert saved["task"] == "token_classification"
     assert set(results["validation"]) == {"entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"}
-    if mode == "head":  # solved on the cached features of each word's first piece, not trained
+    if mode in ("head", "stride-head"):  # solved on the cached features of each word's first piece, not trained
         assert saved["solver"]["method"] == "logistic regression (L2, lbfgs) on each word's first-piece features"
         assert saved["solver"]["metric"] == "per-word log-loss" and results["validation"]["entity_f1"] > 0.3
     else:
@@ -170,7 +231,9 @@ def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluate
         cached = Dataset.from_file(cache["splits"]["validation"]["file"])
         assert {r: len(f) // 32 for r, f in zip(cached["row"], cached["features"])} == {i: len(r["tokens"]) for i, r in enumerate(rows)}
     # What the run's own reload check compared, redone here: word-level tags of pipeline('token-classification').
-    assert [len(p) for p in predictions] == [len(r["tokens"]) for r in rows]
+    assert [len(p) for p in predictions] == [len(r["tokens"]) for r in rows]  # under data.stride too: every word
+    if mode.startswith("stride"):
+        assert saved["feature_cache"]["splits"]["validation"]["rows"] > len(rows) if mode == "stride-head" else True
     scores, task = pipeline_scores(out, [r["tokens"] for r in rows])
     assert task.readable_from_scores(scores) == predictions
     # every tag's probability per word, so a mixed-precision run's near-ties are measured, not guessed
@@ -182,6 +245,10 @@ def test_every_mode_trains_with_falling_loss_and_the_pipeline_gives_the_evaluate
     tagger = pipeline("token-classification", model=str(out), device=-1)
     config = tagger.model.config
     assert config.architectures == ["BertForTokenClassification"] and from_model_config(config).name == "token_classification"
+    if mode.startswith("stride"):  # the windows joined back: hftl predict and evaluate read them as training did
+        assert "stride=3" in (out / "README.md").read_text()
+        check_predict_and_evaluate(out, ner_data, rows, predictions, results)
+        return
     # What the card tells users to run: entities grouped from the first pieces' tags are the evaluated ones.
     for row, tags in zip(rows, predictions):
         found = tagger(" ".join(row["tokens"]), aggregation_strategy="first")
@@ -232,7 +299,7 @@ def test_bad_tag_rows_are_refused_in_one_line_naming_the_row(tiny_bert, ner_data
 @pytest.mark.parametrize("overrides,message", [
     (["train.class_weights=[1, 2, 2, 2]"], "train.class_weights=[1, 2, 2, 2]: not implemented for task=token-classification"),
     (["adapt.align=coral", f"data.target={Path(__file__)}"], "adapt.align=coral: not implemented for task=token-classification"),
-    (["data.stride=8"], "data.stride=8: not implemented for task=token-classification yet; set data.stride=null"),
+    (["data.stride=30"], "data.stride=30: windows of data.max_length=24 tokens hold 22 of the sentence's"),
     (["adapt.mode=contrastive"], "adapt.mode=contrastive pairs rows of the same class"),
 ])
 def test_settings_that_do_not_fit_tokens_are_refused_in_one_line(tiny_bert, ner_data, tmp_path, overrides, message):

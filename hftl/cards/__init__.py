@@ -66,6 +66,7 @@ class CardData:
     from_scratch: bool = False  # model.from_scratch: random weights, a baseline with nothing transferred
     license: str | None = None  # the base model's, from its own card (inherited_metadata)
     language: str | list | None = None
+    stride: int | None = None  # token classification's data.stride: the pipeline reads long sentences in windows too
 
 
 # The overfitting check (see `overfitting_check`).

@@ -13,6 +13,7 @@ precision/recall/F1 with seqeval's default conventions (hftl/metrics/entities.py
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ IGNORE = -100  # torch's ignore_index: special tokens, padding, and a word's lat
 # loss trains it as t, evaluation and predictions skip it (they read a word's first piece, coded t >= 0).
 CONTINUATION = -101
 OUTSIDE = "O"
+# data.stride: the column (and batch key) naming the sentence an evaluation row is a window of (hftl/modalities/tokens.py)
+WINDOW = "window_of"
 
 
 def iob2_problem(tags: list[str]) -> str | None:
@@ -93,15 +96,13 @@ class TokenClassification(Task):
         a, d, t = cfg.adapt, cfg.data, cfg.train
         refused = [(key, value) for key, value in (("adapt.align", a.align), ("adapt.reweight", a.reweight or None),
                                                   ("data.target", d.target),
-                                                  ("train.class_weights", t.class_weights), ("data.stride", d.stride),
+                                                  ("train.class_weights", t.class_weights),
                                                   ("data.label_template", d.label_template))
                    if value is not None]
         if refused:
             key, value = refused[0]
             off = "false" if key == "adapt.reweight" else "null"
-            raise ConfigError(f"{key}={value}: not implemented for task=token-classification yet; set {key}={off}"
-                              + (" (longer sentences are truncated at data.max_length, and the words and entities cut are counted)"
-                                 if key == "data.stride" else "") + ".")
+            raise ConfigError(f"{key}={value}: not implemented for task=token-classification yet; set {key}={off}.")
         self.smoothing = t.label_smoothing
         return cfg
 
@@ -346,24 +347,32 @@ def pipeline_scores(folder, inputs: list[list[str]]):
     at its first sub-token, which is the tag aggregation_strategy='first' gives it. The pipeline's own preprocessing
     and forward run; its postprocess reports only each piece's best score, so the softmax is taken here as it takes
     it, keeping every tag's probability for the near-ties of a mixed-precision run. A word the tokenizer gives no
-    piece (or one past truncation) has no row, as evaluation predicted none for it."""
+    piece (or one past truncation) has no row, as evaluation predicted none for it. A model trained with data.stride
+    (the folder's hftl_config.yaml says) is called with that stride, and each word read in the window training
+    scored it in (hftl/modalities/tokens.py: window_plan)."""
+    import yaml
     from transformers import pipeline
 
+    from ..modalities.tokens import window_plan
     from . import from_model_config
 
+    saved = Path(folder) / "hftl_config.yaml"
+    stride = ((yaml.safe_load(saved.read_text()) or {}).get("data") or {}).get("stride") if saved.is_file() else None
     clf = pipeline("token-classification", model=str(folder), device=-1, model_kwargs={"use_safetensors": True})
     kind = from_model_config(clf.model.config)
-    preprocess, forward, _ = clf._sanitize_parameters(is_split_into_words=True)
+    preprocess, forward, _ = clf._sanitize_parameters(is_split_into_words=True, **({"stride": stride, "aggregation_strategy": "first"}
+                                                                                     if stride else {}))
     out = []
     for words in inputs:
         rows = []
-        for model_inputs in clf.preprocess(words, **preprocess):  # one chunk: no stride
-            outputs = clf.forward(model_inputs, **forward)
+        chunks = [clf.forward(model_inputs, **forward) for model_inputs in clf.preprocess(words, **preprocess)]
+        plans = window_plan([c["word_ids"] for c in chunks], stride) if stride else [None] * len(chunks)
+        for outputs, plan in zip(chunks, plans):
             logits = outputs["logits"][0].float().numpy()
             shifted = np.exp(logits - logits.max(-1, keepdims=True))  # the pipeline's postprocess softmax
             probabilities, prev = shifted / shifted.sum(-1, keepdims=True), None
             for j, w in enumerate(outputs["word_ids"]):
-                if w is not None and w != prev:
+                if (plan[j] is not None and plan[j][1] and plan[j][2]) if plan else (w is not None and w != prev):
                     rows.append(probabilities[j])
                 prev = w
         out.append(np.array(rows).reshape(len(rows), len(kind.names)))
