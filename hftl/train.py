@@ -249,7 +249,7 @@ def sorted_order(ds) -> list[int]:
 def train_dataloader(ds, collator, t: TrainConfig) -> DataLoader:
     """Shuffled training batches; with group_by_length, rows of similar length share a batch."""
     generator = torch.Generator().manual_seed(t.seed)
-    lengths = _lengths(ds) if t.group_by_length else None
+    lengths = _lengths(ds) if t.group_by_length is not False else None  # null (no task resolved it): grouped
     if lengths is None:
         return DataLoader(ds, batch_size=t.batch_size, shuffle=True, collate_fn=collator, generator=generator)
     # Random "megabatches" sorted by length inside (transformers' sampler): about half the padding of random batches.

@@ -39,13 +39,16 @@ and its peak resident memory.
                  hftl also evaluates the first --validation-samples validation rows after every epoch and keeps the
                  best epoch's weights (the Trainer keeps the last), saves a model folder with its card, and reloads it
                  through pipeline() to re-check 64 predictions: all of that is in its time.
+  hftl-grouped   (CoNLL LoRA and full) hftl with train.group_by_length=true, the length-grouped batches that are
+                 the default for row-level tasks and that token classification gives up for accuracy.
   hftl-default   (head only) hftl's own head mode: MiniLM's mean pooling and the solved head (GoEmotions: one-vs-rest
                  logistic regressions; STS-B: ridge regression; CoNLL: multinomial logistic regression on each
                  word's first-piece vector), each penalty chosen on validation.
 
 CoNLL's learning curve (--ner-budgets, default 50 200): `hftl compare --modes head lora full --train-rows 50 200
---seeds 0 1 2 --lr-scales 1 --mode-lr ...` (each mode at its rate above, scratch at --scratch-lr; batch 8, hftl's
-default train.min_steps=50; validation: the first --ner-validation sentences), whose report gives each mode's
+--seeds 0 1 2 --lr-scales 1 3 10 --mode-lr ...` (each mode's rate chosen on validation from its rate above times 1,
+3, 10, scratch's from --scratch-lr times the same; batch 8, hftl's default train.min_steps=50; validation: the first
+--ner-validation sentences), whose report gives each mode's
 verdict against scratch from the 95% interval over the seeds; beside it the "all" column from the runs above and one
 scratch run (model.from_scratch=true, full, every sentence, full's epochs, at --scratch-lr).
 
@@ -89,7 +92,7 @@ TASKS = {
               "epochs": {"head": 2, "lora": 1, "full": 1}},
 }
 SYSTEMS = {"trainer": "transformers.Trainer", "hftl": "hftl (same work)", "hftl-default": "hftl default head",
-           "hftl-scratch": "hftl from scratch"}
+           "hftl-scratch": "hftl from scratch", "hftl-grouped": "hftl, length-grouped batches"}
 SEQEVAL = "seqeval==1.2.2"  # the Trainer's NER scores, as run_ner.py computes them; installed into --work, not the venv
 
 
@@ -245,7 +248,7 @@ def ner_scores(logits, label_ids, names: list[str]) -> dict:
 # ---------------------------------------------------------------- hftl (a child process: `python -m hftl train`)
 
 
-def hftl_command(job: dict, folder: Path, default_head: bool) -> list[str]:
+def hftl_command(job: dict, folder: Path, default_head: bool, grouped: bool = False) -> list[str]:
     files = job["files"]
     cmd = [str(HFTL_PYTHON), "-m", "hftl", "train", f"model.name_or_path={MODEL}", f"data.train_file={files['train']}",
            f"data.test_file={files['test']}", f"data.max_length={MAX_LENGTH}", f"adapt.mode={job['mode']}",
@@ -266,6 +269,8 @@ def hftl_command(job: dict, folder: Path, default_head: bool) -> list[str]:
         cmd += ["adapt.solve_head=false"] + (["adapt.pooling=pooler"] if job["task"] != "conll" else [])
     if job.get("scratch"):  # random weights, every weight trainable (hftl compare's scratch)
         cmd += ["model.from_scratch=true"]
+    if grouped:  # token classification's batches are random by default; this is the faster setting it gives up
+        cmd += ["train.group_by_length=true"]
     return cmd
 
 
@@ -284,14 +289,14 @@ class Bench:
             subprocess.run([str(HFTL_PYTHON), "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(self.deps), SEQEVAL],
                            check=True)
 
-    def curve(self, files: dict, budgets: list[int], scratch_lr: float, validation_rows: int) -> dict:
+    def curve(self, files: dict, budgets: list[int], scratch_lr: float, validation_rows: int, scales: list[float]) -> dict:
         """CoNLL's learning curve: `hftl compare --train-rows` (it reuses its finished runs), read back from its report."""
         out = self.work / "conll-curve"
         validation = self.work / "data" / f"conll-validation-{validation_rows}-curve.jsonl"
         if not validation.is_file():
             write_rows(validation, read_rows(Path(TASKS["conll"]["folder"]) / "validation.jsonl")[0][:validation_rows], None)
         cmd = [str(HFTL_PYTHON), "-m", "hftl", "compare", "--modes", "head", "lora", "full", "--seeds", "0", "1", "2",
-               "--train-rows", *map(str, budgets), "--lr-scales", "1", "--mode-lr",
+               "--train-rows", *map(str, budgets), "--lr-scales", *(f"{x:g}" for x in scales), "--mode-lr",
                *(f"{m}={LEARNING_RATES[m]:g}" for m in ("head", "lora", "full")), f"scratch={scratch_lr:g}", "--out", str(out),
                "task=token-classification", f"model.name_or_path={MODEL}", f"data.train_file={files['train']}",
                f"data.validation_file={validation}", f"data.test_file={files['test']}", f"data.max_length={MAX_LENGTH}",
@@ -323,7 +328,7 @@ class Bench:
             m = timed(cmd, folder / "log.txt", env)
             body = json.loads(out.read_text()) if m["rc"] == 0 else {}
         else:
-            cmd = hftl_command(job, folder, default_head=system == "hftl-default")
+            cmd = hftl_command(job, folder, default_head=system == "hftl-default", grouped=system == "hftl-grouped")
             m = timed(cmd, folder / "log.txt", env)
             body = {}
             if m["rc"] == 0:
@@ -373,15 +378,18 @@ def curve_lines(curve: dict, modes: dict) -> list[str]:
              f"Test {metric} ({split}), mean ± sd over seeds {', '.join(map(str, rep['groups'][0]['seeds']))} at each budget (the "
              "sentences drawn with each seed); 'all': one run on every sentence (seed "
              f"{curve['scratch_all']['job']['seed']}; head: hftl's default solved head; scratch: {curve['scratch_all']['job']['epochs']:g} "
-             f"epoch(s) at {curve['scratch_all']['job']['lr']:g}). Learning rates: {', '.join(f'{m} {r:g}' for m, r in rep['lr']['per_mode'].items())} "
-             "(given, not chosen). hftl compare's whole run: " f"{curve['seconds'] / 60:.1f} min.", "",
+             f"epoch(s) at {curve['scratch_all']['job']['lr']:g}). Learning rates per mode and budget: chosen on validation by "
+             f"hftl compare from {', '.join(f'{m} {r:g}' for m, r in rep['lr']['per_mode'].items())} times "
+             f"{', '.join(f'{x:g}' for x in rep['lr']['scales'])} (in brackets; the head is solved, no rate); on every sentence "
+             "each mode ran at the rate of the table above. hftl compare's whole run: " f"{curve['seconds'] / 60:.1f} min.", "",
              f"Command: `{curve['command']}`", "",
              "| mode | " + " | ".join(f"{b} sentences" for b in budgets) + " | all sentences |", "|---|" + "---|" * (len(budgets) + 1)]
     for mode in dict.fromkeys(g["mode"] for g in rep["groups"]):
         cells = []
         for b in budgets:
             g = next(g for g in rep["groups"] if (g["mode"], g["budget"]) == (mode, b))
-            cells.append(f"{g[split]['mean']:.4f} ± {g[split]['sd']:.4f}")
+            rate = "solved" if g["lr_search"]["how"] == "solved" else f"lr {g['learning_rate']:g}"
+            cells.append(f"{g[split]['mean']:.4f} ± {g[split]['sd']:.4f} ({rate})")
         a = alls.get(mode)
         cells.append(f"{a['test'][metric]:.4f}" if a and a["rc"] == 0 else "")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
@@ -407,6 +415,9 @@ def main() -> None:
                     help="CoNLL: labelled sentences of the learning curve (hftl compare --train-rows); none: skip it")
     ap.add_argument("--ner-validation", type=int, default=300, help="CoNLL learning curve: validation sentences (the first N)")
     ap.add_argument("--scratch-lr", type=float, default=5e-4, help="CoNLL: the from-scratch baseline's learning rate")
+    ap.add_argument("--curve-lr-scales", type=float, nargs="+", default=[1, 3, 10],
+                    help="CoNLL learning curve: each mode's rate is chosen on validation from its rate above times these "
+                         "(hftl compare --lr-scales; 1 alone: the given rates)")
     ap.add_argument("--work", default=str(ROOT / "outputs" / "bench_tasks"), help="data subsets, job folders and the results cache")
     ap.add_argument("--out", default=str(ROOT / "scripts" / "results" / "tasks.md"), help="the Markdown report; the raw JSON goes beside it (.json)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -435,14 +446,15 @@ def main() -> None:
             epochs = given[mode] if given[mode] is not None else spec["epochs"][mode]
             job = {"task": task, "mode": mode, "files": files, "epochs": epochs, "batch_size": args.batch_size,
                    "lr": LEARNING_RATES[mode], "seed": args.seed, "label_names": names}
-            systems = ["hftl", "trainer"] + (["hftl-default"] if mode == "head" and not args.no_default_head else [])
+            systems = ["hftl", "trainer"] + (["hftl-default"] if mode == "head" and not args.no_default_head else []) \
+                + (["hftl-grouped"] if task == "conll" and mode != "head" else [])
             report[task][mode] = {s: bench.measure(task, mode, s, job) for s in systems}
         if task == "conll" and args.ner_budgets:
             full = given["full"] if given["full"] is not None else spec["epochs"]["full"]
             job = {"task": task, "mode": "full", "files": files, "epochs": full, "batch_size": args.batch_size,
                    "lr": args.scratch_lr, "seed": args.seed, "label_names": names, "scratch": True}
             curves[task] = {"scratch_all": bench.measure(task, "full", "hftl-scratch", job),
-                            **bench.curve(files, args.ner_budgets, args.scratch_lr, args.ner_validation)}
+                            **bench.curve(files, args.ner_budgets, args.scratch_lr, args.ner_validation, args.curve_lr_scales)}
 
     lines = ["# hftl's tasks against transformers.Trainer", "",
              f"Command: `HF_HUB_OFFLINE=1 {command_line()}`", "", f"Machine: {machine()}", "", f"Run: {started}", "",
