@@ -307,7 +307,8 @@ class Bench:
         m = timed(cmd, self.work / "conll-curve.log", env)
         if m["rc"] != 0:
             raise SystemExit(f"bench_tasks: the learning curve's hftl compare failed (exit {m['rc']}); its output: {self.work / 'conll-curve.log'}")
-        return {**m, "command": " ".join(["hftl", *cmd[3:]]), "report": json.loads((out / "report.json").read_text())}
+        # paths relative to the checkout, as the report prints them
+        return {**m, "command": " ".join(["hftl", *cmd[3:]]).replace(f"{ROOT}/", ""), "report": json.loads((out / "report.json").read_text())}
 
     def measure(self, task: str, mode: str, system: str, job: dict) -> dict:
         """One job in its own process, unless the cache holds the same job finished; a failed job is not cached."""
