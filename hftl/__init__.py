@@ -9,7 +9,11 @@ function is `run`, not `train`: `hftl.train` is the training-loop module, which 
 """
 from __future__ import annotations
 
+import time
+
 __version__ = "0.1.0"
+# When the package was first imported: `hftl train` counts its start-up (the imports before the run) from here.
+IMPORTED = time.perf_counter()
 
 
 def configure(preset: str | None = None, overrides: dict | list[str] | None = None, **keys):

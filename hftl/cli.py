@@ -68,9 +68,10 @@ def _train(args) -> int:
         print(describe())
         return 0
     cfg = _load(args.config, list(args.overrides))
+    import hftl
     from hftl import recipe
 
-    recipe.train(cfg)
+    recipe.train(cfg, started=hftl.IMPORTED)
     return 0
 
 

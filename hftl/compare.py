@@ -439,7 +439,11 @@ def _markdown(report: dict) -> str:
               "## Learning rates (chosen on validation)", ""]
     per_mode = lr.get("per_mode") or {}
     # the rate each mode's grid is built on: the config's, or the one --mode-lr gave it
-    based = f"the config's {lr['base']:g}" + (" (" + ", ".join(f"{m} {r:g}" for m, r in per_mode.items()) + " by --mode-lr)" if per_mode else "")
+    named = ", ".join(f"{m} {r:g}" for m, r in per_mode.items())
+    if per_mode and {g["mode"] for g in report["groups"]} <= set(per_mode):  # --mode-lr named every mode: no config rate ran
+        based = f"the rates --mode-lr gave ({named})"
+    else:
+        based = f"the config's {lr['base']:g}" + (f" ({named} by --mode-lr)" if per_mode else "")
     if len(lr["scales"]) == 1 and not lr["trials"]:
         lines.append(f"{'One rate per mode' if per_mode else 'One rate for every mode'} and budget (--lr-scales {lr['scales'][0]:g}): "
                      f"{based} times {lr['scales'][0]:g}; nothing was chosen.")

@@ -9,6 +9,9 @@ from __future__ import annotations
 class Hook:
     # Batch columns the hook reads (e.g. reweighting's 'weight') that the model must not receive.
     batch_keys: tuple[str, ...] = ()
+    # What the hook measured, for results.json ("options", by `name`) and the card's transfer options line.
+    name: str = ""
+    report: dict | None = None
 
     def param_groups(self, model) -> list[dict] | None:
         """The optimizer's parameter groups, or None; the first hook that returns some wins (gradual unfreezing's

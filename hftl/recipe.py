@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,33 @@ def load_checked(cfg: Config, modality: Modality):
     return splits, source, skipped, task
 
 
-def train(cfg: Config, modality: Modality | None = None) -> dict:
+class Phases:
+    """Where a run's time goes: seconds per phase, each from the end of the one before ("start-up" from `started`, when
+    hftl was imported for `hftl train`), printed as one line at the end and kept in results.json (up to the save)."""
+
+    def __init__(self, started: float | None = None):
+        self.last, self.seconds = started or time.perf_counter(), {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self.last, 2)
+        self.last = now
+
+    def split(self, phase: str, part: str, part_seconds: float) -> None:
+        """Move `part_seconds` of `phase` (measured inside it) into `part`, placed before it."""
+        whole = self.seconds.pop(phase)
+        self.seconds[part] = round(min(part_seconds, whole), 2)
+        self.seconds[phase] = round(max(whole - part_seconds, 0.0), 2)
+
+    def line(self) -> str:
+        return "Time: " + "; ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()) + \
+            f" (total {sum(self.seconds.values()):.1f} s)"
+
+
+def train(cfg: Config, modality: Modality | None = None, started: float | None = None) -> dict:
     """Train, evaluate and save one run of `cfg` (its `task` picks the modality unless `modality` is given); returns
-    the final metrics by split."""
+    the final metrics by split. `started`: a time.perf_counter() value the start-up phase counts from (default: now)."""
+    phases = Phases(started)
     modality = modality or modalities.get(cfg.task)
     accelerator = make_accelerator(cfg.train)
     mode = adapt.get_mode(cfg.adapt.mode)
@@ -42,7 +67,7 @@ def train(cfg: Config, modality: Modality | None = None) -> dict:
     if cfg.train.metrics is not None:  # a metric that cannot load fails now, not at the first evaluation
         metrics_lib.load_metrics(cfg.train.metrics)
     with claim(cfg, accelerator):
-        return _run(cfg, modality, accelerator, mode)
+        return _run(cfg, modality, accelerator, mode, phases)
 
 
 @contextlib.contextmanager
@@ -105,11 +130,12 @@ def check_space(cfg: Config, model, path: str, accelerator) -> None:
     checkpoint._on_main(accelerator, do)
 
 
-def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
+def _run(cfg: Config, modality: Modality, accelerator, mode, phases: Phases) -> dict:
     hub.check_hub_config(cfg.hub)
     if cfg.hub.push and accelerator.is_main_process:  # no token, no permission: fail now, not after training
         hub.prepare_repo(cfg.hub)
     accelerator.print("Resolved config:\n" + to_yaml(cfg))
+    phases.mark("start-up (imports, config, checks)")
 
     path, base_model = models.resolve(cfg.model)
     inherited = cards.inherited_metadata(path)  # license, language: from the base model's own card, before pretraining
@@ -123,6 +149,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
                           "Hub id of a checkpoint for this task (downloads need network; with HF_HUB_OFFLINE=1 only what is "
                           "cached).") from e
     models.check_code(path, cfg.model)  # a Hub checkpoint's files are here now
+    phases.mark("model")
     # Read from the checkpoint as given (its sentence-transformers pooling config), also when MLM pretraining continues it.
     reads = models.representation(path, cfg.model, cfg.adapt, cfg.task, frozen=mode.frozen_features)
     accelerator.print(f"the head reads: {reads.describe()}")
@@ -140,6 +167,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             target_encoded, _ = modality.prepare(target_rows, processor, cfg)
             target, skipped = target_encoded.pop("train"), {**skipped, **bad}
             encoded.update(target_encoded)
+    phases.mark("data (read, check, preprocess)")
     checked = reported_split(splits)  # the split the reload check, the picture and predictions_<split>.json use
     for split, ids in skipped.items():
         accelerator.print(f"data.on_bad_sample=skip: left out {len(ids)} {split} row(s) whose file cannot be read: " + "; ".join(ids[:20])
@@ -149,6 +177,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     if cfg.adapt.pretrain:  # continued self-supervised pretraining on unlabelled in-domain inputs; the classifier starts from its folder
         path = pretrain.continue_pretraining(cfg, path, splits, processor, accelerator, target_rows["train"] if cfg.data.target else None,
                                             modality)
+        phases.mark("continued pretraining (adapt.pretrain)")
     model, new_keys = models.load_classifier(modality.auto_class, path, labels, cfg.model, reads)
     model.config.problem_type = task.problem_type  # what pipeline() reads: softmax, sigmoid or the scores themselves
     if not reads.native:  # saved for sentence-transformers, which must truncate as training did
@@ -166,6 +195,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     trainable, total = adapt.count_parameters(model)
     accelerator.print(f"mode={mode.name} head={head} trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     check_space(cfg, model, path, accelerator)
+    phases.mark("model")
 
     if mode.staged:  # a mode with stages of its own (lpft, contrastive)
         result = mode.fit(model, ctx, hooks)
@@ -174,6 +204,12 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
         # hooks (reweighting, alignment, ...) need the whole model's forward.
         result = (mode.frozen_backbone and not hooks and cache.fit_on_features(model, head, encoded, collator, cfg, accelerator, task)) \
             or fit(model, encoded, collator, cfg, accelerator, hooks, task=task)
+    phases.mark("final evaluation")
+    # train_seconds: the loop (a cached head's: its features and solve); before it the loop's set-up (loaders, prepare,
+    # optimizer: the plain loop reports it), after it the final evaluation.
+    if result.get("setup_seconds") is not None:
+        phases.split("final evaluation", "loop set-up", result["setup_seconds"])
+    phases.split("final evaluation", "training", result["train_seconds"])
     # multi-label thresholds, train.calibrate's temperature
     calibrated = task.calibrate(result, splits, cfg, metrics_lib.load_metrics(cfg.train.metrics))
     results = result["results"]
@@ -194,7 +230,9 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             "train.fail_on_collapse=false to save the model with the check's warning in its card.")
     if not accelerator.is_main_process:  # only one process writes
         return results
+    phases.mark("calibration and trust checks")
     evaluated = list(result["predictions"])
+    reports = {h.name: h.report for h in hooks if h.report}  # what the options measured (reweighting's effective sample size)
     trained = bool(result["history"] or result.get("step_log"))
 
     def figure_of(split: str) -> str:  # the reported split's picture keeps the task's name; the others add the split's
@@ -236,7 +274,7 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
             per_class=trust.card_tables(task, checks),
             calibrated=calibrated,
             checks=checks["list"],
-            transfer=cards.transfer_options(to_dict(cfg)["adapt"], mode.name),
+            transfer=cards.transfer_options(to_dict(cfg)["adapt"], mode.name, reports),
             from_scratch=cfg.model.from_scratch,
             stride=cfg.data.stride,
             **inherited,
@@ -269,7 +307,9 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
                              "feature_cache": result.get("feature_cache"), "step_log": result.get("step_log"), "domain_gap": domain_gap,
                              "representation": {**vars(reads), "library": reads.library}, "solver": result.get("solver"),
                              "pretrain": json.loads((Path(path) / "pretrain.json").read_text()) if cfg.adapt.pretrain else None,
-                             "task": task.name, "calibrated": calibrated, "checks": checks},
+                             "task": task.name, "calibrated": calibrated, "checks": checks, "options": reports,
+                             # the save's own time is not known yet when this file is written: it is on the log's "Time:" line
+                             "seconds": dict(phases.seconds)},
             **{f"predictions_{s}.json": predicted[s] for s in evaluated},
             **{figure_of(s): (lambda file, s=s: task.figure(task.references(task.labels_of(labelled[s])), result["predictions"][s],
                                                             file, f"{task.figure_caption} on the {s} split"))
@@ -292,9 +332,12 @@ def _run(cfg: Config, modality: Modality, accelerator, mode) -> dict:
     agree = "agree (near-ties allowed: mixed precision)" if tie else "identical"
     loader = "transformers.pipeline" if reads.native else "sentence-transformers"
     accelerator.print(f"Saved {out} (reload check through {loader}: {len(expected)} {checked} predictions {agree})")
+    phases.mark("card, figures, saving and the reload check")
     if cfg.hub.push:
         url = hub.publish(out, cfg.hub, modality.pipeline_tag, inputs, expected, tie)
         accelerator.print(f"Pushed {url} (round trip: files identical, {len(expected)} validation predictions {agree})")
+        phases.mark("pushing to the Hub")
+    accelerator.print(phases.line())
     return results
 
 

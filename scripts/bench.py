@@ -21,7 +21,7 @@ fastest time and the highest peak memory of each are compared.
   hftl             `hftl train recipes/configs/text/minilm_sst2_<mode>.yaml` (length-grouped batches,
                    length-sorted evaluation in batches of 128; head mode trains on cached features)
   forward          (head mode's floor) one length-sorted inference pass of the model over train + validation
-  glibc            (LoRA and full, once) hftl with train.cpu_mmap_threshold_mib=null: what its malloc setting saves
+  glibc            (LoRA and full, once) hftl with train.cpu_mmap_threshold_mib=0 (glibc's default): what its malloc setting saves
 
 Shared hyperparameters: learning rate per mode (hftl's presets), AdamW with weight decay 0.01 (not on
 biases and norms), 6% linear warmup then linear decay, gradient clipping at 1.0, fp32. Head: the
@@ -56,7 +56,7 @@ LABELS = ["negative", "positive"]
 LEARNING_RATES = {"head": 1e-3, "lora": 1e-3, "full": 5e-5}  # hftl's presets, recipes/configs/text/minilm_sst2_<mode>.yaml
 PEERS = {"max128": "Trainer, official example (pad to 128)", "dynamic": "Trainer, dynamic padding"}
 # hftl with one of its own settings undone, to show what that setting is worth (run once, not a target).
-ABLATIONS = {"glibc": ("hftl with glibc's adaptive malloc threshold (train.cpu_mmap_threshold_mib=null)", ["train.cpu_mmap_threshold_mib=null"])}
+ABLATIONS = {"glibc": ("hftl with glibc's adaptive malloc threshold (train.cpu_mmap_threshold_mib=0)", ["train.cpu_mmap_threshold_mib=0"])}
 
 
 # ---------------------------------------------------------------- jobs (each runs in its own process)

@@ -56,9 +56,11 @@ from bench import ROOT, finish, launch, machine, measured  # scripts/bench.py: t
 
 PRESETS = {"image": "recipes/configs/image/vit_digits_{mode}.yaml", "audio": "recipes/configs/audio/wav2vec2_fsdd_{mode}.yaml"}
 USPS = ROOT.parent / "shared" / "data" / "images" / "usps"
-TASK_DATA = {  # overrides that point a preset at the benchmark's rows (the audio presets already read the FSDD lists)
+FSDD_SPLITS = ROOT / "outputs" / "pretrained" / "fsdd-splits"  # scripts/pretrain_source.py speech writes the lists
+TASK_DATA = {  # overrides that point a preset at the benchmark's rows (the presets name no data)
     "image": [f"data.data_dir={USPS}", "data.test_split=test"],
-    "audio": [],
+    "audio": [f"data.train_file={FSDD_SPLITS / 'target_pool.csv'}", f"data.validation_file={FSDD_SPLITS / 'target_validation.csv'}",
+              f"data.test_file={FSDD_SPLITS / 'target_test.csv'}"],
 }
 CROP_SCALE = 0.6  # --augment: hftl's own USPS recipe (vit_usps_source.yaml) crops this much
 

@@ -124,9 +124,8 @@ def task_overrides(task: str, smoke: bool, out: Path) -> list[str]:
         data = ["data.builtin=null", "data.image_column=path", "data.label_column=label",
                 *(f"data.{k}_file={write_csv(folder / f'{name}.csv', splits[name])}"
                   for k, name in (("train", "pool"), ("validation", "validation"), ("test", "test")))]
-    else:  # the preset reads outputs/pretrained/fsdd-splits, which pretrain_source writes (cheap: file lists)
-        if not (PRETRAINED / "fsdd-splits" / "target_test.csv").is_file():
-            pretrain_source.fsdd_splits()
+    else:  # nicolas's lists in outputs/pretrained/fsdd-splits (pretrain_source writes them: cheap); the preset names no data
+        data = pretrain_source.fsdd_data("target")
     steps = [f"train.max_steps={10 if smoke else spec['steps']}"] if smoke or "steps" in spec else []
     return [f"model.name_or_path={model}", *data, *steps, "output.verify_reload=16"]
 

@@ -120,6 +120,16 @@ def fsdd_splits() -> dict[str, Path]:
     return {name: write_csv(SPLITS / f"{name}.csv", part) for name, part in parts.items()}
 
 
+def fsdd_data(side: str) -> list[str]:
+    """The data.* overrides the speech presets need (they name no data: a preset must run from an installed wheel):
+    'source' the three speakers' train/validation lists, 'target' nicolas's pool/validation/test. Writes the lists."""
+    splits = fsdd_splits()
+    if side == "source":
+        return [f"data.train_file={splits['source_train']}", f"data.validation_file={splits['source_validation']}"]
+    return [f"data.train_file={splits['target_pool']}", f"data.validation_file={splits['target_validation']}",
+            f"data.test_file={splits['target_test']}"]
+
+
 def backbone(run_dir: Path, out: Path) -> Path:
     """The trained classifier's base model (no head, no label names) and its processor, saved as a checkpoint."""
     from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoModel
@@ -144,7 +154,8 @@ def pretrain(modality: str, overrides: list[str]) -> Path:
     if modality == "speech":
         for name, path in fsdd_splits().items():
             print(f"{name}: {path}")
-    data = [f"data.data_dir={SHARED_DATA / 'images' / 'usps'}"] if modality == "image" else []  # the preset names no data
+    # the presets name no data
+    data = [f"data.data_dir={SHARED_DATA / 'images' / 'usps'}"] if modality == "image" else fsdd_data("source")
     cfg = load_config(spec["preset"], ["output.overwrite=true", *data, *overrides])  # a rerun replaces its own earlier output (no preset sets it)
     importlib.import_module(RECIPES[cfg.task]).main(cfg)
     out = backbone(Path(cfg.output.dir), ROOT / "outputs" / "pretrained" / spec["backbone"])

@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.chdir(ROOT)  # the presets' paths are relative to the repository root
 
 from adaptation_evidence import UCI  # noqa: E402
-from pretrain_source import backbone  # noqa: E402
+from pretrain_source import backbone, fsdd_data  # noqa: E402
 from transfer_evidence import PRETRAINED, budget_subset, image_splits, read_csv, speech_splits, write_csv  # noqa: E402
 
 OUT = ROOT / "outputs" / "rank_evidence"
@@ -116,9 +116,9 @@ SOURCES = {
                          "the USPS source recipe cut to 60 optimizer steps"),
     "vit-usps-shuffled": ("recipes/configs/image/vit_usps_source.yaml", lambda: [*usps_shuffled(), "train.max_steps=1000"],
                           "tiny ViT trained 1,000 steps on USPS with shuffled labels; its 'validation' is 500 of its training rows"),
-    "wav2vec2-fsdd3-250steps": ("recipes/configs/audio/wav2vec2_fsdd3_source.yaml", lambda: ["train.max_steps=250"],
+    "wav2vec2-fsdd3-250steps": ("recipes/configs/audio/wav2vec2_fsdd3_source.yaml", lambda: [*fsdd_data("source"), "train.max_steps=250"],
                                 "the three-speaker source recipe cut to 250 optimizer steps"),
-    "wav2vec2-fsdd3-40steps": ("recipes/configs/audio/wav2vec2_fsdd3_source.yaml", lambda: ["train.max_steps=40"],
+    "wav2vec2-fsdd3-40steps": ("recipes/configs/audio/wav2vec2_fsdd3_source.yaml", lambda: [*fsdd_data("source"), "train.max_steps=40"],
                                "the three-speaker source recipe cut to 40 optimizer steps"),
     "wav2vec2-george": ("recipes/configs/audio/wav2vec2_fsdd3_source.yaml", lambda: [*fsdd_speaker("george"), "train.max_steps=120"],
                         "tiny wav2vec2 trained 120 steps on one FSDD speaker, george"),

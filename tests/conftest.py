@@ -74,6 +74,24 @@ def tiny_bert(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def sentiment(tmp_path_factory, tiny_bert) -> Path:
+    """The tiny BERT with the embeddings of the positive and negative words pushed apart along one direction, as
+    pretraining on sentiment would: its features carry the toy rows' labels (test_rank, test_tokens)."""
+    from transformers import AutoTokenizer, BertModel
+
+    folder = tmp_path_factory.mktemp("sentiment_bert")
+    model = BertModel.from_pretrained(tiny_bert)
+    torch.manual_seed(1)
+    direction = torch.randn(model.config.hidden_size)
+    with torch.no_grad():
+        for words, sign in ((POSITIVE, 1), (NEGATIVE, -1)):
+            model.embeddings.word_embeddings.weight[[VOCAB.index(w) for w in words]] += sign * direction
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    return folder
+
+
 # ---------------------------------------------------------------- toy data
 
 
@@ -174,3 +192,11 @@ def _yaml_value(v) -> str:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def card_results(card_text: str) -> dict[str, dict[str, float]]:
+    """The model card's results table ('| split | examples | metric | ... |') as {split: {metric: value}}."""
+    lines = card_text[card_text.index("| split | examples |"):].split("\n\n")[0].splitlines()
+    names = [c.strip() for c in lines[0].strip().strip("|").split("|")][2:]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+    return {r[0]: {n: float(v) for n, v in zip(names, r[2:])} for r in rows}

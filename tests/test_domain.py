@@ -8,6 +8,8 @@ tiny ViT and wav2vec2 models covers image and audio targets.
 """
 from __future__ import annotations
 
+import json
+
 import math
 import random
 from pathlib import Path
@@ -171,7 +173,7 @@ def reweighted(make_cfg, target_file, tmp_path_factory):
 
 
 def test_reweight_weights_favour_target_like_rows(reweighted):
-    results, _, seen = reweighted
+    results, out, seen = reweighted
     assert "accuracy" in results["target"]
     (hook,) = [h for h in seen.hooks if hasattr(h, "weights")]
     w = hook.weights
@@ -183,6 +185,12 @@ def test_reweight_weights_favour_target_like_rows(reweighted):
     assert w.mean() == pytest.approx(1.0) and w.max() <= 3 + 1e-9 and w.min() > 0
     batch = seen.ctx.collator([train[i] for i in range(4)])  # the collator hands the weights to the loss hook
     assert batch["weight"].dtype == torch.float32 and batch["weight"].tolist() == pytest.approx(w[:4].tolist())
+    # How much data the weighted loss is worth (Kish), in results.json and on the card's transfer options line
+    ess = w.sum() ** 2 / (w ** 2).sum()
+    assert 16 < ess < 80
+    report = json.loads((out / "results.json").read_text())["options"]["reweight"]
+    assert report == {"rows": 80, "effective_sample_size": round(ess, 1), "min": round(w.min(), 4), "max": round(w.max(), 4)}
+    assert f"effective sample size {round(ess, 1):g} of 80 training rows" in (out / "README.md").read_text()
 
 
 def test_weighted_loss_is_the_weighted_mean_cross_entropy(tiny_bert):

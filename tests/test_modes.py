@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_json
+from conftest import card_results, read_json
 from hftl.config import load_config
 
 # Per mode: settings with which the tiny model learns the toy task in a few seconds.
@@ -174,12 +174,12 @@ def test_model_card(run):
     assert data["pipeline_tag"] == "text-classification"
     assert "hftl" in data["tags"]
     assert f"hftl-{run.mode}" in data["tags"] or run.mode in data["tags"]
-    results = data["model-index"][0]["results"]
-    metrics = {m["type"]: m["value"] for r in results for m in r["metrics"] if r["dataset"].get("split", "validation") == "validation"}
+    # Local data: no Hub id for model-index's dataset.type, so no model-index; the table holds the results
+    assert "model-index" not in data and "datasets" not in data
+    metrics = card_results(card.content)["validation"]
     reported = read_json(run.out / "results.json")["results"]["validation"]
-    assert metrics["accuracy"] == pytest.approx(reported["accuracy"])
+    assert metrics["accuracy"] == pytest.approx(reported["accuracy"], abs=5e-5)
     assert set(metrics) >= {"accuracy", "f1", "precision", "recall"}
-    assert all(r["task"]["type"] == "text-classification" for r in results)
     # What ran, not what was configured: a solved head lists no training knobs, a trained run its steps and the epochs
     # they made; the machinery's keys (memory, logging, checkpoints, evaluation batching) are not hyperparameters.
     hyper = card.content[card.content.index("- Hyperparameters:"):].split("\n\n")[0]
@@ -213,7 +213,7 @@ def test_the_card_inherits_license_and_language_and_names_the_data_set(make_cfg,
     card = ModelCard.load(str(Path(cfg.output.dir) / "README.md"))
     assert card.data.license == "mit" and card.data.language == "de"
     assert "adapted to **Toy reviews**" in card.content
-    assert card.data.to_dict()["model-index"][0]["results"][0]["dataset"]["name"] == "Toy reviews"
+    assert "model-index" not in card.data.to_dict()  # a name, not a Hub id: no model-index to pass it off as one
 
 
 def test_saved_config_reloads(run):

@@ -1,34 +1,15 @@
 """`hftl rank` (hftl/rank.py) through the command line, on tiny checkpoints built here.
 
-'sentiment' is conftest's tiny BERT with the embeddings of the positive and negative words pushed apart along
+'sentiment' (conftest) is the tiny BERT with the embeddings of the positive and negative words pushed apart along
 one direction, as pretraining on sentiment would: its features should rank first, above the same
 architecture with random weights (scratch:) and the unshifted tiny BERT.
 """
 from __future__ import annotations
 
-import json
-
-import pytest
-import torch
-from conftest import NEGATIVE, POSITIVE, VOCAB, read_json
+from conftest import read_json
 from test_image import tiny_vit
-from transformers import AutoTokenizer, BertModel
 
 from hftl import cli
-
-
-@pytest.fixture(scope="module")
-def sentiment(tmp_path_factory, tiny_bert):
-    folder = tmp_path_factory.mktemp("sentiment_bert")
-    model = BertModel.from_pretrained(tiny_bert)
-    torch.manual_seed(1)
-    direction = torch.randn(model.config.hidden_size)
-    with torch.no_grad():
-        for words, sign in ((POSITIVE, 1), (NEGATIVE, -1)):
-            model.embeddings.word_embeddings.weight[[VOCAB.index(w) for w in words]] += sign * direction
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
-    return folder
 
 
 def data_args(toy_data, tmp_path) -> list[str]:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from conftest import NEGATIVE, POSITIVE, read_json, write_rows
-from test_rank import sentiment  # noqa: F401 (a fixture)
 from hftl.config import ConfigError, load_config
 from hftl.data import DataError
 
@@ -426,6 +425,11 @@ def test_compare_counts_budgets_in_sentences(tiny_bert, ner_data, tmp_path, caps
     assert "| mode | training rows | learning rate |" in text and "- head, 16 training rows: " in text
     assert "--train-rows 16 all --lr-scales 1 --mode-lr scratch=0.02" in text
     assert "One rate per mode and budget (--lr-scales 1): the config's 5e-05 (scratch 0.02 by --mode-lr) times 1" in text
+    # --mode-lr naming every mode that ran: no config rate is in play, and the report does not name one
+    from hftl.compare import _markdown
+
+    report["lr"]["per_mode"] = {"scratch": 0.02, "head": 1e-3}
+    assert "(--lr-scales 1): the rates --mode-lr gave (scratch 0.02, head 0.001) times 1" in _markdown(report)
 
 
 def test_the_solved_head_scores_validation_tags_the_few_training_sentences_lack():

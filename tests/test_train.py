@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hftl import metrics
-from hftl.train import evaluate, make_accelerator, return_freed_blocks
+from hftl.train import cpu_mmap_threshold, evaluate, make_accelerator, return_freed_blocks
 from hftl.config import TrainConfig
 
 
@@ -160,8 +160,12 @@ def test_cpu_runs_map_freed_blocks_on_their_own(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting is left alone
     assert return_freed_blocks(1.0, cpu) is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert return_freed_blocks(None, cpu) is False
-    for bad in (0, -1, 64):
+    assert return_freed_blocks(None, cpu) is False and return_freed_blocks(0, cpu) is False  # glibc's default
+    # null: 2 MiB for length-grouped batches; random ones (token classification) keep glibc's default
+    assert cpu_mmap_threshold(TrainConfig(group_by_length=True)) == 2.0 and cpu_mmap_threshold(TrainConfig()) == 2.0
+    assert cpu_mmap_threshold(TrainConfig(group_by_length=False)) is None
+    assert cpu_mmap_threshold(TrainConfig(group_by_length=False, cpu_mmap_threshold_mib=4)) == 4
+    for bad in (-1, 64):
         with pytest.raises(ValueError, match="train.cpu_mmap_threshold_mib"):
             return_freed_blocks(bad, cpu)
         with pytest.raises(ValueError, match="train.cpu_mmap_threshold_mib"):  # at the start of a run

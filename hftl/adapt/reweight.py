@@ -44,9 +44,13 @@ def clipped_weights(ratio: np.ndarray, clip: float) -> np.ndarray:
 
 class Reweight(Hook):
     batch_keys = ("weight",)  # a training-batch column for the loss, not for the model
+    name = "reweight"
 
     def __init__(self, weights: np.ndarray, task):
         self.weights, self.task = weights, task
+        # Kish's effective sample size: how many equally weighted rows the weighted loss is worth.
+        self.report = {"rows": len(weights), "effective_sample_size": round(float(weights.sum() ** 2 / (weights ** 2).sum()), 1),
+                       "min": round(float(weights.min()), 4), "max": round(float(weights.max()), 4)}
 
     def loss(self, model, batch, outputs, loss, progress):
         per_row = self.task.loss(outputs.logits, batch["labels"], reduction="none")
@@ -71,9 +75,10 @@ def build(model: nn.Module, ctx: Context):
                       for ds in (ctx.encoded["train"], ctx.target))
     w = clipped_weights(density_ratio(source, target, cfg.train.seed), cfg.adapt.reweight_clip)
     ctx.encoded["train"] = ctx.encoded["train"].add_column("weight", w.tolist())
+    hook = Reweight(w, ctx.task)
     accelerator.print(f"reweight: weights min {w.min():.3f} mean {w.mean():.3f} max {w.max():.3f}; effective sample size "
-                      f"{w.sum() ** 2 / (w ** 2).sum():.1f} of {len(w)} training rows")
-    return Reweight(w, ctx.task)
+                      f"{hook.report['effective_sample_size']:.1f} of {len(w)} training rows")
+    return hook
 
 
 register_option("reweight", build)

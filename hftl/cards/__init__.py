@@ -120,10 +120,11 @@ PEFT_SETTINGS = {"lora": ("lora_r", "lora_alpha", "lora_dropout"), "adalora": ("
                  "loha": ("peft_r",), "lokr": ("peft_r",), "ia3": ()}
 
 
-def transfer_options(adapt: dict, mode: str) -> list[str]:
+def transfer_options(adapt: dict, mode: str, reports: dict | None = None) -> list[str]:
     """Each transfer setting of this run that is on, as `key=value` text for the card (adapt.* as to_dict gives it):
-    the adapter's shape, which layers train and at what rates, alignment, reweighting, L2-SP."""
-    out = []
+    the adapter's shape, which layers train and at what rates, alignment, reweighting, L2-SP; `reports`: what the
+    options' hooks measured (hftl.hooks.Hook.report by name), e.g. reweighting's effective sample size."""
+    out, reports = [], reports or {}
     if mode in PEFT_SETTINGS:
         targets = adapt["target_modules"] or "peft's default for the architecture"
         out.append(", ".join([*(f"adapt.{k}={adapt[k]}" for k in PEFT_SETTINGS[mode]), f"adapter on {targets}"]))
@@ -142,7 +143,11 @@ def transfer_options(adapt: dict, mode: str) -> list[str]:
     if adapt["align"]:
         out.append(f"adapt.align={adapt['align']}, adapt.align_weight={adapt['align_weight']} (domain alignment on data.target)")
     if adapt["reweight"]:
-        out.append(f"adapt.reweight=true, adapt.reweight_clip={adapt['reweight_clip']} (training rows weighted towards data.target)")
+        line = f"adapt.reweight=true, adapt.reweight_clip={adapt['reweight_clip']} (training rows weighted towards data.target"
+        if r := reports.get("reweight"):
+            line += (f"; weights {r['min']:g} to {r['max']:g}, effective sample size {r['effective_sample_size']:g} of "
+                     f"{r['rows']} training rows")
+        out.append(line + ")")
     return out
 
 
@@ -182,11 +187,20 @@ def _hardware() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, " + (f"{processes} processes x {each} each)" if processes > 1 else f"{each})")
 
 
+def hub_dataset_id(dataset_id: str | None) -> str | None:
+    """data.name when it is a Hub data set's id: not a local folder or file that load_dataset read."""
+    return dataset_id if dataset_id and not Path(dataset_id).exists() else None
+
+
 def render(data: CardData, metric_names: list[str], template: str = "classification.md") -> ModelCard:
-    eval_results = [
+    # The Hub's model-index names its data set by Hub id (`dataset.type`, required: huggingface_hub's ModelCard.load
+    # refuses a result without one). Local files have none, so their results are only in the card's table and
+    # results.json, not in a model-index that would pass a folder's name off as a Hub data set.
+    hub_id = hub_dataset_id(data.dataset_id)
+    eval_results = [] if hub_id is None else [
         EvalResult(
             task_type=data.pipeline_tag,
-            dataset_type=data.dataset_id or data.dataset_name,
+            dataset_type=hub_id,
             dataset_name=data.dataset_name,
             dataset_split=split,
             metric_type=METRIC_TYPES.get(m, m),
@@ -198,9 +212,10 @@ def render(data: CardData, metric_names: list[str], template: str = "classificat
         if m in row
     ]
     card_data = ModelCardData(
-        model_name=data.model_name,
+        # huggingface_hub uses model_name to build the model-index; without one it would be a stray top-level key
+        model_name=data.model_name if eval_results else None,
         base_model=data.base_model,
-        datasets=[data.dataset_id] if data.dataset_id else None,
+        datasets=[hub_id] if hub_id else None,
         library_name=data.library_name,
         license=data.license,
         language=data.language,
