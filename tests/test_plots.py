@@ -146,3 +146,29 @@ def test_errorbar_png_with_ticks_log_scale_and_notes(tmp_path):
 def test_the_training_loss_trend_is_a_trailing_mean():
     assert plots.moving_average([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
     assert plots.moving_average([1.0, 2.0], 5) == [1.0, 1.5]
+
+
+def test_no_text_of_a_picture_is_cut_off_and_a_single_evaluation_is_a_marker(tmp_path, monkeypatch):
+    """Every label, tick and title of the confusion matrix (long class names) and of the learning curves lies inside
+    the saved figure (constrained layout), and one evaluation is drawn as a visible marker, not an invisible line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.lines import Line2D
+    from matplotlib.text import Text
+
+    drawn, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    names = ["a rather long class name", "short", "another quite long label"]
+    plots.confusion_matrix_png(plots.confusion_counts([0, 1, 2, 1], [0, 2, 2, 1], 3), names, tmp_path / "cm.png")
+    step_log = [{"step": s, "loss": 1 / s} for s in range(1, 41)]
+    plots.learning_curves_png(step_log, history([(0.5, 0.4, 0.8)])[:1], "accuracy", tmp_path / "curves.png")
+    assert len(drawn) == 2
+    for fig in drawn:
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        # everything drawn (labels, tick labels, titles, the colour bar), in inches, against the figure's own box
+        drawn_box, page = fig.get_tightbbox(canvas.get_renderer()), fig.bbox_inches
+        assert page.x0 - 0.01 <= drawn_box.x0 and drawn_box.x1 <= page.x1 + 0.01, (drawn_box, page)
+        assert page.y0 - 0.01 <= drawn_box.y0 and drawn_box.y1 <= page.y1 + 0.01, (drawn_box, page)
+    assert "true label" in [t.get_text() for t in drawn[0].findobj(Text)]
+    single = [ln for ln in drawn[1].findobj(Line2D) if len(ln.get_xdata()) == 1 and ln.get_label() == "validation accuracy"]
+    assert single and single[0].get_marker() == "o" and single[0].get_markersize() > 0
