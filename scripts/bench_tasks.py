@@ -11,6 +11,9 @@ LoRA and full.
     # CoNLL-2003 (head 2 epochs, LoRA and full 1 each, all 14,041 sentences), then its learning curve: `hftl compare
     # --train-rows 50 200` over 3 seeds against scratch, and a scratch run on every sentence
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_tasks.py --tasks conll --out scripts/results/tasks_conll.md
+    # after a change to hftl: LoRA and full measured anew, hftl and the Trainer one after the other (the rest reused)
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_tasks.py --tasks conll --tag NAME --repeat-modes lora full \
+        --out scripts/results/tasks_conll.md
     # a smoke run (about 5 minutes on 2 cores; writes nothing into the repository)
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_tasks.py --train-samples 64 --eval-samples 64 --validation-samples 64 \\
         --head-epochs 1 --lora-epochs 1 --full-epochs 1 --work /tmp/bench_tasks --out /tmp/bench_tasks/tasks.md
