@@ -269,7 +269,10 @@ def main() -> None:
     lines += ["| mode | " + " | ".join(names) + " | before hftl's import | end to end |", "|---|" + "---|" * (len(names) + 2)]
     for mode, runs in table.items():
         best = min(runs["hftl"], key=lambda r: r["seconds"])
-        ph = best.get("phases", {})
+        ph = best.get("phases")
+        if not ph:  # a cached run from before hftl printed its Time: line
+            lines.append(f"| {mode} | " + " | ".join("" for _ in names) + f" | (not recorded: ran before the Time: line) | {best['seconds']:.1f} |")
+            continue
         lines.append(f"| {mode} | " + " | ".join(f"{ph[n]:.1f}" if n in ph else "" for n in names)
                      + f" | {best['seconds'] - sum(ph.values()):.1f} | {best['seconds']:.1f} |")
     startup = startup_rows(args, results, work, env, sst2) if args.startup_rows else {}
