@@ -42,8 +42,12 @@ and its peak resident memory.
                  hftl also evaluates the first --validation-samples validation rows after every epoch and keeps the
                  best epoch's weights (the Trainer keeps the last), saves a model folder with its card, and reloads it
                  through pipeline() to re-check 64 predictions: all of that is in its time.
-  hftl-grouped   (CoNLL LoRA and full) hftl with train.group_by_length=true, the length-grouped batches that are
-                 the default for row-level tasks and that token classification gives up for accuracy.
+                 CoNLL LoRA and full: hftl's default batches, length-grouped (transformers' LengthGroupedSampler)
+                 in random order, the loss weighing every labelled word the same (train.group_by_length,
+                 train.shuffle_grouped_batches); the Trainer's (run_ner.py's default): random batches.
+  hftl-random    (CoNLL LoRA and full) hftl with train.group_by_length=false: random batches, as the Trainer's.
+  trainer-grouped (CoNLL LoRA and full) the Trainer with train_sampling_strategy="group_by_length" (its
+                 LengthGroupedSampler), the faster batches it offers.
   hftl-default   (head only) hftl's own head mode: MiniLM's mean pooling and the solved head (GoEmotions: one-vs-rest
                  logistic regressions; STS-B: ridge regression; CoNLL: multinomial logistic regression on each
                  word's first-piece vector), each penalty chosen on validation.
@@ -95,7 +99,8 @@ TASKS = {
               "epochs": {"head": 2, "lora": 1, "full": 1}},
 }
 SYSTEMS = {"trainer": "transformers.Trainer", "hftl": "hftl (same work)", "hftl-default": "hftl default head",
-           "hftl-scratch": "hftl from scratch", "hftl-grouped": "hftl, length-grouped batches"}
+           "hftl-scratch": "hftl from scratch", "hftl-grouped": "hftl, length-grouped batches",
+           "hftl-random": "hftl, random batches", "trainer-grouped": "transformers.Trainer, length-grouped batches"}
 SEQEVAL = "seqeval==1.2.2"  # the Trainer's NER scores, as run_ner.py computes them; installed into --work, not the venv
 
 
@@ -209,6 +214,7 @@ def trainer_job(job: dict) -> dict:
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=job["batch_size"], learning_rate=job["lr"], num_train_epochs=job["epochs"],
         weight_decay=0.01, warmup_steps=0.06, lr_scheduler_type="linear", max_grad_norm=1.0, seed=job["seed"],
+        train_sampling_strategy="group_by_length" if job.get("group_by_length") else "random",
         eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=encoded["train"], data_collator=collator, processing_class=tokenizer)
@@ -251,7 +257,7 @@ def ner_scores(logits, label_ids, names: list[str]) -> dict:
 # ---------------------------------------------------------------- hftl (a child process: `python -m hftl train`)
 
 
-def hftl_command(job: dict, folder: Path, default_head: bool, grouped: bool = False) -> list[str]:
+def hftl_command(job: dict, folder: Path, default_head: bool, random_batches: bool = False) -> list[str]:
     files = job["files"]
     cmd = [str(HFTL_PYTHON), "-m", "hftl", "train", f"model.name_or_path={MODEL}", f"data.train_file={files['train']}",
            f"data.test_file={files['test']}", f"data.max_length={MAX_LENGTH}", f"adapt.mode={job['mode']}",
@@ -272,8 +278,8 @@ def hftl_command(job: dict, folder: Path, default_head: bool, grouped: bool = Fa
         cmd += ["adapt.solve_head=false"] + (["adapt.pooling=pooler"] if job["task"] != "conll" else [])
     if job.get("scratch"):  # random weights, every weight trainable (hftl compare's scratch)
         cmd += ["model.from_scratch=true"]
-    if grouped:  # token classification's batches are random by default; this is the faster setting it gives up
-        cmd += ["train.group_by_length=true"]
+    if random_batches:  # token classification's batches are length-grouped by default; random ones, as the Trainer's
+        cmd += ["train.group_by_length=false"]
     return cmd
 
 
@@ -330,16 +336,16 @@ class Bench:
         folder.mkdir(parents=True, exist_ok=True)
         env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(folder / "datasets-cache"),
                "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([str(self.deps)] if system == "trainer" and task == "conll" else []))}
+               "PYTHONPATH": os.pathsep.join([str(ROOT)] + ([str(self.deps)] if system.startswith("trainer") and task == "conll" else []))}
         print(f"bench_tasks: {key}: running (log {folder / 'log.txt'})", flush=True)
-        if system == "trainer":
+        if system.startswith("trainer"):
             spec, out = folder / "job.json", folder / "result.json"
-            spec.write_text(json.dumps({**job, "out": str(folder / "model")}))
+            spec.write_text(json.dumps({**job, "out": str(folder / "model"), "group_by_length": system == "trainer-grouped"}))
             cmd = [str(HFTL_PYTHON), __file__, "--job", str(spec), "--result", str(out)]
             m = timed(cmd, folder / "log.txt", env)
             body = json.loads(out.read_text()) if m["rc"] == 0 else {}
         else:
-            cmd = hftl_command(job, folder, default_head=system == "hftl-default", grouped=system == "hftl-grouped")
+            cmd = hftl_command(job, folder, default_head=system == "hftl-default", random_batches=system == "hftl-random")
             m = timed(cmd, folder / "log.txt", env)
             body = {}
             if m["rc"] == 0:
@@ -483,7 +489,7 @@ def main() -> None:
             job = {"task": task, "mode": mode, "files": files, "epochs": epochs, "batch_size": args.batch_size,
                    "lr": LEARNING_RATES[mode], "seed": args.seed, "label_names": names}
             systems = ["hftl", "trainer"] + (["hftl-default"] if mode == "head" and not args.no_default_head else []) \
-                + (["hftl-grouped"] if task == "conll" and mode != "head" else [])
+                + (["hftl-random", "trainer-grouped"] if task == "conll" and mode != "head" else [])
             # hftl and the Trainer repeated in turn (--repeats), so a slow spell of the machine hits both; the others once
             again = mode in (args.repeat_modes or args.modes)
             runs = {s: [] for s in systems}
@@ -522,6 +528,8 @@ def main() -> None:
                              f"{span(r['seconds'], r.get('all_seconds', []))} | "
                              f"{span(r.get('train_seconds'), r.get('all_train_seconds', []))} | {r['peak_mib']:.0f} | {r['load']} |")
         lines += [""] + [verdict(mode, runs["hftl"], runs["trainer"], spec["metrics"]) for mode, runs in modes.items()]
+        lines += [verdict(f"{mode}, against the Trainer with length-grouped batches", runs["hftl"], runs["trainer-grouped"], spec["metrics"])
+                  for mode, runs in modes.items() if "trainer-grouped" in runs]
         if "hftl-default" in modes.get("head", {}):
             lines.append(verdict("head, hftl's default head", modes["head"]["hftl-default"], modes["head"]["trainer"], spec["metrics"]))
         crossed = [(mode, r["trainer"]["test"]) for mode, r in modes.items() if r["trainer"]["rc"] == 0 and "hftl_entity_f1" in r["trainer"]["test"]]

@@ -216,6 +216,22 @@ def test_length_grouping_keeps_every_example_exactly_once(column):
     assert grouped < 0.7 * shuffled  # padded length per batch: grouping must save a lot of it
     order = sorted_order(ds)
     assert sorted(order) == list(range(len(ds))) and [_lengths(ds)[i] for i in order] == sorted(_lengths(ds))
+    # train.shuffle_grouped_batches: the same batches, the longest still first, the others in random order (not
+    # each group of 50 from its longest to its shortest), the order a function of the seed and the epoch alone
+    t.group_by_length, t.shuffle_grouped_batches = True, True
+    as_sets = lambda loader: [frozenset(row for row, _ in b) for b in loader]  # noqa: E731
+    mixed = train_dataloader(ds, lambda rows: [(r["row"], len(r[column])) for r in rows], t)
+    drawn = list(mixed)  # epoch 0, drawn from the same seed as `batches`
+    plain, shuffled_order = [frozenset(row for row, _ in b) for b in batches], [frozenset(row for row, _ in b) for b in drawn]
+    assert shuffled_order[0] == plain[0] and sorted(shuffled_order, key=sorted) == sorted(plain, key=sorted)
+    assert shuffled_order != plain
+    longest = [max(n for _, n in b) for b in drawn]
+    assert longest[0] == max(longest) and longest[1:] != sorted(longest[1:], reverse=True)
+    assert [len(b) for b in drawn] == [len(b) for b in batches] == [8] * 18 + [6]  # the short batch still last
+    mixed.sampler.set_epoch(1)
+    once = as_sets(mixed)
+    mixed.sampler.set_epoch(1)
+    assert as_sets(mixed) == once
 
 
 def test_head_mode_runs_the_backbone_only_over_the_training_rows_its_steps_read(toy, tmp_path, monkeypatch):

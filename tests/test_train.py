@@ -164,6 +164,8 @@ def test_cpu_runs_map_freed_blocks_on_their_own(monkeypatch):
     # null: 2 MiB for length-grouped batches; random ones (token classification) keep glibc's default
     assert cpu_mmap_threshold(TrainConfig(group_by_length=True)) == 2.0 and cpu_mmap_threshold(TrainConfig()) == 2.0
     assert cpu_mmap_threshold(TrainConfig(group_by_length=False)) is None
+    # grouped batches in random order (token classification's default) change shape every step, as random ones do
+    assert cpu_mmap_threshold(TrainConfig(group_by_length=True, shuffle_grouped_batches=True)) is None
     assert cpu_mmap_threshold(TrainConfig(group_by_length=False, cpu_mmap_threshold_mib=4)) == 4
     for bad in (-1, 64):
         with pytest.raises(ValueError, match="train.cpu_mmap_threshold_mib"):

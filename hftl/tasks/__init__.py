@@ -26,6 +26,7 @@ class Task:
     default_metric_for_best = "loss"
     per_token = False  # its head reads one vector per position (token classification), not one per row (hftl/cache.py)
     group_by_length = True  # train.group_by_length=null's value for this task
+    shuffle_grouped_batches = False  # train.shuffle_grouped_batches=null's value
     solver_metric = ""  # what `solve` chooses the penalty by, when not train.metric_for_best
     # Set by hftl.data.load_labelled when it carved the validation split from train (data.validation_fraction): a solved
     # head then cross-validates its penalty on the training rows, which a random tenth of them cannot beat.
@@ -237,8 +238,9 @@ class Task:
                               "train.metrics.")
         better = t.greater_is_better if t.greater_is_better is not None else best not in LOWER_IS_BETTER
         grouped = self.group_by_length if t.group_by_length is None else t.group_by_length
+        shuffled = self.shuffle_grouped_batches if t.shuffle_grouped_batches is None else t.shuffle_grouped_batches
         return dataclasses.replace(cfg, train=dataclasses.replace(t, metrics=metrics, metric_for_best=best, greater_is_better=better,
-                                                                  group_by_length=grouped))
+                                                                  group_by_length=grouped, shuffle_grouped_batches=shuffled))
 
 
 def last_linear(model, head: list[str], outputs: int):
