@@ -42,10 +42,11 @@ and its peak resident memory.
                  hftl also evaluates the first --validation-samples validation rows after every epoch and keeps the
                  best epoch's weights (the Trainer keeps the last), saves a model folder with its card, and reloads it
                  through pipeline() to re-check 64 predictions: all of that is in its time.
-                 CoNLL LoRA and full: hftl's default batches, length-grouped (transformers' LengthGroupedSampler)
-                 in random order, the loss weighing every labelled word the same (train.group_by_length,
-                 train.shuffle_grouped_batches); the Trainer's (run_ner.py's default): random batches.
-  hftl-random    (CoNLL LoRA and full) hftl with train.group_by_length=false: random batches, as the Trainer's.
+                 CoNLL: hftl's default batches; full: length-grouped (transformers' LengthGroupedSampler) in
+                 random order, the loss weighing every labelled word the same (train.group_by_length,
+                 train.shuffle_grouped_batches); LoRA: random batches, as the Trainer's (run_ner.py's default).
+  hftl-random    (CoNLL full) hftl with train.group_by_length=false: random batches, as the Trainer's.
+  hftl-grouped   (CoNLL LoRA) hftl with train.group_by_length=true: the length-grouped batches full trains on.
   trainer-grouped (CoNLL LoRA and full) the Trainer with train_sampling_strategy="group_by_length" (its
                  LengthGroupedSampler), the faster batches it offers.
   hftl-default   (head only) hftl's own head mode: MiniLM's mean pooling and the solved head (GoEmotions: one-vs-rest
@@ -257,7 +258,7 @@ def ner_scores(logits, label_ids, names: list[str]) -> dict:
 # ---------------------------------------------------------------- hftl (a child process: `python -m hftl train`)
 
 
-def hftl_command(job: dict, folder: Path, default_head: bool, random_batches: bool = False) -> list[str]:
+def hftl_command(job: dict, folder: Path, default_head: bool, grouped: bool | None = None) -> list[str]:
     files = job["files"]
     cmd = [str(HFTL_PYTHON), "-m", "hftl", "train", f"model.name_or_path={MODEL}", f"data.train_file={files['train']}",
            f"data.test_file={files['test']}", f"data.max_length={MAX_LENGTH}", f"adapt.mode={job['mode']}",
@@ -278,8 +279,8 @@ def hftl_command(job: dict, folder: Path, default_head: bool, random_batches: bo
         cmd += ["adapt.solve_head=false"] + (["adapt.pooling=pooler"] if job["task"] != "conll" else [])
     if job.get("scratch"):  # random weights, every weight trainable (hftl compare's scratch)
         cmd += ["model.from_scratch=true"]
-    if random_batches:  # token classification's batches are length-grouped by default; random ones, as the Trainer's
-        cmd += ["train.group_by_length=false"]
+    if grouped is not None:  # not the task's default batch order (token classification: grouped, LoRA random)
+        cmd += [f"train.group_by_length={str(grouped).lower()}"]
     return cmd
 
 
@@ -345,7 +346,8 @@ class Bench:
             m = timed(cmd, folder / "log.txt", env)
             body = json.loads(out.read_text()) if m["rc"] == 0 else {}
         else:
-            cmd = hftl_command(job, folder, default_head=system == "hftl-default", random_batches=system == "hftl-random")
+            cmd = hftl_command(job, folder, default_head=system == "hftl-default",
+                               grouped={"hftl-random": False, "hftl-grouped": True}.get(system))
             m = timed(cmd, folder / "log.txt", env)
             body = {}
             if m["rc"] == 0:
@@ -489,7 +491,7 @@ def main() -> None:
             job = {"task": task, "mode": mode, "files": files, "epochs": epochs, "batch_size": args.batch_size,
                    "lr": LEARNING_RATES[mode], "seed": args.seed, "label_names": names}
             systems = ["hftl", "trainer"] + (["hftl-default"] if mode == "head" and not args.no_default_head else []) \
-                + (["hftl-random", "trainer-grouped"] if task == "conll" and mode != "head" else [])
+                + ([("hftl-grouped" if mode == "lora" else "hftl-random"), "trainer-grouped"] if task == "conll" and mode != "head" else [])
             # hftl and the Trainer repeated in turn (--repeats), so a slow spell of the machine hits both; the others once
             again = mode in (args.repeat_modes or args.modes)
             runs = {s: [] for s in systems}

@@ -27,6 +27,7 @@ class Task:
     per_token = False  # its head reads one vector per position (token classification), not one per row (hftl/cache.py)
     group_by_length = True  # train.group_by_length=null's value for this task
     shuffle_grouped_batches = False  # train.shuffle_grouped_batches=null's value
+    random_batch_modes: tuple[str, ...] = ()  # adaptation modes for which train.group_by_length=null means random batches
     solver_metric = ""  # what `solve` chooses the penalty by, when not train.metric_for_best
     # Set by hftl.data.load_labelled when it carved the validation split from train (data.validation_fraction): a solved
     # head then cross-validates its penalty on the training rows, which a random tenth of them cannot beat.
@@ -237,7 +238,9 @@ class Task:
                               f"(train.metrics, plus loss, for the {self.name} task). Choose one of those, or add it to "
                               "train.metrics.")
         better = t.greater_is_better if t.greater_is_better is not None else best not in LOWER_IS_BETTER
-        grouped = self.group_by_length if t.group_by_length is None else t.group_by_length
+        grouped = t.group_by_length
+        if grouped is None:
+            grouped = self.group_by_length and cfg.adapt.mode not in self.random_batch_modes
         shuffled = self.shuffle_grouped_batches if t.shuffle_grouped_batches is None else t.shuffle_grouped_batches
         return dataclasses.replace(cfg, train=dataclasses.replace(t, metrics=metrics, metric_for_best=best, greater_is_better=better,
                                                                   group_by_length=grouped, shuffle_grouped_batches=shuffled))
@@ -303,8 +306,11 @@ def for_config(cfg: Config) -> Task:
 
 
 def resolve_metrics(cfg: Config) -> Config:
-    """`cfg` with train.metrics, metric_for_best and greater_is_better filled in as its task's runs will fill them."""
-    return Task.configure(for_config(cfg), cfg)
+    """`cfg` with train.metrics, metric_for_best and greater_is_better filled in as its task's runs will fill them.
+    train.group_by_length stays as given: it can depend on the adaptation mode, and `hftl compare` / `hftl tune` derive
+    runs of other modes from this config, each resolving it for its own mode."""
+    resolved = Task.configure(for_config(cfg), cfg)
+    return dataclasses.replace(resolved, train=dataclasses.replace(resolved.train, group_by_length=cfg.train.group_by_length))
 
 
 def from_model_config(config) -> Task:
