@@ -280,3 +280,26 @@ def test_compare_on_two_processes_trains_each_run_once_and_writes_one_report(nin
     assert done.stdout.count("| mode |") == 1  # the report printed once, by the main process
     card = (report / "runs" / f"head-all-lr{cfg.train.learning_rate:g}-s0" / "README.md").read_text()
     assert card.count("## Transfer check") == 1
+
+
+def test_token_classification_on_two_processes_scores_every_sentence_once(tiny_bert, tmp_path):
+    """Per-token outputs: the two processes' evaluation batches differ in length (pad_across_processes) and the last
+    one is padded with sentences already scored (even_batches). The scores written must be one process's on the saved
+    model (`hftl evaluate`), with a prediction for each of the 9 sentences, and the pipeline reload check passes."""
+    from conftest import read_json, write_rows
+    from hftl.predict import evaluate
+    from test_tokens import ner_rows
+
+    train, validation = write_rows(tmp_path / "train.jsonl", ner_rows(64, 0)), write_rows(tmp_path / "validation.jsonl", ner_rows(9, 1))
+    out = tmp_path / "out"
+    # 64 sentences, 8 a batch on each process: 4 steps an epoch, 32 in all; validation 2 sentences a batch per process
+    done = torchrun(["-m", "hftl", "train", "task=token-classification", f"model.name_or_path={tiny_bert}",
+                     f"data.train_file={train}", f"data.validation_file={validation}", "data.max_length=24",
+                     f"output.dir={out}", "train.batch_size=8", "train.eval_batch_size=2", "train.epochs=8",
+                     "train.min_steps=null", "train.learning_rate=0.02"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    saved = read_json(out / "results.json")["results"]["validation"]
+    assert saved["entity_f1"] > 0  # it learned something, so equal scores compare real predictions
+    assert len(read_json(out / "predictions_validation.json")) == 9
+    single = evaluate(str(out), str(validation), str(tmp_path / "evaluated"))["metrics"]
+    assert single == pytest.approx(saved, rel=1e-5)
