@@ -251,7 +251,7 @@ def run_sst2(args, out: Path) -> list[str]:
     best, base = report["best"], preset["results"]
     trial_s = sum(t["seconds"] or 0 for t in report["trials"])
     return [f"### sst2: `hftl tune` on {SST2_PRESET}", "",
-            f"`hftl {' '.join(argv).replace(str(ROOT) + '/', '')}`", "",
+            f"`hftl {' '.join(argv).replace(str(ROOT) + '/', '').replace(str(ROOT.parent) + '/', '../')}`", "",
             "Validation: 10% of SST-2's training rows, carved with the preset's seed (the same rows for every trial), what the "
             "trials were chosen on; test: SST-2's own validation split (872 sentences), which nothing was chosen on. Training rows: "
             + (f"{args.sst2_per_class} per label (data.samples_per_class, to bound the time), for the preset and every trial."
