@@ -92,7 +92,7 @@ class TokenClassification(Task):
     # from its longest to its shortest. The loss weighing every word the same (hftl/train.py: labelled_per_batch) and
     # the batches in random order fixed that for full fine-tuning: 0.802 and 0.801 against the Trainer's random
     # batches' 0.804 and 0.798 (seeds 42 and 0), 2.1-2.3x faster end to end. Not for LoRA: 0.734 and 0.724 against
-    # the Trainer's 0.737 and 0.739, so LoRA keeps random batches (0.747 and 0.742, 0.95x the Trainer's time)
+    # the Trainer's 0.737 and 0.739, so LoRA keeps random batches (0.747 and 0.742, 0.94-0.95x the Trainer's time)
     # (scripts/results/tasks_conll.md, tasks_conll_seed0.md). The other peft modes were not measured on tokens.
     group_by_length = True
     random_batch_modes = ("lora",)
