@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import platform
@@ -125,7 +124,7 @@ TASKS = {
 
 
 def run_one(task: str, method: str, seed: int) -> dict:
-    from hftl.cli import RECIPES
+    from hftl import recipe
     from hftl.config import load_config
 
     spec = TASKS[task]
@@ -138,7 +137,7 @@ def run_one(task: str, method: str, seed: int) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        results = importlib.import_module(RECIPES[cfg.task]).main(cfg)
+        results = recipe.train(cfg)
     return {"accuracy": results["test"]["accuracy"], "source_validation_accuracy": results["validation"]["accuracy"],
             "seconds": time.perf_counter() - start}
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import os
 import sys
@@ -98,10 +97,14 @@ def init_checkpoint(modality: str, folder: Path) -> Path:
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    # Written aside and renamed: the evidence scripts run side by side (one per core) and rewrite these lists, so a
+    # run reading one must see the old file or the new, never a half-written one.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, ["path", "label", "speaker", "take"])
         writer.writeheader()
         writer.writerows(rows)
+    tmp.replace(path)
     return path
 
 
@@ -145,7 +148,7 @@ def backbone(run_dir: Path, out: Path) -> Path:
 
 
 def pretrain(modality: str, overrides: list[str]) -> Path:
-    from hftl.cli import RECIPES
+    from hftl import recipe
     from hftl.config import load_config
 
     spec = MODALITIES[modality]
@@ -157,7 +160,7 @@ def pretrain(modality: str, overrides: list[str]) -> Path:
     # the presets name no data
     data = [f"data.data_dir={SHARED_DATA / 'images' / 'usps'}"] if modality == "image" else fsdd_data("source")
     cfg = load_config(spec["preset"], ["output.overwrite=true", *data, *overrides])  # a rerun replaces its own earlier output (no preset sets it)
-    importlib.import_module(RECIPES[cfg.task]).main(cfg)
+    recipe.train(cfg)
     out = backbone(Path(cfg.output.dir), ROOT / "outputs" / "pretrained" / spec["backbone"])
     print(f"source checkpoint (backbone, no head): {out}")
     return out
@@ -166,13 +169,12 @@ def pretrain(modality: str, overrides: list[str]) -> Path:
 def self_supervised(task: str, model: Path, inputs: Path, out: Path, overrides: list[str]) -> Path:
     """hftl's continued-pretraining stage alone (adapt.pretrain=auto) on the unlabelled `inputs` (a csv with a `path`
     column or a media folder), as `hftl train` runs it before classifying; returns its folder, `<out>.pretrained`."""
-    from hftl.cli import RECIPES
+    from hftl import modalities
     from hftl.config import load_config
     from hftl.pretrain import continue_pretraining
     from hftl.train import make_accelerator
 
-    modality = {"audio-classification": "AUDIO", "image-classification": "IMAGE"}[task]
-    modality = getattr(importlib.import_module(RECIPES[task]), modality)
+    modality = modalities.get(task)
     # A csv names the files in its `path` column; an imagefolder's column is `image`.
     column = [f"data.{'audio' if task == 'audio-classification' else 'image'}_column=path"] if inputs.suffix == ".csv" else []
     cfg = load_config(None, [f"task={task}", f"model.name_or_path={model}", "adapt.pretrain=auto", f"adapt.pretrain_file={inputs}",

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import platform
@@ -190,12 +189,12 @@ def quiet(log: Path):
 
 
 def train(preset: str, overrides: list[str], log: Path) -> dict:
-    from hftl.cli import RECIPES
+    from hftl import recipe
     from hftl.config import load_config
 
     cfg = load_config(preset, overrides)
     with quiet(log):
-        return importlib.import_module(RECIPES[cfg.task]).main(cfg)
+        return recipe.train(cfg)
 
 
 def make_source(name: str, results: dict) -> Path:

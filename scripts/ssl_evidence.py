@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import platform
@@ -92,7 +91,7 @@ def stage(task: str, start: str, pool: Path, seed: int, extra: list[str]) -> tup
 
 
 def run_one(task: str, method: str, budget: str, seed: int, files: dict[str, Path], steps: int, stage_extra: list[str]) -> dict:
-    from hftl.cli import RECIPES
+    from hftl import recipe
     from hftl.config import load_config
 
     spec = TASKS[task]
@@ -112,7 +111,7 @@ def run_one(task: str, method: str, budget: str, seed: int, files: dict[str, Pat
         overrides.append("adapt.freeze_feature_encoder=false")
     cfg = load_config(spec["preset"], overrides)
     started = time.perf_counter()
-    results = quiet(out.parent / f"{out.name}.log", lambda: importlib.import_module(RECIPES[cfg.task]).main(cfg))
+    results = quiet(out.parent / f"{out.name}.log", lambda: recipe.train(cfg))
     return {"accuracy": results["test"]["accuracy"], "validation_accuracy": results["validation"]["accuracy"],
             "seconds": time.perf_counter() - started, "stage": info}
 
@@ -164,6 +163,9 @@ def main() -> None:
                         results[key] = run_one(task, method, budget, seed, {"train": train, **fixed}, steps, args.stage)
                         store.parent.mkdir(parents=True, exist_ok=True)
                         tmp = store.with_suffix(f".{os.getpid()}.tmp")
+                        # Another instance (--tasks speech beside --tasks image) may have stored its runs meanwhile.
+                        on_disk = json.loads(store.read_text()) if store.exists() and not args.fresh else {}
+                        results = {**on_disk, **results}
                         tmp.write_text(json.dumps(results, indent=1))
                         tmp.replace(store)
                     r = results[key]

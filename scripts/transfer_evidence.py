@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib
 import json
 import os
 import platform
@@ -117,7 +116,7 @@ def budget_subset(pool: list[dict], budget: str, seed: int) -> list[dict]:
 
 
 def run_one(task: str, method: str, budget: str, seed: int, files: dict[str, Path], steps: int) -> dict:
-    from hftl.cli import RECIPES
+    from hftl import recipe
     from hftl.config import load_config
 
     spec = TASKS[task]
@@ -141,7 +140,7 @@ def run_one(task: str, method: str, budget: str, seed: int, files: dict[str, Pat
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        results = importlib.import_module(RECIPES[cfg.task]).main(cfg)
+        results = recipe.train(cfg)
     info = json.loads((out / "results.json").read_text())
     return {"accuracy": results["test"]["accuracy"], "validation_accuracy": results["validation"]["accuracy"],
             "trainable_params": info["trainable_params"], "total_params": info["total_params"],
