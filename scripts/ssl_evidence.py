@@ -122,6 +122,42 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
+# Each question the evidence asks, as (method, the method it is measured against).
+CONTRASTS = [
+    ("supervised+ssl", "supervised", "continued self-supervised pretraining on the target pool, supervised source"),
+    ("unsupervised+ssl", "unsupervised", "the same stage, unsupervised source"),
+    ("supervised+coral", "supervised", "CORAL alignment to the target pool"),
+    ("supervised+mmd", "supervised", "MMD alignment to the target pool"),
+    ("unsupervised", "scratch", "the unsupervised source against scratch"),
+    ("supervised", "unsupervised", "the supervised source against the unsupervised one"),
+]
+
+
+def contrasts(task: str, results: dict, budgets: list[str], seeds: list[int], methods: list[str]) -> list[str]:
+    """Where each arm helped: its test accuracy minus its reference's, paired by seed (the same training rows and
+    fine-tuning seed), judged by hftl compare's test (the 95% t-interval of the mean gain: better / worse /
+    inconclusive)."""
+    from hftl.compare import WORSE, verdict
+
+    lines = ["| question | " + " | ".join(f"{b} labels per class" if b != "all" else "all labels" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for arm, reference, what in CONTRASTS:
+        if arm not in methods or reference not in methods:
+            continue
+        cells = []
+        for budget in budgets:
+            pairs = [(results[a], results[r]) for s in seeds
+                     if (a := f"{task}/{arm}/{budget}/{s}") in results and (r := f"{task}/{reference}/{budget}/{s}") in results]
+            if not pairs:
+                cells.append("-")
+                continue
+            v = verdict([100 * a["accuracy"] for a, _ in pairs], [100 * r["accuracy"] for _, r in pairs])
+            interval = f" [{v['low']:+.1f}, {v['high']:+.1f}]" if v["low"] is not None else ""
+            cells.append(f"{v['gain']:+.1f}{interval} {'worse' if v['verdict'] == WORSE else v['verdict']}")
+        lines.append(f"| {what} ({arm} − {reference}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -182,7 +218,10 @@ def main() -> None:
                      f"Test accuracy (%) on {len(splits['test'])} held-out examples, mean ± standard deviation over seeds "
                      f"{', '.join(map(str, args.seeds))}; {steps} fine-tuning steps per run, best of the per-epoch evaluations "
                      f"on a validation split of {len(splits['validation'])} ({time.perf_counter() - task_start:.0f} s of new runs "
-                     "for this task now).", "", *lines, ""]
+                     "for this task now).", "", *lines, "",
+                     "Gain in test accuracy points, mean over seeds paired by seed, with its 95% confidence interval and "
+                     "hftl compare's verdict (better / worse / inconclusive; no verdict from one seed):", "",
+                     *contrasts(task, results, args.budgets, args.seeds, args.methods), ""]
         if seen:
             sections += ["Self-supervised stages on the target pool (held-out loss before -> after, steps):", "",
                          *[f"- from {Path(s['settings']['base']).name}, seed {s['settings']['seed']}: {s['objective']} "
