@@ -143,6 +143,28 @@ def test_mim_loss_falls_on_the_target_images(image_run):
     assert info["heldout_loss_after"] < 0.9 * info["heldout_loss_before"], info
 
 
+def test_mim_stage_on_two_processes_scores_as_one_process_before_training_and_learns(image_run, vit, images, tmp_path):
+    """The stage on the shared loop with two real CPU processes (torchrun, gloo, as `accelerate launch` on GPUs): each
+    process trains on its share of every batch, so an epoch takes half the optimizer steps; every process scores the
+    same held-out batches with the same seeded masks, so before training the held-out loss is the one-process run's,
+    and it falls; the classifier stage then starts from the folder the main process wrote."""
+    from test_multiprocess import torchrun
+    from test_resume import cli_overrides
+
+    cfg = image_cfg(tmp_path / "out", vit, data__data_dir=images / "train",
+                    **{**IMAGE, "data.validation_file": None, "adapt.pretrain_file": images / "target"})
+    done = torchrun(["-m", "hftl", "train", f"task={cfg.task}", *cli_overrides(cfg)])
+    assert done.returncode == 0, done.stderr[-4000:]
+    one, two = read_json(image_run["pretrained"] / "pretrain.json"), read_json(tmp_path / "out.pretrained" / "pretrain.json")
+    assert (two["inputs"], two["heldout_inputs"]) == (one["inputs"], one["heldout_inputs"])
+    batch, epochs = 8, IMAGE["adapt.pretrain_epochs"]
+    assert one["steps"] == epochs * math.ceil(one["inputs"] / batch)
+    assert two["steps"] == epochs * math.ceil(one["inputs"] / (2 * batch)) < one["steps"]
+    assert two["heldout_loss_before"] == pytest.approx(one["heldout_loss_before"], rel=1e-5)
+    assert two["heldout_loss_after"] < 0.9 * two["heldout_loss_before"], two
+    assert read_json(tmp_path / "out" / "results.json")["pretrain"] == two
+
+
 @pytest.mark.parametrize("which, base, architecture, head", [
     ("speech_run", "wav2vec2", "Wav2Vec2ForPreTraining", ["classifier.bias", "classifier.weight", "projector.bias", "projector.weight"]),
     ("image_run", "vit", "ViTForMaskedImageModeling", ["classifier.bias", "classifier.weight"]),
