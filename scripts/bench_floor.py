@@ -55,13 +55,11 @@ def floor_job(job: dict) -> dict:
 
     import torch
 
-    from hftl import adapt, models
-    from hftl.train import _batch_loss
-    from hftl import modalities
+    from hftl import adapt, modalities, models
     from hftl.presets import load
     from hftl.recipe import load_checked
-    from hftl.train import (_optimizer, cpu_mmap_threshold, make_accelerator, make_scheduler, return_freed_blocks, schedule,
-                            speed_up, tensor_core_padding, train_dataloader)
+    from hftl.train import (_batch_loss, _optimizer, cpu_mmap_threshold, make_accelerator, make_scheduler, return_freed_blocks,
+                            schedule, speed_up, tensor_core_padding, train_dataloader)
 
     cfg = load(job["preset"], job["overrides"])  # as `hftl train PRESET key=value ...` reads it
     modality, mode = modalities.get(cfg.task), adapt.get_mode(cfg.adapt.mode)

@@ -61,10 +61,14 @@ TASKS = {
 
 def write_csv(path: Path, rows: list[dict], columns=("path", "label")) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    # Aside, then renamed: instances of the evidence scripts run side by side (one per core) and rewrite the same
+    # split files, which another's run may be reading.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows({c: r[c] for c in columns} for r in rows)
+    tmp.replace(path)
     return path
 
 
