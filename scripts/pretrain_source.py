@@ -13,8 +13,10 @@ to a different target (see scripts/transfer_evidence.py).
 continued-pretraining stage alone (adapt.pretrain=auto: SimMIM for the ViT on USPS's training images, wav2vec2's
 masked contrastive objective for the wav2vec2 on the three source speakers' clips, takes 0-49), as many epochs at the
 batch size and learning rate of the supervised preset. Its backbone is the unsupervised source checkpoint,
-vit-usps-ssl/ or wav2vec2-fsdd3-ssl/, beside the supervised one. (Debian's espeak-ng is not installed on this
-machine, so no synthesised voices are added.)
+vit-usps-ssl/ or wav2vec2-fsdd3-ssl/, beside the supervised one. For variety, the speech stage also reads spoken digits
+synthesised by Debian's espeak-ng (`apt-get install espeak-ng`) in 7 English accents x 6 voices x 2 speeds (840 clips,
+silence trimmed, 16 kHz; outputs/pretrained/espeak-ng/), and then runs as many optimizer steps as the supervised run
+(fewer epochs over more clips); --no-voices leaves them out. The held-apart speaker nicolas is in neither.
 
 Writes, under outputs/pretrained/ (git-ignored; every folder is an ordinary save_pretrained folder):
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -123,6 +126,50 @@ def fsdd_splits() -> dict[str, Path]:
     return {name: write_csv(SPLITS / f"{name}.csv", part) for name, part in parts.items()}
 
 
+# Spoken digits from espeak-ng (unlabelled inputs of the speech self-supervised stage): accents x voice variants x speeds.
+ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029")
+ESPEAK_VARIANTS = ("m1", "m3", "m5", "f1", "f3", "f5")
+ESPEAK_SPEEDS = (130, 175)  # words per minute (espeak-ng's default is 175)
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def synthesised_voices(folder: Path) -> list[dict]:
+    """The spoken digits in every accent, variant and speed, as 16 kHz mono files under `folder` (made once), trimmed
+    to the speech (espeak-ng pads a word with about half a second of silence; FSDD's clips are trimmed)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        sys.exit("pretrain_source: speech --self-supervised adds spoken digits synthesised by Debian's espeak-ng, which is not "
+                 "installed: apt-get install espeak-ng (or pass --no-voices to pretrain on the FSDD speakers alone).")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for accent in ESPEAK_ACCENTS:
+        for variant in ESPEAK_VARIANTS:
+            for speed in ESPEAK_SPEEDS:
+                for digit, word in enumerate(DIGITS):
+                    path = folder / f"{accent}+{variant}-{speed}-{word}.wav"
+                    if not path.is_file():
+                        raw = folder / f"{path.stem}.{os.getpid()}.raw.wav"
+                        subprocess.run([exe, "-v", f"{accent}+{variant}", "-s", str(speed), "-w", str(raw), word], check=True)
+                        wave, rate = sf.read(raw, dtype="float32")
+                        raw.unlink()
+                        loud = np.flatnonzero(np.abs(wave) > 0.02 * np.abs(wave).max())
+                        pad = rate // 50  # 20 ms either side
+                        wave = wave[max(loud[0] - pad, 0):loud[-1] + pad]
+                        wave = resample_poly(wave, 16000 // 50, rate // 50).astype(np.float32)  # 22,050 Hz -> 16 kHz
+                        tmp = folder / f"{path.stem}.{os.getpid()}.tmp.wav"
+                        sf.write(tmp, wave, 16000, subtype="PCM_16")
+                        tmp.replace(path)
+                    rows.append({"path": str(path), "label": str(digit), "speaker": f"espeak-ng {accent}+{variant}", "take": speed})
+    return rows
+
+
 def fsdd_data(side: str) -> list[str]:
     """The data.* overrides the speech presets need (they name no data: a preset must run from an installed wheel):
     'source' the three speakers' train/validation lists, 'target' nicolas's pool/validation/test. Writes the lists."""
@@ -184,7 +231,7 @@ def self_supervised(task: str, model: Path, inputs: Path, out: Path, overrides: 
     return Path(continue_pretraining(cfg, str(model), None, processor, accelerator, None, modality))
 
 
-def pretrain_unsupervised(modality: str, overrides: list[str]) -> Path:
+def pretrain_unsupervised(modality: str, overrides: list[str], voices: bool = True) -> Path:
     """The source checkpoint without labels: the stage on the source inputs, from the same from-config checkpoint."""
     import yaml
 
@@ -192,13 +239,26 @@ def pretrain_unsupervised(modality: str, overrides: list[str]) -> Path:
     init = init_checkpoint(modality, ROOT / "outputs" / "pretrained" / spec["init"])
     preset = yaml.safe_load(Path(spec["preset"]).read_text())
     t = preset["train"]
-    budget = [f"adapt.pretrain_epochs={t['epochs']}", f"adapt.pretrain_learning_rate={t['learning_rate']}",
-              f"train.batch_size={t['batch_size']}", f"train.eval_batch_size={t['eval_batch_size']}",
-              f"train.weight_decay={t['weight_decay']}"]
+    epochs = t["epochs"]
     if modality == "speech":
         splits = fsdd_splits()
         rows = [r for name in ("source_train", "source_validation") for r in csv.DictReader(open(splits[name], newline=""))]
-        inputs = write_csv(SPLITS / "source_all.csv", rows)  # every take of the three source speakers; labels unused
+        if voices:
+            fsdd_rows = sum(1 for _ in csv.DictReader(open(splits["source_train"], newline="")))
+            synthesised = synthesised_voices(ROOT / "outputs" / "pretrained" / "espeak-ng")
+            print(f"espeak-ng: {len(synthesised)} synthesised clips beside {len(rows)} FSDD clips")
+            # The supervised run's optimizer steps (its epochs over the source speakers' training takes), over more clips
+            # (the stage holds out a share of its inputs to measure its loss).
+            from hftl.pretrain_media import HELDOUT
+
+            steps = t["epochs"] * math.ceil(fsdd_rows / t["batch_size"])
+            epochs = round(steps / math.ceil((1 - HELDOUT) * (len(rows) + len(synthesised)) / t["batch_size"]), 3)
+            rows += synthesised
+        inputs = write_csv(SPLITS / "source_all.csv", rows)  # the source speakers' every take (+ the voices); labels unused
+    budget = [f"adapt.pretrain_epochs={epochs}", f"adapt.pretrain_learning_rate={t['learning_rate']}",
+              f"train.batch_size={t['batch_size']}", f"train.eval_batch_size={t['eval_batch_size']}",
+              f"train.weight_decay={t['weight_decay']}"]
+    if modality == "speech":
         task, budget = "audio-classification", budget + [f"data.max_duration={preset['data']['max_duration']}"]
     else:
         inputs, task = USPS_TRAIN, "image-classification"
@@ -217,8 +277,13 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value for the source run, e.g. train.epochs=2 (--self-supervised: "
                     "adapt.pretrain_epochs=2)")
     ap.add_argument("--self-supervised", action="store_true", help="pretrain without labels (see above)")
+    ap.add_argument("--no-voices", action="store_true", help="speech --self-supervised: the FSDD source speakers alone, no "
+                    "espeak-ng voices")
     args = ap.parse_intermixed_args()  # the flag before or after the overrides
-    (pretrain_unsupervised if args.self_supervised else pretrain)(args.modality, args.overrides)
+    if args.self_supervised:
+        pretrain_unsupervised(args.modality, args.overrides, voices=not args.no_voices)
+    else:
+        pretrain(args.modality, args.overrides)
 
 
 if __name__ == "__main__":
