@@ -99,16 +99,10 @@ def init_checkpoint(modality: str, folder: Path) -> Path:
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: the evidence scripts run side by side (one per core) and rewrite these lists, so a
-    # run reading one must see the old file or the new, never a half-written one.
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, ["path", "label", "speaker", "take"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-    return path
+    """An FSDD file list (written aside and renamed: evidence scripts running side by side rewrite these lists)."""
+    from transfer_evidence import write_csv as write  # scripts/, beside this file
+
+    return write(path, rows, ("path", "label", "speaker", "take"))
 
 
 def fsdd_splits() -> dict[str, Path]:
